@@ -1,0 +1,5 @@
+import sys
+
+from budgetlora.cli import main
+
+sys.exit(main())

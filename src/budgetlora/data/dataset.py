@@ -1,0 +1,218 @@
+"""From raw rows to a labeled text set: join text columns, map labels, split for validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from budgetlora.config import DataConfig
+from budgetlora.data.sources import Row, clean_text, read_hub, read_rows
+from budgetlora.errors import BudgetLoraError
+
+ID_COLUMNS = ("ID", "id", "Id")
+
+
+@dataclass
+class TextSet:
+    texts: list[str]
+    labels: Optional[np.ndarray]  # int64 class indices; None for unlabeled data
+    ids: list[str] = field(default_factory=list)  # row ids for prediction files
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index: np.ndarray) -> "TextSet":
+        return TextSet([self.texts[i] for i in index],
+                       None if self.labels is None else self.labels[index],
+                       [self.ids[i] for i in index], self.source)
+
+
+def read_classes_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise BudgetLoraError(f"classes file not found: {file}")
+    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise BudgetLoraError(f"{file}: expected two or more distinct class names, one per line")
+    return names
+
+
+def _text_of(row: Row, columns: Sequence[str], clean: bool) -> str:
+    parts = []
+    for column in columns:
+        if column not in row.fields:
+            raise BudgetLoraError(f"{row.where}: no text column '{column}' (columns: "
+                                  f"{', '.join(map(str, row.fields))}); set data.text_columns")
+        value = row.fields[column]
+        if value is not None and not isinstance(value, (str, int, float)):
+            raise BudgetLoraError(f"{row.where}: column '{column}' holds a {type(value).__name__}, expected text")
+        parts.append("" if value is None else str(value))
+    text = " ".join(p.strip() for p in parts if p.strip())
+    if clean:
+        text = clean_text(text)
+    if not text:
+        raise BudgetLoraError(f"{row.where}: empty text; remove the row or fill in '{'/'.join(columns)}'")
+    return text
+
+
+def _raw_label(row: Row, column: str) -> Any:
+    if column not in row.fields:
+        raise BudgetLoraError(f"{row.where}: no label column '{column}' (columns: "
+                              f"{', '.join(map(str, row.fields))}); set data.label_column")
+    value = row.fields[column]
+    if isinstance(value, str):
+        value = value.strip()
+        if value.lstrip("-").isdigit():
+            return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if value is None or value == "" or isinstance(value, (bool, float)) or not isinstance(value, (int, str)):
+        raise BudgetLoraError(f"{row.where}: label {value!r} is not a class index or class name")
+    return value
+
+
+def map_labels(rows: list[Row], column: str, names: Optional[list[str]]) -> tuple[np.ndarray, list[str]]:
+    """Class indices for `rows`. With known names, ints must be in range and strings must be names;
+    without, names are inferred (ints 0..max, or the sorted distinct strings)."""
+    raw = [_raw_label(row, column) for row in rows]
+    if names is None:
+        ints = [v for v in raw if isinstance(v, int)]
+        if ints and len(ints) != len(raw):
+            bad = next(i for i, v in enumerate(raw) if not isinstance(v, int))
+            raise BudgetLoraError(f"{rows[bad].where}: label {raw[bad]!r} mixes names with integer labels")
+        if ints:
+            if min(ints) < 0:
+                bad = next(i for i, v in enumerate(raw) if v < 0)
+                raise BudgetLoraError(f"{rows[bad].where}: negative label {raw[bad]}")
+            names = [str(i) for i in range(max(ints) + 1)]
+        else:
+            names = sorted(set(raw))
+        if len(names) < 2:
+            raise BudgetLoraError(f"{rows[0].where if rows else column}: only one class in the labels; "
+                                  "a classifier needs at least two")
+    index = {name: i for i, name in enumerate(names)}
+    labels = np.empty(len(raw), dtype=np.int64)
+    for i, value in enumerate(raw):
+        if isinstance(value, int):
+            if not 0 <= value < len(names):
+                hint = " (1-based labels? use 0..C-1, or data.format: agnews for the original AG News CSV)" \
+                    if value == len(names) else ""
+                raise BudgetLoraError(f"{rows[i].where}: label {value} out of range 0..{len(names) - 1}{hint}")
+            labels[i] = value
+        elif value in index:
+            labels[i] = index[value]
+        else:
+            raise BudgetLoraError(f"{rows[i].where}: unknown label {value!r}; known: {', '.join(names)}")
+    return labels, names
+
+
+def _ids(rows: list[Row]) -> list[str]:
+    column = next((c for c in ID_COLUMNS if rows and c in rows[0].fields), None)
+    if column is None:
+        return [str(i) for i in range(len(rows))]
+    ids, seen = [], {}
+    for row in rows:
+        value = str(row.fields.get(column, "")).strip()
+        if not value:
+            raise BudgetLoraError(f"{row.where}: empty {column}")
+        if value in seen:
+            raise BudgetLoraError(f"{row.where}: duplicate {column} {value!r} (first at {seen[value]})")
+        seen[value] = row.where
+        ids.append(value)
+    return ids
+
+
+def text_columns_for(fmt: str, cfg: DataConfig) -> list[str]:
+    return ["title", "description"] if fmt == "agnews" else list(cfg.text_columns)
+
+
+def load_text_set(path: str, cfg: DataConfig, names: Optional[list[str]], labeled: bool,
+                  trust_pickle: bool = False, limit: Optional[int] = None) -> tuple[TextSet, list[str]]:
+    """Read one local file; returns the set and the label names (inferred if not given)."""
+    fmt, rows = read_rows(Path(path), cfg.format, trust_pickle or cfg.trust_pickle)
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise BudgetLoraError(f"{path}: no data rows")
+    columns = text_columns_for(fmt, cfg)
+    if fmt == "agnews" and names is None:
+        names = ["World", "Sports", "Business", "Sci/Tech"]
+    texts = [_text_of(row, columns, cfg.clean_text) for row in rows]
+    labels = None
+    has_label = cfg.label_column in rows[0].fields or fmt == "agnews"
+    if labeled or has_label:
+        labels, names = map_labels(rows, "label" if fmt == "agnews" else cfg.label_column, names)
+    return TextSet(texts, labels, _ids(rows), str(path)), names or []
+
+
+def label_names_from_config(cfg: DataConfig) -> Optional[list[str]]:
+    if cfg.label_names:
+        return list(cfg.label_names)
+    if cfg.classes_file:
+        return read_classes_file(cfg.classes_file)
+    return None
+
+
+def _hub_set(cfg: DataConfig, split: str, names: Optional[list[str]],
+             limit: Optional[int]) -> tuple[TextSet, list[str]]:
+    rows, hub_names = read_hub(cfg.dataset, cfg.dataset_config, split)
+    rows = rows[:limit] if limit is not None else rows
+    names = names or hub_names
+    texts = [_text_of(row, cfg.text_columns, cfg.clean_text) for row in rows]
+    labels, names = map_labels(rows, cfg.label_column, names)
+    return TextSet(texts, labels, [str(i) for i in range(len(rows))], f"{cfg.dataset}[{split}]"), names
+
+
+def stratified_split(labels: np.ndarray, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split keeping class proportions; val_size < 1 is a fraction, >= 1 a row count."""
+    n = len(labels)
+    n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    if n_val <= 0:
+        return np.arange(n), np.array([], dtype=np.int64)
+    if n_val >= n:
+        raise BudgetLoraError(f"data.val_size {val_size} leaves no training rows out of {n}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n_val / n
+    take = np.floor(exact).astype(int)
+    # largest remainders get the rows that rounding down left over
+    for i in np.argsort(-(exact - take))[: n_val - take.sum()]:
+        take[i] += 1
+    val = []
+    for klass, k in zip(classes, take):
+        members = np.flatnonzero(labels == klass)
+        val.append(rng.permutation(members)[:k])
+    val_idx = np.sort(np.concatenate(val))
+    train_mask = np.ones(n, dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask), val_idx
+
+
+@dataclass
+class Splits:
+    train: TextSet
+    val: Optional[TextSet]
+    test: Optional[TextSet]
+    label_names: list[str]
+
+
+def load_splits(cfg: DataConfig, seed: int, trust_pickle: bool = False) -> Splits:
+    """Train / validation / test sets with one consistent list of label names."""
+    names = label_names_from_config(cfg)
+    if cfg.train_file:
+        train, names = load_text_set(cfg.train_file, cfg, names, True, trust_pickle, cfg.max_train_rows)
+    else:
+        train, names = _hub_set(cfg, cfg.train_split, names, cfg.max_train_rows)
+    test = None
+    if cfg.test_file:
+        test, _ = load_text_set(cfg.test_file, cfg, names, True, trust_pickle, cfg.max_test_rows)
+    elif cfg.dataset and cfg.test_split:
+        test, _ = _hub_set(cfg, cfg.test_split, names, cfg.max_test_rows)
+    assert train.labels is not None
+    train_idx, val_idx = stratified_split(train.labels, cfg.val_size, seed)
+    val = train.subset(val_idx) if len(val_idx) else None
+    return Splits(train.subset(train_idx), val, test, names)

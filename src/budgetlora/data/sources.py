@@ -1,0 +1,223 @@
+"""Readers that turn a data file (or a hub dataset) into raw rows of text columns + label.
+
+Each reader yields `Row`s carrying the 1-based line (or record) number, so every later check can
+name the exact place in the file that is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from budgetlora.errors import BudgetLoraError
+
+csv.field_size_limit(16 * 1024 * 1024)  # a long article is legal; the tokenizer truncates it
+
+FORMATS = ("agnews", "csv", "tsv", "jsonl", "parquet", "pickle")
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+                  ".parquet": "parquet", ".pq": "parquet", ".pkl": "pickle", ".pickle": "pickle"}
+
+
+@dataclass
+class Row:
+    where: str  # "file line N" / "file record N", for error messages
+    fields: dict[str, Any]
+
+
+def clean_text(text: str) -> str:
+    """Undo AG News' source artefacts: `\\$` escapes, backslash line breaks, `#39;` entities, tags."""
+    text = text.replace("\\$", "$").replace("\\n", " ").replace("\\", " ")
+    text = re.sub(r"(?<!&)#(\d{2,4});", r"&#\1;", text)
+    text = html.unescape(text)
+    text = re.sub(r"<[^>]{1,40}>", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    fmt = SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise BudgetLoraError(f"{path}: cannot tell the format from the suffix '{path.suffix}'; "
+                              f"set data.format to one of {', '.join(FORMATS)}")
+    if fmt == "csv" and _looks_like_agnews(path):
+        return "agnews"
+    return fmt
+
+
+def _looks_like_agnews(path: Path) -> bool:
+    """The original AG News CSV has no header: its first field is a class number 1-4."""
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as handle:
+            first = next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return bool(first) and len(first) == 3 and first[0].strip() in ("1", "2", "3", "4")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BudgetLoraError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise BudgetLoraError(f"{path} is a directory, expected a data file") from None
+    except OSError as exc:
+        raise BudgetLoraError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise BudgetLoraError(f"{path} line {line}: not valid UTF-8 text (byte {exc.start}); "
+                              "re-save the file as UTF-8") from None
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    text = _read_text(path)
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise BudgetLoraError(f"{path} line {line}: contains a NUL byte; this is not a text table")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    start = 1
+    try:
+        for fields in reader:
+            yield start, fields
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise BudgetLoraError(f"{path} line {reader.line_num}: malformed row ({exc}); "
+                              "check for an unbalanced quote") from None
+
+
+def read_agnews(path: Path) -> list[Row]:
+    rows = []
+    for line, fields in _csv_rows(path, ","):
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise BudgetLoraError(f"{path} line {line}: expected 3 fields (class, title, description) "
+                                  f"in the AG News format, got {len(fields)}")
+        klass = fields[0].strip()
+        if klass not in ("1", "2", "3", "4"):
+            raise BudgetLoraError(f"{path} line {line}: class {fields[0]!r} is not 1-4 "
+                                  "(the original AG News CSV numbers classes 1-4)")
+        rows.append(Row(f"{path} line {line}", {"label": int(klass) - 1, "title": fields[1],
+                                                  "description": fields[2]}))
+    return rows
+
+
+def read_delimited(path: Path, delimiter: str) -> list[Row]:
+    rows: list[Row] = []
+    header: Optional[list[str]] = None
+    for line, fields in _csv_rows(path, delimiter):
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue
+        if header is None:
+            header = [h.strip() for h in fields]
+            if len(set(header)) != len(header):
+                raise BudgetLoraError(f"{path} line {line}: duplicate column names in the header {header}")
+            continue
+        if len(fields) != len(header):
+            raise BudgetLoraError(f"{path} line {line}: expected {len(header)} fields like the header "
+                                  f"({', '.join(header)}), got {len(fields)}")
+        rows.append(Row(f"{path} line {line}", dict(zip(header, fields))))
+    if header is None:
+        raise BudgetLoraError(f"{path}: the file is empty (expected a header line and rows)")
+    return rows
+
+
+def read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BudgetLoraError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise BudgetLoraError(f"{path} line {number}: expected a JSON object per line")
+        rows.append(Row(f"{path} line {number}", record))
+    return rows
+
+
+def read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise BudgetLoraError(f"data file not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises many types for corrupt files
+        raise BudgetLoraError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
+    return [Row(f"{path} record {i + 1}", record) for i, record in enumerate(table.to_pylist())]
+
+
+def read_pickle(path: Path, trust_pickle: bool) -> list[Row]:
+    """A pickled HF Dataset (e.g. Kaggle's test_unlabelled.pkl). Unpickling runs code: opt-in only."""
+    if not trust_pickle:
+        raise BudgetLoraError(f"{path} is a pickle; loading it can run arbitrary code. If you trust "
+                              "its source, pass --trust-pickle (or set data.trust_pickle: true)")
+    import pickle
+
+    if not path.is_file():
+        raise BudgetLoraError(f"data file not found: {path}")
+    try:
+        with path.open("rb") as handle:
+            obj = pickle.load(handle)  # noqa: S301 - explicit user opt-in above
+    except Exception as exc:
+        raise BudgetLoraError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc})") from None
+    if hasattr(obj, "features") and hasattr(obj, "to_list"):  # HF Dataset
+        records = obj.to_list()
+    elif hasattr(obj, "columns") and hasattr(obj, "to_dict"):  # pandas DataFrame
+        records = obj.to_dict("records")
+    elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+        keys = list(obj)
+        records = [dict(zip(keys, values)) for values in zip(*obj.values())]
+    elif isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
+        records = obj
+    else:
+        raise BudgetLoraError(f"{path}: unpickled a {type(obj).__name__}; expected a Dataset, "
+                              "DataFrame, dict of columns or list of records")
+    return [Row(f"{path} record {i + 1}", dict(r)) for i, r in enumerate(records)]
+
+
+def read_rows(path: Path, fmt: str, trust_pickle: bool = False) -> tuple[str, list[Row]]:
+    """Read every row of a data file; returns (resolved format, rows)."""
+    if not path.exists():
+        raise BudgetLoraError(f"data file not found: {path}")
+    fmt = detect_format(path, fmt)
+    if fmt == "agnews":
+        return fmt, read_agnews(path)
+    if fmt in ("csv", "tsv"):
+        return fmt, read_delimited(path, "," if fmt == "csv" else "\t")
+    if fmt == "jsonl":
+        return fmt, read_jsonl(path)
+    if fmt == "parquet":
+        return fmt, read_parquet(path)
+    return fmt, read_pickle(path, trust_pickle)
+
+
+def read_hub(dataset: str, config: Optional[str], split: str) -> tuple[list[Row], Optional[list[str]]]:
+    """A Hugging Face hub dataset split; returns rows and the label names its features declare."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise BudgetLoraError("loading hub datasets needs the 'datasets' package: pip install datasets") from None
+    try:
+        ds = load_dataset(dataset, config, split=split)
+    except Exception as exc:
+        raise BudgetLoraError(
+            f"cannot load hub dataset '{dataset}' split '{split}' ({type(exc).__name__}); offline, "
+            "download it elsewhere or point data.train_file / data.test_file at local files") from None
+    names = None
+    for feature in ds.features.values():
+        if hasattr(feature, "names"):
+            names = list(feature.names)
+            break
+    return [Row(f"{dataset}[{split}] record {i + 1}", r) for i, r in enumerate(ds)], names
