@@ -35,6 +35,8 @@ def test_wilson_rejects_bad_counts() -> None:
     with pytest.raises(ValueError):
         wilson_interval(5, 0)
     with pytest.raises(ValueError):
+        wilson_interval(0, -1)
+    with pytest.raises(ValueError):
         wilson_interval(11, 10)
 
 
@@ -44,6 +46,10 @@ def test_wilson_contains_estimate_and_stays_in_unit_interval(n: int, frac: float
     low, high = wilson_interval(correct, n)
     assert 0.0 <= low <= correct / n + 1e-12
     assert correct / n - 1e-12 <= high <= 1.0
+
+
+def test_wilson_empty_sample_is_uninformative() -> None:
+    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_wilson_narrows_with_more_data() -> None:

@@ -19,10 +19,14 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     Wilson rather than the normal (Wald) interval because it stays inside [0, 1] and keeps
     its coverage for accuracies near 100% and for small validation sets.
     """
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+    if n < 0:
+        raise ValueError(f"n must not be negative, got {n}")
     if not 0 <= correct <= n:
         raise ValueError(f"correct must be in [0, n={n}], got {correct}")
+    if n == 0:
+        # No rows carry no information: the honest interval is all of [0, 1], not an exception
+        # in the middle of an evaluation of an empty split.
+        return 0.0, 1.0
     p = correct / n
     z2 = z * z
     denom = 1.0 + z2 / n
