@@ -198,11 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", required=True, help="output directory")
     p.set_defaults(func=cmd_export)
 
-    for module in ("budgetlora.results", "budgetlora.report"):
-        try:
-            __import__(module, fromlist=["add_subcommands"]).add_subcommands(sub)
-        except (ImportError, AttributeError):
-            pass
+    from budgetlora import report, results
+
+    for module in (results, report):
+        module.add_subcommands(sub)
     return parser
 
 
