@@ -109,7 +109,7 @@ def load_model_config(name: str, num_labels: int):
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name)
+    path = name if Path(name).is_dir() else resolve_model_path(name)
     try:
         return AutoTokenizer.from_pretrained(path, use_fast=True)
     except Exception:
