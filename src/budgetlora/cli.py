@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from budgetlora.errors import BudgetLoraError
+from budgetlora.errors import BudgetLoraError, RunInterrupted
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +40,22 @@ def _load_run_and_data(args: argparse.Namespace, labeled: bool):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from budgetlora.config import load_config
-    from budgetlora.recipe import train_run
+    from budgetlora.recipe import resume_run, train_run
 
+    if args.resume:
+        if args.config:
+            raise BudgetLoraError("give a config to start a run or --resume RUN to continue one, not both "
+                                  "(a resumed run uses RUN/config.yaml)")
+        if args.name or args.overwrite:
+            raise BudgetLoraError("--name and --overwrite do not apply to --resume")
+        run_dir = resume_run(Path(args.resume), extend=args.extend, overrides=list(args.set or []),
+                             trust_pickle=args.trust_pickle, verbose=not args.quiet)
+        print(run_dir)
+        return 0
+    if args.extend:
+        raise BudgetLoraError("--extend only applies to --resume RUN")
+    if not args.config:
+        raise BudgetLoraError("train needs a config file (or --resume RUN to continue a run)")
     overrides = list(args.set or [])
     if args.name:
         overrides.append(f"name={args.name}")
@@ -155,13 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a config; writes runs/<name>/")
-    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("config", nargs="?", help="experiment YAML (see configs/); omit with --resume")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. lora.r=4")
     p.add_argument("--out", default="runs", help="parent directory of the run directory (default: runs)")
     p.add_argument("--name", help="run name (default: the config's name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     p.add_argument("--trust-pickle", action="store_true", help="allow pickle data files (runs code!)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume: accept a new train.max_steps/epochs (--set) and rebuild the schedule")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="largest LoRA rank that fits the budget")
@@ -212,6 +229,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except BudgetLoraError as exc:
         print(f"budgetlora: error: {exc}", file=sys.stderr)
+        return 2
+    except RunInterrupted as exc:
+        print(f"budgetlora: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # disk full, unwritable output: the environment, not a bug to trace
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"budgetlora: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("budgetlora: interrupted", file=sys.stderr)

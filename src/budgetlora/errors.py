@@ -4,3 +4,12 @@ class BudgetLoraError(Exception):
 
 class OverBudgetError(BudgetLoraError):
     """The configured model has more trainable parameters than the budget allows."""
+
+
+class RunInterrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint; the CLI prints the message (which
+    includes the resume command) and exits with `exit_code` (128 + the signal number)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -6,29 +6,38 @@ before weights load or any directory is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import random
 import resource
+import shlex
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from budgetlora.artifacts import (MetricsLog, atomic_write_text, save_trained_model, unique_run_dir,
-                                  write_config, write_json)
+from budgetlora.artifacts import (MetricsLog, atomic_write_text, read_run_config, save_trained_model,
+                                  unique_run_dir, write_config, write_json)
 from budgetlora.budget import BudgetReport, check_budget, count_trainable
-from budgetlora.config import Config
+from budgetlora.checkpoint import (CHECKPOINTS, Checkpoint, Checkpointer, checkpoint_name, load_latest_checkpoint,
+                                   remove_stale_temp, restore_model, restore_rng, truncate_metrics)
+from budgetlora.config import Config, config_from_dict, flatten, parse_override
 from budgetlora.data.dataset import Splits, label_names_from_config, load_splits
 from budgetlora.data.sources import detect_format
-from budgetlora.data.tokens import TokenizedSet, tokenize
+from budgetlora.data.tokens import TokenizedSet, bucketed_batches, tokenize
+from budgetlora.errors import BudgetLoraError, RunInterrupted
 from budgetlora.evaluate import classification_metrics, predict_logits
+from budgetlora.interrupt import StopFlag, stop_on_signals
 from budgetlora.model import build_meta_model, build_model, load_tokenizer, pad_token_id, quiet_transformers
-from budgetlora.train import LoopResult, LoopState, load_trainable_state, train_loop
+from budgetlora.optim import build_optimizer, build_scheduler
+from budgetlora.train import LoopResult, LoopState, load_trainable_state, total_steps_for, train_loop
 
 
 def seed_everything(seed: int) -> None:
@@ -134,8 +143,12 @@ def evaluate_split(model, data: Optional[TokenizedSet], names: list[str], device
 
 def train_run(cfg: Config, out_root: Path, overwrite: bool = False, trust_pickle: bool = False,
               verbose: bool = True, run_dir: Optional[Path] = None,
-              log_line: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Path:
-    """Train one config end to end; returns the finished run directory."""
+              log_line: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+              checkpoints: bool = True) -> Path:
+    """Train one config end to end; returns the finished run directory.
+
+    With `checkpoints`, the run checkpoints into RUN/checkpoints/ (see `resume_run`) and SIGINT /
+    SIGTERM stop it at the next step boundary with a checkpoint (RunInterrupted)."""
     wall_start = time.perf_counter()
     quiet_transformers()
     if cfg.train.num_threads:
@@ -155,20 +168,34 @@ def train_run(cfg: Config, out_root: Path, overwrite: bool = False, trust_pickle
     run_dir.mkdir(parents=True, exist_ok=False)
     try:
         return _train_into(run_dir, cfg, model, report, prepared, names, device, precision,
-                           verbose, log_line, wall_start)
+                           verbose, log_line, wall_start, checkpoints=checkpoints)
     except BaseException:
         if not (run_dir / "checkpoints").is_dir():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing resumable: leave no half-written run
         raise
 
 
+@dataclasses.dataclass
+class Resumed:
+    """What a resume hands to the training loop besides the (already restored) model."""
+
+    checkpoint: Checkpoint
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
 def _train_into(run_dir: Path, cfg: Config, model, report: BudgetReport, prepared: Prepared,
                 names: list[str], device: torch.device, precision: str, verbose: bool,
-                log_line: Callable[[str], None], wall_start: float) -> Path:
-    write_config(cfg, run_dir)
-    write_json(run_dir / "labels.json", {"names": names})
-    prepared.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+                log_line: Callable[[str], None], wall_start: float, checkpoints: bool = True,
+                resumed: Optional[Resumed] = None) -> Path:
+    write_config(cfg, run_dir)  # on a resume with --extend this records the new length
+    if resumed is None:
+        write_json(run_dir / "labels.json", {"names": names})
+        prepared.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     pad_id = pad_token_id(prepared.tokenizer)
+    if verbose and resumed is not None:
+        log_line(f"resuming {run_dir} from {resumed.checkpoint.path.name}")
     if verbose:
         log_line(f"run directory: {run_dir}")
         log_line(f"trainable parameters: {report.trainable:,} of {report.total:,}"
@@ -176,11 +203,33 @@ def _train_into(run_dir: Path, cfg: Config, model, report: BudgetReport, prepare
         log_line(f"train {len(prepared.train):,} rows, val {len(prepared.val or [])} rows, "
                  f"test {len(prepared.test or [])} rows; device {device}, {precision}")
     log = MetricsLog(run_dir / "metrics.jsonl")
+    checkpointer = Checkpointer(run_dir, model, cfg.to_dict(), data_fingerprint(prepared),
+                                cfg.train.keep_checkpoints,
+                                saved_step=resumed.checkpoint.step if resumed else None) if checkpoints else None
+    resume_kwargs: dict = {}
+    if resumed is not None:
+        ckpt = resumed.checkpoint
+        resume_kwargs = dict(state=ckpt.state, optimizer=resumed.optimizer, scheduler=resumed.scheduler,
+                             scaler=resumed.scaler, best_trainable=ckpt.best_trainable, history=ckpt.history)
+        restore_rng(ckpt.rng)  # last, so nothing between here and the first step draws from it
     try:
-        result = train_loop(model, prepared.train, prepared.val, cfg.train, device, pad_id, precision,
-                            log, progress=Progress(verbose))
+        # without checkpoints a signal keeps its default effect: there would be nothing to resume
+        with (stop_on_signals() if checkpointer else contextlib.nullcontext(StopFlag())) as stop:
+            result = train_loop(model, prepared.train, prepared.val, cfg.train, device, pad_id, precision,
+                                log, progress=Progress(verbose), on_checkpoint=checkpointer,
+                                should_stop=stop, **resume_kwargs)
     finally:
         log.close()
+    state = result.state
+    if stop() and state.step < result.total_steps and not state.stopped_early:
+        assert checkpointer is not None and checkpointer.saved_step == state.step
+        where = run_dir / CHECKPOINTS / checkpoint_name(state.step)
+        raise RunInterrupted(f"interrupted by {stop.name} at step {state.step}/{result.total_steps}; "
+                             f"checkpoint written to {where}\n"
+                             f"resume with: budgetlora train --resume {shlex.quote(str(run_dir.resolve()))}",
+                             stop.exit_code)
+    if checkpointer:
+        checkpointer(state, "final", result)  # what `--resume --extend` continues from
     if cfg.train.restore_best and result.best_trainable is not None:
         load_trainable_state(model, result.best_trainable)
     save_trained_model(model, cfg, run_dir)
@@ -226,3 +275,122 @@ def _summarize(cfg: Config, model, report: BudgetReport, prepared: Prepared, nam
 
 def summary_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def data_fingerprint(prepared: Prepared) -> str:
+    """A hash of the token ids and labels that training sees (train and validation), so a resume
+    refuses data that changed since the checkpoint instead of silently training on other rows."""
+    digest = hashlib.sha256()
+    for part in (prepared.train, prepared.val):
+        if part is None:
+            digest.update(b"-")
+            continue
+        for array in (part.ids, part.offsets, part.labels):
+            digest.update(b"|" if array is None else np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:32]
+
+
+# keys a resume may change: they do not alter the trajectory (device and threads can change the
+# last bits of float results, which is the user's call when moving a run to another machine)
+RESUME_FREE_KEYS = ("train.device", "train.num_threads", "train.save_every", "train.keep_checkpoints",
+                    "train.eval_batch_size")
+# keys that change the schedule's length: only with --extend, which rebuilds the schedule
+RESUME_EXTEND_KEYS = ("train.max_steps", "train.epochs")
+
+
+def _resume_config(run_dir: Path, overrides: Optional[list[str]]) -> Config:
+    cfg = read_run_config(run_dir)
+    parsed = dict(parse_override(item) for item in (overrides or []))
+    refused = [k for k in parsed if k not in RESUME_FREE_KEYS + RESUME_EXTEND_KEYS]
+    if refused:
+        raise BudgetLoraError(f"--set {refused[0]} cannot change on --resume (the run continues as "
+                              f"configured); resume may set only {', '.join(RESUME_FREE_KEYS + RESUME_EXTEND_KEYS)}")
+    return config_from_dict(cfg.to_dict(), parsed) if parsed else cfg
+
+
+def resume_run(run_dir: str | Path, extend: bool = False, overrides: Optional[list[str]] = None,
+               trust_pickle: bool = False, verbose: bool = True,
+               log_line: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Path:
+    """Continue an interrupted run from its newest checkpoint, exactly where it stopped.
+
+    The config is RUN/config.yaml; the model, optimizer, scheduler, grad scaler, RNG states and data
+    position come from the checkpoint, and metrics.jsonl is cut back to the checkpoint's step. A
+    changed length (train.max_steps / train.epochs) is refused unless `extend`, which rebuilds the
+    schedule for the new length and also continues a finished run."""
+    wall_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BudgetLoraError(f"run directory not found: {run_dir}")
+    cfg = _resume_config(run_dir, overrides)
+    remove_stale_temp(run_dir)
+    ckpt = load_latest_checkpoint(run_dir, warn=log_line)
+    if ckpt is None:
+        raise BudgetLoraError(f"{run_dir} has no checkpoint to resume from (nothing in {run_dir / CHECKPOINTS}); "
+                              "start the run again")
+    old, new = flatten(ckpt.config), flatten(cfg.to_dict())
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS]
+    other = [k for k in changed if k not in RESUME_EXTEND_KEYS]
+    if other:
+        raise BudgetLoraError(f"{run_dir / 'config.yaml'}: {other[0]} is {new.get(other[0])!r} but was "
+                              f"{old.get(other[0])!r} at {ckpt.path.name}; a resume continues the same run, "
+                              "start a new run to change it")
+    if (run_dir / "summary.json").is_file() and not extend:
+        raise BudgetLoraError(f"{run_dir} already finished (summary.json exists); to train it further: "
+                              f"budgetlora train --resume {shlex.quote(str(run_dir))} --extend --set train.max_steps=N")
+    if changed and not extend:
+        key = changed[0]
+        raise BudgetLoraError(f"{key} is {new.get(key)!r} but was {old.get(key)!r} at {ckpt.path.name}; "
+                              "a resume keeps the schedule: pass --extend to rebuild it for the new length")
+    if extend and not changed:
+        raise BudgetLoraError("--extend needs a new length: add --set train.max_steps=N")
+
+    quiet_transformers()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    prepared = prepare_data(cfg, trust_pickle)
+    if ckpt.data_fingerprint and data_fingerprint(prepared) != ckpt.data_fingerprint:
+        raise BudgetLoraError(f"the training data ({cfg.data.train_file or cfg.data.dataset}) changed since "
+                              f"{ckpt.path.name}; resuming would not continue the same run")
+    names = prepared.splits.label_names
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, len(names), weights=True)
+    report = count_trainable(model)
+    check_budget(cfg, report, len(names))
+    restore_model(model, ckpt)
+    model.to(device)
+
+    batches_per_epoch = len(bucketed_batches(prepared.train.lengths, cfg.train.batch_size, cfg.train.seed, 0))
+    total = total_steps_for(cfg.train, batches_per_epoch)
+    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if ckpt.scaler:
+        scaler.load_state_dict(ckpt.scaler)
+    if extend:
+        if total <= ckpt.step:
+            raise BudgetLoraError(f"cannot extend to {total} steps: {ckpt.path.name} is already at step {ckpt.step}")
+        optimizer.load_state_dict(ckpt.optimizer)
+        # the schedule as if the run had been this long from the start, advanced to the current step
+        scheduler = build_scheduler(optimizer, cfg.train, total)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+            for _ in range(ckpt.step):
+                scheduler.step()
+        if verbose:
+            log_line(f"schedule rebuilt for {total} steps (was {ckpt.total_steps}); "
+                     f"lr at step {ckpt.step} is now {optimizer.param_groups[0]['lr']:.3g}")
+        (run_dir / "summary.json").unlink(missing_ok=True)  # the run is unfinished again
+    else:
+        if total != ckpt.total_steps:
+            raise BudgetLoraError(f"the run now has {total} steps but {ckpt.path.name} was written for "
+                                  f"{ckpt.total_steps}; pass --extend to rebuild the schedule")
+        # the scheduler's constructor rewrites the learning rates; the optimizer state then
+        # restores the exact ones, and the scheduler state its position
+        scheduler = build_scheduler(optimizer, cfg.train, total)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+    ckpt.state.stopped_early = False
+    truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
+    return _train_into(run_dir, cfg, model, report, prepared, names, device, precision, verbose, log_line,
+                       wall_start, resumed=Resumed(ckpt, optimizer, scheduler, scaler))

@@ -38,6 +38,11 @@ class LoopState:
     last_train_loss: Optional[float] = None
     last_eval_loss: Optional[float] = None
     stopped_early: bool = False
+    # the log window in progress (sums since the last log line), so a resume mid-window logs the
+    # same means as an uninterrupted run; synced from the device only at checkpoints
+    window_loss: float = 0.0
+    window_correct: int = 0
+    window_rows: int = 0
 
 
 @dataclass
@@ -108,11 +113,14 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
                optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None,
                scaler: Optional[torch.amp.GradScaler] = None,
                on_checkpoint: Optional[Hook] = None, should_stop: Callable[[], bool] = lambda: False,
-               progress: Optional[Callable[[LoopState, int, dict], None]] = None) -> LoopResult:
+               progress: Optional[Callable[[LoopState, int, dict], None]] = None,
+               best_trainable: Optional[dict[str, torch.Tensor]] = None,
+               history: Optional[list[dict]] = None) -> LoopResult:
     """Train until max_steps (or early stopping); evaluate on `val_data` every `eval_every` steps.
 
     `on_checkpoint(state, reason, result)` is called at save/eval points and when `should_stop()` turns
-    true (a signal); the loop then returns with the state so far."""
+    true (a signal); the loop then returns with the state so far. To resume, pass the restored
+    `state`, `optimizer`, `scheduler`, `scaler`, `best_trainable` and `history`."""
     state = state or LoopState()
     stream = BatchStream(train_data, cfg.batch_size, cfg.seed, state.epoch, state.position)
     total = total_steps_for(cfg, stream.batches_per_epoch())
@@ -121,10 +129,17 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    result = LoopResult(state, total, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    window_loss = torch.zeros((), device=device)
-    window_correct = torch.zeros((), device=device, dtype=torch.long)
-    window_rows, window_start = 0, time.perf_counter()
+    result = LoopResult(state, total, best_trainable=best_trainable, history=list(history or []),
+                        optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    window_loss = torch.full((), state.window_loss, device=device, dtype=torch.float32)
+    window_correct = torch.full((), state.window_correct, device=device, dtype=torch.long)
+    window_rows, window_start = state.window_rows, time.perf_counter()
+
+    def checkpoint(reason: str) -> None:
+        assert on_checkpoint is not None
+        state.window_loss, state.window_correct, state.window_rows = (
+            float(window_loss), int(window_correct), window_rows)
+        on_checkpoint(state, reason, result)
     batches = iter(stream)
     model.train()
     while state.step < total:
@@ -185,12 +200,12 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
                 state.evals_without_gain += 1
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if on_checkpoint and (evaluating or (cfg.save_every and state.step % cfg.save_every == 0)):
-            on_checkpoint(state, "eval" if evaluating else "periodic", result)
+            checkpoint("eval" if evaluating else "periodic")
         if evaluating and cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
             state.stopped_early = True
             break
         if should_stop() and state.step < total:
             if on_checkpoint:
-                on_checkpoint(state, "signal", result)
+                checkpoint("signal")
             break
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -9,10 +10,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from budgetlora.config import DataConfig
-from budgetlora.data.sources import Row, clean_text, read_hub, read_rows
+from budgetlora.data.sources import Row, brief, brief_names, clean_text, read_hub, read_rows
 from budgetlora.errors import BudgetLoraError
 
 ID_COLUMNS = ("ID", "id", "Id")
+# inferring class names 0..max from integer labels: a larger max is a data error, not a class count
+MAX_INFERRED_CLASSES = 10_000
 
 
 @dataclass
@@ -46,7 +49,7 @@ def _text_of(row: Row, columns: Sequence[str], clean: bool) -> str:
     for column in columns:
         if column not in row.fields:
             raise BudgetLoraError(f"{row.where}: no text column '{column}' (columns: "
-                                  f"{', '.join(map(str, row.fields))}); set data.text_columns")
+                                  f"{brief_names(row.fields)}); set data.text_columns")
         value = row.fields[column]
         if value is not None and not isinstance(value, (str, int, float)):
             raise BudgetLoraError(f"{row.where}: column '{column}' holds a {type(value).__name__}, expected text")
@@ -62,16 +65,19 @@ def _text_of(row: Row, columns: Sequence[str], clean: bool) -> str:
 def _raw_label(row: Row, column: str) -> Any:
     if column not in row.fields:
         raise BudgetLoraError(f"{row.where}: no label column '{column}' (columns: "
-                              f"{', '.join(map(str, row.fields))}); set data.label_column")
+                              f"{brief_names(row.fields)}); set data.label_column")
     value = row.fields[column]
     if isinstance(value, str):
         value = value.strip()
-        if value.lstrip("-").isdigit():
+        # \d and int() agree on what a digit is; isdigit() also accepts '²', which int() refuses
+        if re.fullmatch(r"-?\d+", value):
+            if len(value) > 18:  # int() of a 5000-digit string raises; no class index is that long
+                raise BudgetLoraError(f"{row.where}: label {brief(value)} is too large for a class index")
             return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if value is None or value == "" or isinstance(value, (bool, float)) or not isinstance(value, (int, str)):
-        raise BudgetLoraError(f"{row.where}: label {value!r} is not a class index or class name")
+        raise BudgetLoraError(f"{row.where}: label {brief(value)} is not a class index or class name")
     return value
 
 
@@ -83,11 +89,16 @@ def map_labels(rows: list[Row], column: str, names: Optional[list[str]]) -> tupl
         ints = [v for v in raw if isinstance(v, int)]
         if ints and len(ints) != len(raw):
             bad = next(i for i, v in enumerate(raw) if not isinstance(v, int))
-            raise BudgetLoraError(f"{rows[bad].where}: label {raw[bad]!r} mixes names with integer labels")
+            raise BudgetLoraError(f"{rows[bad].where}: label {brief(raw[bad])} mixes names with integer labels")
         if ints:
             if min(ints) < 0:
                 bad = next(i for i, v in enumerate(raw) if v < 0)
-                raise BudgetLoraError(f"{rows[bad].where}: negative label {raw[bad]}")
+                raise BudgetLoraError(f"{rows[bad].where}: negative label {brief(raw[bad])}")
+            if max(ints) >= MAX_INFERRED_CLASSES:
+                bad = next(i for i, v in enumerate(raw) if v >= MAX_INFERRED_CLASSES)
+                raise BudgetLoraError(f"{rows[bad].where}: label {brief(raw[bad])} is too large for a class index "
+                                      f"(over {MAX_INFERRED_CLASSES:,} classes); list the classes in "
+                                      "data.label_names or data.classes_file")
             names = [str(i) for i in range(max(ints) + 1)]
         else:
             names = sorted(set(raw))
@@ -101,12 +112,12 @@ def map_labels(rows: list[Row], column: str, names: Optional[list[str]]) -> tupl
             if not 0 <= value < len(names):
                 hint = " (1-based labels? use 0..C-1, or data.format: agnews for the original AG News CSV)" \
                     if value == len(names) else ""
-                raise BudgetLoraError(f"{rows[i].where}: label {value} out of range 0..{len(names) - 1}{hint}")
+                raise BudgetLoraError(f"{rows[i].where}: label {brief(value)} out of range 0..{len(names) - 1}{hint}")
             labels[i] = value
         elif value in index:
             labels[i] = index[value]
         else:
-            raise BudgetLoraError(f"{rows[i].where}: unknown label {value!r}; known: {', '.join(names)}")
+            raise BudgetLoraError(f"{rows[i].where}: unknown label {brief(value)}; known: {brief_names(names)}")
     return labels, names
 
 
@@ -120,7 +131,7 @@ def _ids(rows: list[Row]) -> list[str]:
         if not value:
             raise BudgetLoraError(f"{row.where}: empty {column}")
         if value in seen:
-            raise BudgetLoraError(f"{row.where}: duplicate {column} {value!r} (first at {seen[value]})")
+            raise BudgetLoraError(f"{row.where}: duplicate {column} {brief(value)} (first at {seen[value]})")
         seen[value] = row.where
         ids.append(value)
     return ids

@@ -24,6 +24,28 @@ SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jso
                   ".parquet": "parquet", ".pq": "parquet", ".pkl": "pickle", ".pickle": "pickle"}
 
 
+def brief(value: Any, limit: int = 60) -> str:
+    """A value from the data as an error message shows it: its repr (so newlines and control
+    characters stay on one line), cut to `limit` characters so one hostile field cannot flood it."""
+    if isinstance(value, int) and abs(value) >= 10**limit:  # repr() refuses ints past 4300 digits
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def brief_name(name: Any, limit: int = 60) -> str:
+    """A column or class name for a message: plain when it is a short printable string, else `brief`."""
+    if isinstance(name, str) and name and name.isprintable() and len(name) <= limit:
+        return name
+    return brief(name, limit)
+
+
+def brief_names(names: Any, shown: int = 10) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(brief_name(n) for n in names[:shown]) + more
+
+
 @dataclass
 class Row:
     where: str  # "file line N" / "file record N", for error messages
@@ -104,7 +126,7 @@ def read_agnews(path: Path) -> list[Row]:
                                   f"in the AG News format, got {len(fields)}")
         klass = fields[0].strip()
         if klass not in ("1", "2", "3", "4"):
-            raise BudgetLoraError(f"{path} line {line}: class {fields[0]!r} is not 1-4 "
+            raise BudgetLoraError(f"{path} line {line}: class {brief(fields[0])} is not 1-4 "
                                   "(the original AG News CSV numbers classes 1-4)")
         rows.append(Row(f"{path} line {line}", {"label": int(klass) - 1, "title": fields[1],
                                                   "description": fields[2]}))
@@ -120,11 +142,12 @@ def read_delimited(path: Path, delimiter: str) -> list[Row]:
         if header is None:
             header = [h.strip() for h in fields]
             if len(set(header)) != len(header):
-                raise BudgetLoraError(f"{path} line {line}: duplicate column names in the header {header}")
+                raise BudgetLoraError(f"{path} line {line}: duplicate column names in the header "
+                                      f"({brief_names(header)})")
             continue
         if len(fields) != len(header):
             raise BudgetLoraError(f"{path} line {line}: expected {len(header)} fields like the header "
-                                  f"({', '.join(header)}), got {len(fields)}")
+                                  f"({brief_names(header)}), got {len(fields)}")
         rows.append(Row(f"{path} line {line}", dict(zip(header, fields))))
     if header is None:
         raise BudgetLoraError(f"{path}: the file is empty (expected a header line and rows)")
@@ -133,13 +156,17 @@ def read_delimited(path: Path, delimiter: str) -> list[Row]:
 
 def read_jsonl(path: Path) -> list[Row]:
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    # JSON Lines ends a record at "\n" only; str.splitlines() would also split at U+2028, \x85 and
+    # other separators that are legal inside a JSON string
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BudgetLoraError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # a number of > 4300 digits; nesting too deep
+            raise BudgetLoraError(f"{path} line {number}: unreadable JSON ({brief(str(exc), 80)})") from None
         if not isinstance(record, dict):
             raise BudgetLoraError(f"{path} line {number}: expected a JSON object per line")
         rows.append(Row(f"{path} line {number}", record))
@@ -155,7 +182,22 @@ def read_parquet(path: Path) -> list[Row]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises many types for corrupt files
         raise BudgetLoraError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
-    return [Row(f"{path} record {i + 1}", record) for i, record in enumerate(table.to_pylist())]
+    try:
+        records = table.to_pylist()
+    except Exception:  # values decode lazily: invalid UTF-8 in a string column, a date out of range
+        raise BudgetLoraError(_parquet_value_error(path, table)) from None
+    return [Row(f"{path} record {i + 1}", record) for i, record in enumerate(records)]
+
+
+def _parquet_value_error(path: Path, table: Any) -> str:
+    """Name the first record and column whose value cannot become a Python value."""
+    for i in range(table.num_rows):
+        for name, column in zip(table.column_names, table.columns):
+            try:
+                column[i].as_py()
+            except Exception as exc:
+                return f"{path} record {i + 1}: column {brief_name(name)} holds an unreadable value ({type(exc).__name__})"
+    return f"{path}: not a readable parquet file (values cannot be read)"
 
 
 def read_pickle(path: Path, trust_pickle: bool) -> list[Row]:
@@ -171,7 +213,7 @@ def read_pickle(path: Path, trust_pickle: bool) -> list[Row]:
         with path.open("rb") as handle:
             obj = pickle.load(handle)  # noqa: S301 - explicit user opt-in above
     except Exception as exc:
-        raise BudgetLoraError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc})") from None
+        raise BudgetLoraError(f"{path}: cannot unpickle ({type(exc).__name__}: {brief(str(exc), 80)})") from None
     if hasattr(obj, "features") and hasattr(obj, "to_list"):  # HF Dataset
         records = obj.to_list()
     elif hasattr(obj, "columns") and hasattr(obj, "to_dict"):  # pandas DataFrame
