@@ -215,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", required=True, help="output directory")
     p.set_defaults(func=cmd_export)
 
-    from budgetlora import report, results
+    from budgetlora import report, results, sweep
 
-    for module in (results, report):
+    for module in (results, report, sweep):
         module.add_subcommands(sub)
     return parser
 
