@@ -43,7 +43,7 @@ def write_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
     return path
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     """A 2-layer, 32-wide RoBERTa and a word-level tokenizer, saved like a hub model directory."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -63,7 +63,8 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     config = RobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=130,
                            pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
-                           initializer_range=0.2)  # larger than 0.02 so the CLS token carries the input
+                           initializer_range=0.2, hidden_dropout_prob=dropout,
+                           attention_probs_dropout_prob=dropout)  # larger than 0.02 so the CLS token carries the input
     AutoModelForMaskedLM.from_config(config).save_pretrained(str(path))
     fast.save_pretrained(str(path))
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,13 +21,19 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def _load_run_and_data(args: argparse.Namespace, labeled: bool):
+def _predict_file(args: argparse.Namespace, labeled: bool):
+    """Load the run and the data file, and predict it: sharded across ranks under torchrun
+    (every rank gets all rows back in file order; rank 0 writes the outputs)."""
     from budgetlora.artifacts import load_run
     from budgetlora.data.dataset import load_text_set
     from budgetlora.data.tokens import tokenize
-    from budgetlora.recipe import resolve_device
+    from budgetlora.distributed import context_from_env, destroy_process_group, device_for, init_process_group
+    from budgetlora.evaluate import predict_logits
+    from budgetlora.model import pad_token_id
+    from budgetlora.recipe import resolve_device, resolve_precision
 
-    device = resolve_device(args.device)
+    dist = context_from_env()
+    device = device_for(dist, resolve_device(args.device))
     run = load_run(args.run, device)
     data_cfg = run.cfg.data
     if args.format:
@@ -35,7 +42,13 @@ def _load_run_and_data(args: argparse.Namespace, labeled: bool):
         data_cfg = dataclasses.replace(data_cfg, text_columns=[c.strip() for c in args.text_columns.split(",")])
     texts, _ = load_text_set(args.data, data_cfg, run.label_names, labeled, args.trust_pickle)
     tokens = tokenize(run.tokenizer, texts.texts, texts.labels, run.cfg.data.max_length)
-    return run, texts, tokens, device
+    init_process_group(dist, device)
+    try:
+        logits = predict_logits(run.model, tokens, device, pad_token_id(run.tokenizer),
+                                resolve_precision(run.cfg.train.precision, device), dist=dist)
+    finally:
+        destroy_process_group(dist)
+    return run, texts, logits, dist.is_main
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -96,13 +109,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from budgetlora.artifacts import write_json
-    from budgetlora.evaluate import classification_metrics, format_metrics, predict_logits
-    from budgetlora.model import pad_token_id
-    from budgetlora.recipe import resolve_precision
+    from budgetlora.evaluate import classification_metrics, format_metrics
 
-    run, texts, tokens, device = _load_run_and_data(args, labeled=True)
-    logits = predict_logits(run.model, tokens, device, pad_token_id(run.tokenizer),
-                            resolve_precision(run.cfg.train.precision, device))
+    run, texts, logits, is_main = _predict_file(args, labeled=True)
+    if not is_main:
+        return 0
     metrics = classification_metrics(texts.labels, logits.argmax(1), run.label_names, logits)
     metrics["data"] = str(Path(args.data).resolve())
     out = Path(args.json) if args.json else Path(args.run) / f"eval-{Path(args.data).stem}.json"
@@ -114,13 +125,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from budgetlora.artifacts import write_predictions_csv
-    from budgetlora.evaluate import predict_logits
-    from budgetlora.model import pad_token_id
-    from budgetlora.recipe import resolve_precision
 
-    run, texts, tokens, device = _load_run_and_data(args, labeled=False)
-    logits = predict_logits(run.model, tokens, device, pad_token_id(run.tokenizer),
-                            resolve_precision(run.cfg.train.precision, device))
+    run, texts, logits, is_main = _predict_file(args, labeled=False)
+    if not is_main:
+        return 0
     write_predictions_csv(Path(args.out), texts.ids, logits.argmax(1), run.label_names if args.names else None)
     print(f"{len(texts):,} predictions written to {args.out}")
     return 0
@@ -215,11 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", required=True, help="output directory")
     p.set_defaults(func=cmd_export)
 
-    from budgetlora import report, results, sweep
+    from budgetlora import bench, report, results, sweep
 
-    for module in (results, report, sweep):
+    for module in (results, report, sweep, bench):
         module.add_subcommands(sub)
     return parser
+
+
+def _report(message: str) -> None:
+    # under torchrun every rank meets the same error: rank 0 alone says it, once
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(message, file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -228,14 +242,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BudgetLoraError as exc:
-        print(f"budgetlora: error: {exc}", file=sys.stderr)
+        _report(f"budgetlora: error: {exc}")
         return 2
     except RunInterrupted as exc:
-        print(f"budgetlora: {exc}", file=sys.stderr)
+        _report(f"budgetlora: {exc}")
         return exc.exit_code
     except OSError as exc:  # disk full, unwritable output: the environment, not a bug to trace
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"budgetlora: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        _report(f"budgetlora: error: {exc.strerror or exc}{where}")
         return 2
     except KeyboardInterrupt:
         print("budgetlora: interrupted", file=sys.stderr)

@@ -61,6 +61,9 @@ class LoraSettings:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     use_dora: bool = False
+    # where LoRA dropout acts: input = PEFT's dropout(x) (a dropped copy of every adapted input),
+    # lowrank = dropout(x @ A^T) (r features; see budgetlora.fast); auto = lowrank on CUDA, input on CPU
+    dropout_position: Literal["auto", "input", "lowrank"] = "auto"
 
 
 @dataclass
@@ -91,6 +94,7 @@ class TrainConfig:
     save_every: Optional[int] = None  # checkpoint every N steps (and at evaluations)
     keep_checkpoints: int = 2
     num_threads: Optional[int] = None  # CPU threads; None = torch's default
+    compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile the backbone; auto = on CUDA only
 
 
 @dataclass
@@ -209,6 +213,8 @@ def _check_values(cfg: Config) -> None:
     need(cfg.mode == "full" or bool(cfg.lora.targets), "lora.targets", "must name at least one module")
     need(cfg.lora.r >= 1, "lora.r", "must be >= 1")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    need(not (cfg.lora.use_dora and cfg.lora.dropout_position == "lowrank"), "lora.dropout_position",
+         "lowrank is not available with lora.use_dora (DoRA reuses the dropped input); use input or auto")
     need(cfg.train.lr > 0, "train.lr", "must be > 0")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")

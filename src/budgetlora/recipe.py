@@ -32,8 +32,11 @@ from budgetlora.config import Config, config_from_dict, flatten, parse_override
 from budgetlora.data.dataset import Splits, label_names_from_config, load_splits
 from budgetlora.data.sources import detect_format
 from budgetlora.data.tokens import TokenizedSet, bucketed_batches, tokenize
+from budgetlora.distributed import (SINGLE, DistContext, barrier, broadcast, check_batch_divides, context_from_env,
+                                    destroy_process_group, device_for, init_process_group)
 from budgetlora.errors import BudgetLoraError, RunInterrupted
 from budgetlora.evaluate import classification_metrics, predict_logits
+from budgetlora.fast import prepare_for_training
 from budgetlora.interrupt import StopFlag, stop_on_signals
 from budgetlora.model import build_meta_model, build_model, load_tokenizer, pad_token_id, quiet_transformers
 from budgetlora.optim import build_optimizer, build_scheduler
@@ -133,10 +136,11 @@ class Progress:
 
 
 def evaluate_split(model, data: Optional[TokenizedSet], names: list[str], device, pad_id: int,
-                   precision: str, batch_tokens: int) -> tuple[Optional[dict], Optional[np.ndarray]]:
+                   precision: str, batch_tokens: int,
+                   dist: DistContext = SINGLE) -> tuple[Optional[dict], Optional[np.ndarray]]:
     if data is None or len(data) == 0 or data.labels is None:
         return None, None
-    logits = predict_logits(model, data, device, pad_id, precision, batch_tokens=batch_tokens)
+    logits = predict_logits(model, data, device, pad_id, precision, batch_tokens=batch_tokens, dist=dist)
     preds = logits.argmax(1)
     return classification_metrics(data.labels, preds, names, logits), preds
 
@@ -148,14 +152,30 @@ def train_run(cfg: Config, out_root: Path, overwrite: bool = False, trust_pickle
     """Train one config end to end; returns the finished run directory.
 
     With `checkpoints`, the run checkpoints into RUN/checkpoints/ (see `resume_run`) and SIGINT /
-    SIGTERM stop it at the next step boundary with a checkpoint (RunInterrupted)."""
+    SIGTERM stop it at the next step boundary with a checkpoint (RunInterrupted).
+
+    Launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set), it trains data-parallel; every check
+    that can refuse the run happens before the process group is formed."""
     wall_start = time.perf_counter()
+    dist = context_from_env()
     quiet_transformers()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     precheck_budget(cfg)
-    device = resolve_device(cfg.train.device)
+    check_batch_divides(cfg.train.batch_size, dist)
+    device = device_for(dist, resolve_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
+    init_process_group(dist, device)
+    try:
+        return _train_run(cfg, out_root, overwrite, trust_pickle, verbose and dist.is_main, run_dir, log_line,
+                          checkpoints, wall_start, dist, device, precision)
+    finally:
+        destroy_process_group(dist)
+
+
+def _train_run(cfg: Config, out_root: Path, overwrite: bool, trust_pickle: bool, verbose: bool,
+               run_dir: Optional[Path], log_line: Callable[[str], None], checkpoints: bool, wall_start: float,
+               dist: DistContext, device: torch.device, precision: str) -> Path:
     prepared = prepare_data(cfg, trust_pickle)
     names = prepared.splits.label_names
     seed_everything(cfg.train.seed)
@@ -164,13 +184,15 @@ def train_run(cfg: Config, out_root: Path, overwrite: bool = False, trust_pickle
     check_budget(cfg, report, len(names))
     model.to(device)
 
-    run_dir = run_dir or unique_run_dir(out_root, cfg.name, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=False)
+    if dist.is_main:
+        run_dir = run_dir or unique_run_dir(out_root, cfg.name, overwrite)
+        run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir = broadcast(run_dir, dist)  # rank 0 alone picks and creates the directory
     try:
         return _train_into(run_dir, cfg, model, report, prepared, names, device, precision,
-                           verbose, log_line, wall_start, checkpoints=checkpoints)
+                           verbose, log_line, wall_start, checkpoints=checkpoints, dist=dist)
     except BaseException:
-        if not (run_dir / "checkpoints").is_dir():
+        if dist.is_main and not (run_dir / "checkpoints").is_dir():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing resumable: leave no half-written run
         raise
 
@@ -188,12 +210,15 @@ class Resumed:
 def _train_into(run_dir: Path, cfg: Config, model, report: BudgetReport, prepared: Prepared,
                 names: list[str], device: torch.device, precision: str, verbose: bool,
                 log_line: Callable[[str], None], wall_start: float, checkpoints: bool = True,
-                resumed: Optional[Resumed] = None) -> Path:
-    write_config(cfg, run_dir)  # on a resume with --extend this records the new length
-    if resumed is None:
+                resumed: Optional[Resumed] = None, dist: DistContext = SINGLE) -> Path:
+    if dist.is_main:
+        write_config(cfg, run_dir)  # on a resume with --extend this records the new length
+    if resumed is None and dist.is_main:
         write_json(run_dir / "labels.json", {"names": names})
         prepared.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     pad_id = pad_token_id(prepared.tokenizer)
+    # before the RNG restore below: compile warm-up on CUDA draws dropout masks
+    fast = prepare_for_training(model, cfg, device, precision, pad_id, len(names))
     if verbose and resumed is not None:
         log_line(f"resuming {run_dir} from {resumed.checkpoint.path.name}")
     if verbose:
@@ -201,8 +226,9 @@ def _train_into(run_dir: Path, cfg: Config, model, report: BudgetReport, prepare
         log_line(f"trainable parameters: {report.trainable:,} of {report.total:,}"
                  + (f" (budget {cfg.budget:,})" if cfg.budget and cfg.mode == "lora" else ""))
         log_line(f"train {len(prepared.train):,} rows, val {len(prepared.val or [])} rows, "
-                 f"test {len(prepared.test or [])} rows; device {device}, {precision}")
-    log = MetricsLog(run_dir / "metrics.jsonl")
+                 f"test {len(prepared.test or [])} rows; device {device}, {precision}; {fast.describe()}")
+    log = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else None
+    checkpoints = checkpoints and dist.is_main  # ranks > 0 join the checkpoint collectives, rank 0 writes
     checkpointer = Checkpointer(run_dir, model, cfg.to_dict(), data_fingerprint(prepared),
                                 cfg.train.keep_checkpoints,
                                 saved_step=resumed.checkpoint.step if resumed else None) if checkpoints else None
@@ -214,14 +240,18 @@ def _train_into(run_dir: Path, cfg: Config, model, report: BudgetReport, prepare
         restore_rng(ckpt.rng)  # last, so nothing between here and the first step draws from it
     try:
         # without checkpoints a signal keeps its default effect: there would be nothing to resume
-        with (stop_on_signals() if checkpointer else contextlib.nullcontext(StopFlag())) as stop:
+        with (stop_on_signals() if checkpointer or dist.enabled else contextlib.nullcontext(StopFlag())) as stop:
             result = train_loop(model, prepared.train, prepared.val, cfg.train, device, pad_id, precision,
-                                log, progress=Progress(verbose), on_checkpoint=checkpointer,
-                                should_stop=stop, **resume_kwargs)
+                                log or (lambda record: None), progress=Progress(verbose),
+                                on_checkpoint=checkpointer, should_stop=stop, pad_to=fast.pad_to,
+                                dist=dist, **resume_kwargs)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     state = result.state
-    if stop() and state.step < result.total_steps and not state.stopped_early:
+    if state.step < result.total_steps and not state.stopped_early and (stop() or dist.enabled):
+        if not dist.is_main:
+            raise RunInterrupted(f"rank {dist.rank} stopped at step {state.step}", stop.exit_code if stop() else 143)
         assert checkpointer is not None and checkpointer.saved_step == state.step
         where = run_dir / CHECKPOINTS / checkpoint_name(state.step)
         raise RunInterrupted(f"interrupted by {stop.name} at step {state.step}/{result.total_steps}; "
@@ -232,9 +262,13 @@ def _train_into(run_dir: Path, cfg: Config, model, report: BudgetReport, prepare
         checkpointer(state, "final", result)  # what `--resume --extend` continues from
     if cfg.train.restore_best and result.best_trainable is not None:
         load_trainable_state(model, result.best_trainable)
-    save_trained_model(model, cfg, run_dir)
-    summary = _summarize(cfg, model, report, prepared, names, device, precision, result, run_dir, wall_start)
-    write_json(run_dir / "summary.json", summary)
+    if dist.is_main:
+        save_trained_model(model, cfg, run_dir)
+    summary = _summarize(cfg, model, report, prepared, names, device, precision, result, run_dir, wall_start,
+                         dist)
+    if dist.is_main:
+        write_json(run_dir / "summary.json", summary)
+    barrier(dist)  # no rank returns before the run directory is complete
     if verbose and "test" in summary:
         t = summary["test"]
         log_line(f"test accuracy {100 * t['accuracy']:.2f}% (95% CI {100 * t['ci_low']:.2f}-{100 * t['ci_high']:.2f}, "
@@ -244,11 +278,12 @@ def _train_into(run_dir: Path, cfg: Config, model, report: BudgetReport, prepare
 
 def _summarize(cfg: Config, model, report: BudgetReport, prepared: Prepared, names: list[str],
                device: torch.device, precision: str, result: LoopResult, run_dir: Path,
-               wall_start: float) -> dict:
+               wall_start: float, dist: DistContext = SINGLE) -> dict:
     pad_id = pad_token_id(prepared.tokenizer)
     batch_tokens = cfg.train.eval_batch_size * cfg.data.max_length
-    val_metrics, _ = evaluate_split(model, prepared.val, names, device, pad_id, precision, batch_tokens)
-    test_metrics, test_preds = evaluate_split(model, prepared.test, names, device, pad_id, precision, batch_tokens)
+    val_metrics, _ = evaluate_split(model, prepared.val, names, device, pad_id, precision, batch_tokens, dist)
+    test_metrics, test_preds = evaluate_split(model, prepared.test, names, device, pad_id, precision, batch_tokens,
+                                              dist)
     state = result.state
     summary = {
         "name": cfg.name, "mode": cfg.mode, "model": cfg.model,
@@ -259,11 +294,12 @@ def _summarize(cfg: Config, model, report: BudgetReport, prepared: Prepared, nam
         "final_train_loss": state.last_train_loss, "final_eval_loss": state.last_eval_loss,
         "train_time_s": state.train_time_s, "samples_per_s": state.samples_seen / max(state.train_time_s, 1e-9),
         "peak_memory_mb": peak_memory_mb(device), "device": str(device), "precision": precision,
+        "processes": dist.world_size,
         "label_names": names,
     }
     if val_metrics is not None:
         summary["val"] = val_metrics
-    if test_metrics is not None:
+    if test_metrics is not None and dist.is_main:
         summary["test"] = test_metrics
         assert prepared.splits.test is not None and prepared.test is not None
         rows = ["ID,label,pred"] + [f"{i},{l},{p}" for i, l, p in
@@ -347,8 +383,21 @@ def resume_run(run_dir: str | Path, extend: bool = False, overrides: Optional[li
     quiet_transformers()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device)
+    dist = context_from_env()
+    check_batch_divides(cfg.train.batch_size, dist)
+    device = device_for(dist, resolve_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
+    init_process_group(dist, device)
+    try:
+        return _resume(run_dir, cfg, ckpt, extend, trust_pickle, verbose and dist.is_main, log_line, wall_start,
+                       dist, device, precision)
+    finally:
+        destroy_process_group(dist)
+
+
+def _resume(run_dir: Path, cfg: Config, ckpt: Checkpoint, extend: bool, trust_pickle: bool, verbose: bool,
+            log_line: Callable[[str], None], wall_start: float, dist: DistContext, device: torch.device,
+            precision: str) -> Path:
     prepared = prepare_data(cfg, trust_pickle)
     if ckpt.data_fingerprint and data_fingerprint(prepared) != ckpt.data_fingerprint:
         raise BudgetLoraError(f"the training data ({cfg.data.train_file or cfg.data.dataset}) changed since "
@@ -380,7 +429,8 @@ def resume_run(run_dir: str | Path, extend: bool = False, overrides: Optional[li
         if verbose:
             log_line(f"schedule rebuilt for {total} steps (was {ckpt.total_steps}); "
                      f"lr at step {ckpt.step} is now {optimizer.param_groups[0]['lr']:.3g}")
-        (run_dir / "summary.json").unlink(missing_ok=True)  # the run is unfinished again
+        if dist.is_main:
+            (run_dir / "summary.json").unlink(missing_ok=True)  # the run is unfinished again
     else:
         if total != ckpt.total_steps:
             raise BudgetLoraError(f"the run now has {total} steps but {ckpt.path.name} was written for "
@@ -391,6 +441,7 @@ def resume_run(run_dir: str | Path, extend: bool = False, overrides: Optional[li
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
     ckpt.state.stopped_early = False
-    truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
+    if dist.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
     return _train_into(run_dir, cfg, model, report, prepared, names, device, precision, verbose, log_line,
-                       wall_start, resumed=Resumed(ckpt, optimizer, scheduler, scaler))
+                       wall_start, resumed=Resumed(ckpt, optimizer, scheduler, scaler), dist=dist)

@@ -6,10 +6,11 @@ the device between them, so a GPU never waits for Python per step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from budgetlora.config import TrainConfig
 from budgetlora.data.tokens import TokenizedSet, bucketed_batches, collate
+from budgetlora.distributed import SINGLE, DistContext, all_reduce_sum, local_slice, wrap_model
 from budgetlora.errors import BudgetLoraError
 from budgetlora.evaluate import autocast, cross_entropy, predict_logits
 from budgetlora.model import forward_logits
@@ -115,12 +117,16 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
                on_checkpoint: Optional[Hook] = None, should_stop: Callable[[], bool] = lambda: False,
                progress: Optional[Callable[[LoopState, int, dict], None]] = None,
                best_trainable: Optional[dict[str, torch.Tensor]] = None,
-               history: Optional[list[dict]] = None) -> LoopResult:
+               history: Optional[list[dict]] = None,
+               pad_to: Optional[Sequence[int]] = None, dist: DistContext = SINGLE) -> LoopResult:
     """Train until max_steps (or early stopping); evaluate on `val_data` every `eval_every` steps.
 
     `on_checkpoint(state, reason, result)` is called at save/eval points and when `should_stop()` turns
     true (a signal); the loop then returns with the state so far. To resume, pass the restored
-    `state`, `optimizer`, `scheduler`, `scaler`, `best_trainable` and `history`."""
+    `state`, `optimizer`, `scheduler`, `scaler`, `best_trainable` and `history`.
+
+    Under `dist`, every rank draws the same global batches and trains on its slice of each; logged
+    metrics and checkpointed sums are global, so a checkpoint resumes on any number of processes."""
     state = state or LoopState()
     stream = BatchStream(train_data, cfg.batch_size, cfg.seed, state.epoch, state.position)
     total = total_steps_for(cfg, stream.batches_per_epoch())
@@ -131,25 +137,40 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = LoopResult(state, total, best_trainable=best_trainable, history=list(history or []),
                         optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    window_loss = torch.full((), state.window_loss, device=device, dtype=torch.float32)
-    window_correct = torch.full((), state.window_correct, device=device, dtype=torch.long)
-    window_rows, window_start = state.window_rows, time.perf_counter()
+    # a restored window holds global sums: one rank carries them on, or a reduce would multiply them
+    carried = dist.is_main
+    window_loss = torch.full((), state.window_loss if carried else 0.0, device=device, dtype=torch.float32)
+    window_correct = torch.full((), state.window_correct if carried else 0, device=device, dtype=torch.long)
+    window_rows, window_start = state.window_rows if carried else 0, time.perf_counter()
+
+    def global_window() -> tuple[float, int, int]:
+        loss_sum, correct, rows = all_reduce_sum([float(window_loss), int(window_correct), window_rows], dist, device)
+        return loss_sum, int(correct), int(rows)
 
     def checkpoint(reason: str) -> None:
-        assert on_checkpoint is not None
-        state.window_loss, state.window_correct, state.window_rows = (
-            float(window_loss), int(window_correct), window_rows)
-        on_checkpoint(state, reason, result)
+        window = global_window()  # collective: every rank reaches the same checkpoint points
+        if on_checkpoint is not None:
+            state.window_loss, state.window_correct, state.window_rows = window
+            on_checkpoint(state, reason, result)
+
+    def stop_requested() -> bool:
+        # ranks must agree on where to stop, or the others would wait forever in the next all-reduce
+        return bool(all_reduce_sum([float(should_stop())], dist, device)[0]) if dist.enabled else should_stop()
+    forward_model = wrap_model(model, dist, device)
     batches = iter(stream)
     model.train()
     while state.step < total:
         step_start = time.perf_counter()
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in collate(train_data, next(batches), pad_id).items()}
-            with autocast(device, precision):
-                logits = forward_logits(model, batch)
-            loss = loss_fn(logits.float(), batch["labels"])
-            scaler.scale(loss / cfg.grad_accum).backward()
+        for micro in range(cfg.grad_accum):
+            index = local_slice(next(batches), dist)
+            batch = {k: v.to(device, non_blocking=True) for k, v in collate(train_data, index, pad_id, pad_to=pad_to).items()}
+            # gradients are all-reduced once per optimizer step, on the last micro-batch
+            sync = contextlib.nullcontext() if not dist.enabled or micro == cfg.grad_accum - 1 else forward_model.no_sync()
+            with sync:
+                with autocast(device, precision):
+                    logits = forward_logits(forward_model, batch)
+                loss = loss_fn(logits.float(), batch["labels"])
+                scaler.scale(loss / cfg.grad_accum).backward()
             window_loss += loss.detach() * len(batch["labels"])
             window_correct += (logits.detach().argmax(-1) == batch["labels"]).sum()
             window_rows += len(batch["labels"])
@@ -169,10 +190,10 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
 
         if state.step % cfg.log_every == 0 or state.step == total:
             elapsed = time.perf_counter() - window_start
+            loss_sum, correct, rows = global_window()
             record = {"step": state.step, "epoch": round(state.epoch + state.position / stream.batches_per_epoch(), 4),
-                      "train_loss": float(window_loss) / window_rows,
-                      "train_acc": int(window_correct) / window_rows,
-                      "lr": optimizer.param_groups[0]["lr"], "samples_per_s": window_rows / max(elapsed, 1e-9)}
+                      "train_loss": loss_sum / rows, "train_acc": correct / rows,
+                      "lr": optimizer.param_groups[0]["lr"], "samples_per_s": rows / max(elapsed, 1e-9)}
             state.last_train_loss = record["train_loss"]
             log(record)
             result.history.append(record)
@@ -185,7 +206,7 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
         evaluating = val_data is not None and len(val_data) > 0 and cfg.eval_every and (
             state.step % cfg.eval_every == 0 or state.step == total)
         if evaluating:
-            logits = predict_logits(model, val_data, device, pad_id, precision)
+            logits = predict_logits(model, val_data, device, pad_id, precision, dist=dist)
             acc = float((logits.argmax(1) == val_data.labels).mean())
             state.last_eval_loss = cross_entropy(logits, val_data.labels)
             record = {"step": state.step, "eval_loss": state.last_eval_loss, "eval_acc": acc}
@@ -199,13 +220,14 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
             else:
                 state.evals_without_gain += 1
             window_start = time.perf_counter()  # evaluation time is not training throughput
-        if on_checkpoint and (evaluating or (cfg.save_every and state.step % cfg.save_every == 0)):
+        checkpointing = on_checkpoint is not None or dist.enabled  # non-main ranks join the collective
+        if checkpointing and (evaluating or (cfg.save_every and state.step % cfg.save_every == 0)):
             checkpoint("eval" if evaluating else "periodic")
         if evaluating and cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
             state.stopped_early = True
             break
-        if should_stop() and state.step < total:
-            if on_checkpoint:
+        if state.step < total and stop_requested():
+            if checkpointing:
                 checkpoint("signal")
             break
     return result

@@ -7,7 +7,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -121,10 +121,13 @@ def sorted_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> li
 
 
 def collate(data: TokenizedSet, index: np.ndarray, pad_id: int,
-            pad_multiple: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
+            pad_multiple: int = PAD_MULTIPLE, pad_to: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
+    """Rows `index` padded to their longest (rounded up to `pad_multiple`), or to the smallest of
+    the fixed widths `pad_to` that fits (compiled models: one graph per width)."""
     lengths = data.lengths[index]
     width = int(lengths.max())
-    width = -(-width // pad_multiple) * pad_multiple
+    fitting = [w for w in (pad_to or ()) if w >= width]
+    width = min(fitting) if fitting else -(-width // pad_multiple) * pad_multiple
     input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(index), width), dtype=np.int64)
     for row, (i, n) in enumerate(zip(index, lengths)):
