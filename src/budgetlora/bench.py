@@ -437,7 +437,7 @@ def _defaults(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"model": "roberta-base", "steps": 100, "warmup": 10, "predict_rows": 7600, "fast_batch": 256,
                 "repeats": 1}
-    return {"model": "minilm", "steps": 24, "warmup": 3, "predict_rows": 768, "fast_batch": REF_BATCH,
+    return {"model": "minilm", "steps": 40, "warmup": 2, "predict_rows": 768, "fast_batch": REF_BATCH,
             "repeats": 2}
 
 
@@ -532,8 +532,8 @@ def add_subcommands(subparsers) -> None:
                                    "or a local model directory")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="AG News directory with train_sample.csv and test.csv")
     p.add_argument("--synthetic", action="store_true", help="synthetic ids with AG News' length distribution")
-    p.add_argument("--steps", type=int, help="measured training steps per stack (cpu 24, cuda 100)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (cpu 3, cuda 10)")
+    p.add_argument("--steps", type=int, help="measured training steps per stack (cpu 40, cuda 100)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (cpu 2, cuda 10)")
     p.add_argument("--predict-rows", type=int, help="test rows to predict (cpu 768, cuda 7600)")
     p.add_argument("--fast-batch-size", type=int,
                    help="budgetlora's training batch (cpu 16, cuda 256; LR scaled by sqrt(batch/16))")
