@@ -28,4 +28,6 @@ def test_short_real_run_beats_chance(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"]["n"] == 400
     assert summary["test"]["accuracy"] >= 0.70, summary["test"]
-    assert summary["trainable_params"] == 296_452  # r16 on q,k,v,o (6 layers x 384) + linear head
+    # r16 on q,k,v,o: 6 layers x 4 x 16 x (384 + 384); ffn_in and ffn_out: 6 x 2 x 16 x (384 + 1536);
+    # linear head 384 x 4 + 4
+    assert summary["trainable_params"] == 6 * 4 * 16 * 768 + 6 * 2 * 16 * 1920 + 1540 == 665_092

@@ -161,3 +161,18 @@ def test_every_trainable_tensor_gets_a_gradient(tiny_model_dir):
     check_gradients_flow(layer)
     with pytest.raises(BudgetLoraError, match="received no gradient"):
         check_gradients_flow(torch.nn.ModuleList([layer, frozen_branch]))
+
+
+@pytest.mark.parametrize("head", [{"type": "auto"}, {"type": "linear", "pooling": "mean"}])
+def test_full_fine_tuning_trains_every_parameter_and_reloads(tiny_model_dir, synthetic_data, tmp_path, head):
+    raw = _tiny_dict(tiny_model_dir, synthetic_data)
+    raw.update(mode="full", budget=None, head=head)
+    raw["train"].update(max_steps=6, eval_every=3, lr=1e-3)
+    run = train_run(config_from_dict(raw), tmp_path, verbose=False)
+    summary = json.loads((run / "summary.json").read_text())
+    # every parameter trains: a linear head drops the encoder's unused pooler instead of leaving
+    # it trainable without a gradient
+    assert summary["mode"] == "full" and summary["trainable_params"] == summary["total_params"]
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "adapter").exists()
+    assert main(["eval", str(run), "--data", str(synthetic_data["test"]), "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == summary["test"]["accuracy"]

@@ -127,6 +127,9 @@ class PooledClassifier(nn.Module):
 
     def __init__(self, encoder: nn.Module, num_labels: int, pooling: str):
         super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            # unused by this head: it would be a trainable tensor without gradient under `mode: full`
+            encoder.pooler = None
         self.encoder = encoder
         self.config = encoder.config
         self.pooling = pooling
