@@ -436,6 +436,7 @@ def test_fuzz_parquet():
     ("sup.csv", "text,label\na,\u00b2\nb,0\n", r"sup.csv line 2: (label|unknown label)"),
     ("utf8.parquet", None, r"utf8.parquet record 1: column text holds an unreadable value \(UnicodeDecodeError\)"),
     ("nl.csv", '"te\nxt",label\na,0\n', r"nl.csv line 3: no text column 'text' \(columns: 'te\\nxt', label\)"),
+    ("name.parquet", None, r"name.parquet: the name of column 2 is not UTF-8 text"),
 ])
 def test_fuzz_regressions(tmp_path, name, content, message):
     path = tmp_path / name
@@ -448,6 +449,14 @@ def test_fuzz_regressions(tmp_path, name, content, message):
         data = out.getvalue()
         at = data.index("wörld".encode()) + 1
         path.write_bytes(data[:at] + b"\xf4" + data[at + 1:])
+    elif name == "name.parquet":  # a column name that is not UTF-8 (the footer stores it as bytes)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = io.BytesIO()
+        pq.write_table(pa.table({"text": ["a", "b"], "lab\u00e9l": [0, 1]}), out, compression="none",
+                       store_schema=False)
+        path.write_bytes(out.getvalue().replace("lab\u00e9l".encode(), b"lab\x89\x89l"))
     else:
         path.write_text(content, encoding="utf-8")
     if message is None:

@@ -190,7 +190,13 @@ def read_parquet(path: Path) -> list[Row]:
 
 
 def _parquet_value_error(path: Path, table: Any) -> str:
-    """Name the first record and column whose value cannot become a Python value."""
+    """Name the first column whose name, or record and column whose value, cannot become Python."""
+    for index in range(table.num_columns):
+        try:
+            table.schema.field(index).name
+        except UnicodeDecodeError:
+            return (f"{path}: the name of column {index + 1} is not UTF-8 text; "
+                    "write the file again with readable column names")
     for i in range(table.num_rows):
         for name, column in zip(table.column_names, table.columns):
             try:
