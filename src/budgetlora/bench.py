@@ -506,7 +506,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     peak, peak_name = matmul_peak_tflops(device)
     print(f"(a) {ref.detail}; {ref.trainable:,} trainable")
     print(f"(b) {fast.detail}; {fast.trainable:,} trainable")
-    print(f"samples/s; TFLOP/s count real tokens only (train = 2x forward: frozen base); "
+    print(f"samples/s; TFLOP/s = model FLOPs of the real tokens (train = 2x forward: frozen base; every layer "
+          f"at every token, though budgetlora's last layer computes the head's position only); "
           f"peak = measured {peak_name} matmul {peak:.3f} TFLOP/s; "
           f"memory = {'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'} (MB)")
     print(format_table(ref, fast, flops_train, flops_predict, peak, peak_name))

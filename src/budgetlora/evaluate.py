@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from budgetlora.data.tokens import TokenizedSet, collate, sorted_batches
+from budgetlora.data.tokens import TokenizedSet, collate, pad_multiple_for, sorted_batches
 from budgetlora.distributed import SINGLE, DistContext, gather_rows
 from budgetlora.model import forward_logits
 from budgetlora.stats import wilson_interval
@@ -49,7 +49,7 @@ def predict_logits(model: nn.Module, data: TokenizedSet, device: torch.device, p
         with torch.inference_mode():
             batches = sorted_batches(data.lengths, batch_tokens, max_batch)
             for index in batches[dist.rank::dist.world_size]:
-                batch = collate(data, index, pad_id)
+                batch = collate(data, index, pad_id, pad_multiple_for(device))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
                 with autocast(device, precision):
                     indices.append(index)

@@ -5,9 +5,11 @@ What is on by default where (see `resolve_fast_path`):
 - CUDA: bf16 autocast, fused AdamW, `torch.compile(dynamic=False)` of the backbone with training
   batches padded to a handful of fixed widths (each compiled once, up front), LoRA dropout on the
   low-rank side, and prediction with the adapters merged into a bf16 copy of the model.
-- CPU: the training math is left exactly as it was (fp32, PEFT's input-side dropout, eager);
-  the CPU speed comes from length bucketing and tight padding (data/tokens.py) and from merged
-  adapters plus inference mode at prediction time. `budgetlora bench --device cpu` measures it.
+- CPU: the training math is PEFT's (fp32, input-side LoRA dropout, eager); the CPU speed comes
+  from length bucketing and tight padding (data/tokens.py), from dropout masks drawn four to a
+  64-bit random word (budgetlora.dropout: torch's per-element mask cost a MiniLM step 28% of its
+  time), and from merged adapters plus inference mode at prediction time.
+  `budgetlora bench --device cpu` measures it.
 
 Low-rank-side dropout. PEFT computes `B(A(dropout(x)))`, which materialises a dropped copy of every
 adapted layer's input (plus its mask) and keeps it for the backward pass: one [batch, tokens,
@@ -31,6 +33,9 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from budgetlora.dropout import fast_dropout, use_packed_dropout
+from budgetlora.first_token import reads_first_token_only, use_first_token_last_layer
 
 CompileSetting = Union[bool, str]
 
@@ -62,7 +67,7 @@ class LowRankDropoutLinear(nn.Linear):
     lowrank_dropout: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(super().forward(x), self.lowrank_dropout, self.training)
+        return fast_dropout(super().forward(x), self.lowrank_dropout, self.training)
 
 
 def use_lowrank_dropout(model: nn.Module) -> int:
@@ -144,7 +149,8 @@ def merged_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     """A plain model with the adapters folded into the base weights (W + s*B@A), in eval mode;
     `model` itself is left untouched (training may continue). Not a PEFT model: returned as is.
 
-    Prediction then runs one matmul per layer instead of three plus PEFT's per-layer Python."""
+    Prediction then runs one matmul per layer instead of three plus PEFT's per-layer Python, and
+    the last layer computes only the position the head reads (budgetlora.first_token)."""
     if not is_peft_lora(model):
         return model
     with eager(model):  # the copy must not inherit compiled calls bound to the original
@@ -152,6 +158,7 @@ def merged_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     uncompile(clone)
     with torch.no_grad():
         merged = clone.merge_and_unload()
+    use_first_token_last_layer(merged)  # checks itself: kept only where the logits are unchanged
     if dtype is not None:
         merged = merged.to(dtype)
     return merged.eval()
@@ -179,9 +186,15 @@ class FastPath:
     dropout_position: str
     lowrank_adapters: int = 0
     pad_to: tuple[int, ...] | None = None  # fixed padded widths (compiled runs), else multiple of 8
+    packed_dropout: int = 0  # CPU: dropout modules drawing packed masks (budgetlora.dropout)
+    first_token_last_layer: bool = False  # the last layer computes position 0 only (first_token.py)
 
     def describe(self) -> str:
         parts = [f"compile {'on' if self.compiled else 'off'}", f"LoRA dropout {self.dropout_position}"]
+        if self.packed_dropout:
+            parts.append("packed dropout masks")
+        if self.first_token_last_layer:
+            parts.append("last layer on the first token")
         if self.pad_to:
             parts.append("widths " + "/".join(map(str, self.pad_to)))
         return ", ".join(parts)
@@ -204,6 +217,10 @@ def prepare_for_training(model: nn.Module, cfg, device: torch.device, precision:
     fast = resolve_fast_path(cfg, device)
     if fast.dropout_position == "lowrank" and cfg.mode == "lora":
         fast.lowrank_adapters = use_lowrank_dropout(model)
+    if device.type == "cpu":
+        fast.packed_dropout = use_packed_dropout(model)
+    if reads_first_token_only(cfg):
+        fast.first_token_last_layer = use_first_token_last_layer(model, pad_id)
     if fast.compiled:
         compile_model(model, fast.pad_to or ())
         if warm:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from budgetlora.config import TrainConfig
-from budgetlora.data.tokens import TokenizedSet, bucketed_batches, collate
+from budgetlora.data.tokens import TokenizedSet, bucketed_batches, collate, pad_multiple_for
 from budgetlora.distributed import SINGLE, DistContext, all_reduce_sum, local_slice, wrap_model
 from budgetlora.errors import BudgetLoraError
 from budgetlora.evaluate import autocast, cross_entropy, predict_logits
@@ -157,13 +157,15 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
         # ranks must agree on where to stop, or the others would wait forever in the next all-reduce
         return bool(all_reduce_sum([float(should_stop())], dist, device)[0]) if dist.enabled else should_stop()
     forward_model = wrap_model(model, dist, device)
+    pad_multiple = pad_multiple_for(device)
     batches = iter(stream)
     model.train()
     while state.step < total:
         step_start = time.perf_counter()
         for micro in range(cfg.grad_accum):
             index = local_slice(next(batches), dist)
-            batch = {k: v.to(device, non_blocking=True) for k, v in collate(train_data, index, pad_id, pad_to=pad_to).items()}
+            batch = collate(train_data, index, pad_id, pad_multiple, pad_to)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # gradients are all-reduced once per optimizer step, on the last micro-batch
             sync = contextlib.nullcontext() if not dist.enabled or micro == cfg.grad_accum - 1 else forward_model.no_sync()
             with sync:

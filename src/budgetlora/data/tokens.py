@@ -15,6 +15,13 @@ import torch
 PAD_MULTIPLE = 8  # few distinct padded lengths: fewer kernel shapes, fewer recompiles
 
 
+def pad_multiple_for(device: torch.device) -> int:
+    """GPUs: widths a multiple of 8 (tensor-core tiles, few kernel shapes). CPU: no rounding; CPU
+    matmuls gain nothing from it, and each padded token costs a real token's work (measured on
+    MiniLM: rounding to 8 made a training step about 12% slower)."""
+    return 1 if device.type == "cpu" else PAD_MULTIPLE
+
+
 @dataclass
 class TokenizedSet:
     """Ragged token ids stored flat: row i is ids[offsets[i]:offsets[i+1]]."""
