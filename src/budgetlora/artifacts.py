@@ -50,18 +50,53 @@ def unique_run_dir(root: Path, name: str, overwrite: bool) -> Path:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl, flushed so a crash loses nothing."""
+    """Appends one JSON object per line to metrics.jsonl, flushed so a crash loses nothing; with
+    `tensorboard_dir`, mirrors every number as a TensorBoard scalar (train/loss, eval/acc, lr, ...).
+    `resume_step` drops TensorBoard events from that step on, as metrics.jsonl is cut back on resume."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tensorboard_dir: Optional[Path] = None, resume_step: Optional[int] = None):
         self.path = path
         self._handle = path.open("a", encoding="utf-8")
+        self._writer = None
+        if tensorboard_dir is not None:
+            self._writer = tensorboard_writer(tensorboard_dir, resume_step)
 
     def __call__(self, record: dict) -> None:
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
+        if self._writer is not None:
+            step = int(record["step"])
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(_tensorboard_tag(key), value, step)
 
     def close(self) -> None:
         self._handle.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _tensorboard_tag(key: str) -> str:
+    """train_loss -> train/loss, eval_acc -> eval/acc: TensorBoard groups by the part before '/'."""
+    for split in ("train_", "eval_"):
+        if key.startswith(split):
+            return f"{split[:-1]}/{key[len(split):]}"
+    return key
+
+
+def require_tensorboard() -> None:
+    """Fail before any work when `train.tensorboard` is on but the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise BudgetLoraError("config key 'train.tensorboard' needs the tensorboard package: "
+                              "pip install 'budgetlora[tensorboard]' (or set train.tensorboard: false)") from None
+
+
+def tensorboard_writer(log_dir: Path, resume_step: Optional[int] = None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step)
 
 
 def save_trained_model(model: nn.Module, cfg: Config, run_dir: Path) -> None:

@@ -75,8 +75,8 @@ class TrainConfig:
     epochs: Optional[float] = None  # used when max_steps is null
     batch_size: int = 16
     grad_accum: int = 1
-    optimizer: Literal["adamw", "rmsprop", "adagrad", "sgd"] = "adamw"
-    momentum: float = 0.9
+    optimizer: Literal["adamw", "rmsprop", "adagrad", "sgd", "muon"] = "adamw"
+    momentum: float = 0.9  # sgd, rmsprop, muon
     weight_decay: float = 0.01
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = "linear"
     warmup: float = 0.06  # < 1: fraction of max_steps; >= 1: steps
@@ -95,6 +95,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     num_threads: Optional[int] = None  # CPU threads; None = torch's default
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile the backbone; auto = on CUDA only
+    tensorboard: bool = False  # also write TensorBoard event files into RUN/tensorboard/
 
 
 @dataclass

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from budgetlora.artifacts import (MetricsLog, atomic_write_text, read_run_config, save_trained_model,
-                                  unique_run_dir, write_config, write_json)
+from budgetlora.artifacts import (MetricsLog, atomic_write_text, read_run_config, require_tensorboard,
+                                  save_trained_model, unique_run_dir, write_config, write_json)
 from budgetlora.budget import BudgetReport, check_budget, count_trainable
 from budgetlora.checkpoint import (CHECKPOINTS, Checkpoint, Checkpointer, checkpoint_name, load_latest_checkpoint,
                                    remove_stale_temp, restore_model, restore_rng, truncate_metrics)
@@ -162,6 +162,8 @@ def train_run(cfg: Config, out_root: Path, overwrite: bool = False, trust_pickle
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     precheck_budget(cfg)
+    if cfg.train.tensorboard:
+        require_tensorboard()
     check_batch_divides(cfg.train.batch_size, dist)
     device = device_for(dist, resolve_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
@@ -227,7 +229,9 @@ def _train_into(run_dir: Path, cfg: Config, model, report: BudgetReport, prepare
                  + (f" (budget {cfg.budget:,})" if cfg.budget and cfg.mode == "lora" else ""))
         log_line(f"train {len(prepared.train):,} rows, val {len(prepared.val or [])} rows, "
                  f"test {len(prepared.test or [])} rows; device {device}, {precision}; {fast.describe()}")
-    log = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else None
+    log = MetricsLog(run_dir / "metrics.jsonl",
+                     tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None,
+                     resume_step=resumed.checkpoint.step + 1 if resumed else None) if dist.is_main else None
     checkpoints = checkpoints and dist.is_main  # ranks > 0 join the checkpoint collectives, rank 0 writes
     checkpointer = Checkpointer(run_dir, model, cfg.to_dict(), data_fingerprint(prepared),
                                 cfg.train.keep_checkpoints,
