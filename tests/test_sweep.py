@@ -58,6 +58,22 @@ def finished_mtimes(out: Path) -> dict[str, float]:
 # The study file, without training
 
 
+@pytest.mark.parametrize("study", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_preset_plans_without_skips(study: Path) -> None:
+    """The presets in studies/ load, and every grid point passes the budget check (search presets:
+    their space is valid); the offline ones point at ../shared and the packaged MiniLM."""
+    spec = load_study(study)
+    if spec.sampler is None:
+        runnable, skipped = plan(spec)
+        assert runnable and not skipped, [s["name"] for s in skipped]
+        assert all(p.trainable is None or p.trainable <= p.cfg.budget for p in runnable if p.cfg.mode == "lora")
+    else:
+        assert spec.search and spec.n_trials
+    if study.stem.endswith("-offline"):
+        base = build_config(spec, spec.points[0].overrides if spec.points else {}, "check")
+        assert base.model == "minilm" and Path(base.data.train_file).is_file()
+
+
 def test_grid_zip_seeds_expand_in_file_order_with_readable_names(tmp_path):
     study = write_study(
         tmp_path,
