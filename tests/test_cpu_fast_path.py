@@ -1,11 +1,12 @@
 """The CPU side of the fast path on a tiny random RoBERTa: packed dropout masks (the right rate,
 the right scale, exact gradients, reproducible from the seed, every dropout site of the model
 reached), the last layer computed for the first position only (same logits and gradients, kept
-only where the model checks out), and unrounded padding on CPU."""
+only where the model checks out), unrounded padding on CPU, and the glibc allocator setting."""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -224,3 +225,24 @@ def test_cpu_batches_pad_to_the_longest_row_and_gpus_to_a_multiple_of_8():
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     data = TokenizedSet(np.arange(int(offsets[-1]), dtype=np.int32) + 5, offsets, np.array([0, 1, 2]))
     assert collate(data, np.array([0, 2]), 1, pad_multiple_for(CPU))["input_ids"].shape == (2, 9)
+
+
+# ---------------------------------------------------------------------------------- allocator
+
+def test_allocator_thresholds_are_set_on_glibc_unless_the_user_chose(monkeypatch):
+    import platform
+
+    import budgetlora.allocator as allocator
+
+    for name in [n for n in os.environ if n.startswith("MALLOC_")] + ["GLIBC_TUNABLES", "LD_PRELOAD"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(allocator, "_applied", None)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert allocator.keep_freed_memory() is glibc
+    for env in ({"MALLOC_ARENA_MAX": "2"}, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},
+                {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            m.setattr(allocator, "_applied", None)
+            assert allocator.keep_freed_memory() is False, env

@@ -461,6 +461,7 @@ def format_table(ref: Measured, fast: Measured, flops_train: float, flops_predic
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from budgetlora.allocator import keep_freed_memory
     from budgetlora.errors import BudgetLoraError
     from budgetlora.model import MINILM_ALIAS, load_model_config, quiet_transformers
     from budgetlora.recipe import resolve_device
@@ -469,6 +470,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # budgetlora sets glibc's malloc thresholds for CPU runs, process-wide: set them before either
+    # stack runs, so both are measured under the same allocator (the reference gains from it too)
+    kept = device.type == "cpu" and keep_freed_memory()
     d = _defaults(device)
     model = args.model or d["model"]
     weights = model == MINILM_ALIAS or Path(model).expanduser().exists()
@@ -491,7 +495,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"data: {data.note}; train {len(data.train):,} rows, mean {data.train.lengths.mean():.1f} tokens; "
           f"predict {min(spec.predict_rows, len(data.test)):,} rows", flush=True)
     print(f"measuring {spec.steps} train steps after {spec.warmup} warm-up steps, {repeats} repeat(s) "
-          "alternating (a) and (b), best of each", flush=True)
+          "alternating (a) and (b), best of each"
+          + ("; both under budgetlora's glibc malloc thresholds (budgetlora.allocator)" if kept else ""), flush=True)
 
     ref, fast = Measured(), Measured()
     for _ in range(repeats):

@@ -42,16 +42,16 @@ def effective_rate(p: float) -> float:
 class _PackedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = keep_mask(x.shape, p)
-        scale = 1.0 / (1.0 - effective_rate(p))
-        ctx.save_for_backward(keep)  # one byte per element, as torch's own dropout keeps
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        # the mask kept for backward holds the scale (0 or 1/(1-p)) in x's dtype: 4 bytes an element
+        # where torch keeps 1, but multiplying by a bool mask converts it on every use (3% of a step)
+        mask = keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - effective_rate(p)))
+        ctx.save_for_backward(mask)
+        return x * mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

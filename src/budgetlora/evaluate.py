@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from budgetlora.allocator import keep_freed_memory
 from budgetlora.data.tokens import TokenizedSet, collate, pad_multiple_for, sorted_batches
 from budgetlora.distributed import SINGLE, DistContext, gather_rows
 from budgetlora.model import forward_logits
@@ -37,6 +38,7 @@ def predict_logits(model: nn.Module, data: TokenizedSet, device: torch.device, p
     from budgetlora.fast import eager, inference_dtype, merged_copy
 
     if device.type == "cpu":
+        keep_freed_memory()
         # ~2-4k tokens already keep CPU matmuls efficient; bigger sorted batches only add padding
         # (the longest row of a big batch sets its width) and fall out of cache: measured 20-25% slower
         batch_tokens, max_batch = min(batch_tokens, CPU_BATCH_TOKENS), min(max_batch, CPU_MAX_BATCH)

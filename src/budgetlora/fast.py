@@ -8,8 +8,10 @@ What is on by default where (see `resolve_fast_path`):
 - CPU: the training math is PEFT's (fp32, input-side LoRA dropout, eager); the CPU speed comes
   from length bucketing and tight padding (data/tokens.py), from dropout masks drawn four to a
   64-bit random word (budgetlora.dropout: torch's per-element mask cost a MiniLM step 28% of its
-  time), and from merged adapters plus inference mode at prediction time.
-  `budgetlora bench --device cpu` measures it.
+  time), from glibc keeping freed activation memory (budgetlora.allocator), and from merged
+  adapters plus inference mode at prediction time. `budgetlora bench --device cpu` measures it.
+- Both: heads that read only the first position get a last layer that computes only that
+  position (budgetlora.first_token), in training and in prediction.
 
 Low-rank-side dropout. PEFT computes `B(A(dropout(x)))`, which materialises a dropped copy of every
 adapted layer's input (plus its mask) and keeps it for the backward pass: one [batch, tokens,
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from budgetlora.allocator import keep_freed_memory
 from budgetlora.dropout import fast_dropout, use_packed_dropout
 from budgetlora.first_token import reads_first_token_only, use_first_token_last_layer
 
@@ -188,6 +191,7 @@ class FastPath:
     pad_to: tuple[int, ...] | None = None  # fixed padded widths (compiled runs), else multiple of 8
     packed_dropout: int = 0  # CPU: dropout modules drawing packed masks (budgetlora.dropout)
     first_token_last_layer: bool = False  # the last layer computes position 0 only (first_token.py)
+    kept_memory: bool = False  # CPU: glibc keeps freed activation memory for reuse (allocator.py)
 
     def describe(self) -> str:
         parts = [f"compile {'on' if self.compiled else 'off'}", f"LoRA dropout {self.dropout_position}"]
@@ -195,6 +199,8 @@ class FastPath:
             parts.append("packed dropout masks")
         if self.first_token_last_layer:
             parts.append("last layer on the first token")
+        if self.kept_memory:
+            parts.append("freed memory kept")
         if self.pad_to:
             parts.append("widths " + "/".join(map(str, self.pad_to)))
         return ", ".join(parts)
@@ -215,10 +221,13 @@ def prepare_for_training(model: nn.Module, cfg, device: torch.device, precision:
     With compile on, every padded width is compiled before the first step (`warm`), so the step
     times that follow are steady; if compiling fails the model stays eager, with a warning."""
     fast = resolve_fast_path(cfg, device)
-    if fast.dropout_position == "lowrank" and cfg.mode == "lora":
+    if cfg.mode != "lora" or not cfg.lora.dropout:
+        fast.dropout_position = "off"  # nothing to place: PEFT builds no dropout for p = 0
+    if fast.dropout_position == "lowrank":
         fast.lowrank_adapters = use_lowrank_dropout(model)
     if device.type == "cpu":
         fast.packed_dropout = use_packed_dropout(model)
+        fast.kept_memory = keep_freed_memory()
     if reads_first_token_only(cfg):
         fast.first_token_last_layer = use_first_token_last_layer(model, pad_id)
     if fast.compiled:
