@@ -188,7 +188,7 @@ class FastPath:
     compiled: bool
     dropout_position: str
     lowrank_adapters: int = 0
-    pad_to: tuple[int, ...] | None = None  # fixed padded widths (compiled runs), else multiple of 8
+    pad_to: tuple[int, ...] | None = None  # fixed padded widths (compiled runs), else tokens.pad_multiple_for(device)
     packed_dropout: int = 0  # CPU: dropout modules drawing packed masks (budgetlora.dropout)
     first_token_last_layer: bool = False  # the last layer computes position 0 only (first_token.py)
     kept_memory: bool = False  # CPU: glibc keeps freed activation memory for reuse (allocator.py)
