@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from budgetlora.budget import count_trainable, max_rank
+from budgetlora.model import count_trainable, max_rank
 from budgetlora.cli import main
 from budgetlora.config import config_from_dict
 from budgetlora.errors import OverBudgetError
 from budgetlora.model import build_meta_model
-from budgetlora.recipe import precheck_budget
+from budgetlora.model import precheck_budget
 
 
 def roberta(**lora) -> "object":

@@ -15,7 +15,7 @@ from torch import nn
 
 from budgetlora.config import config_from_dict
 from budgetlora.data.tokens import TokenizedSet, collate, pad_multiple_for
-from budgetlora.dropout import (
+from budgetlora.speedups.packed_dropout import (
     ATTENTION_NAME,
     PackedDropout,
     _sdpa_with_packed_dropout,
@@ -25,8 +25,9 @@ from budgetlora.dropout import (
     use_packed_dropout,
 )
 from budgetlora.evaluate import predict_logits
-from budgetlora.fast import merged_copy, prepare_for_training
-from budgetlora.first_token import _FirstTokenLayer, last_layer, use_first_token_last_layer
+from budgetlora.runtime import Runtime
+from budgetlora.speedups import merged_copy, prepare_for_training
+from budgetlora.speedups.first_token import _FirstTokenLayer, last_layer, use_first_token_last_layer
 from budgetlora.model import build_model, forward_logits
 
 CPU = torch.device("cpu")
@@ -190,7 +191,7 @@ def test_first_token_last_layer_is_refused_where_the_head_reads_every_position(t
 
 
 def test_first_token_last_layer_is_refused_when_the_check_disagrees(tiny_config, monkeypatch):
-    import budgetlora.first_token as first_token
+    import budgetlora.speedups.first_token as first_token
 
     _, model = _model(tiny_config)
     layer_class = type(last_layer(model))
@@ -213,8 +214,8 @@ def test_merged_prediction_uses_the_first_token_layer_and_equals_the_adapter_mod
     lengths = rng.integers(3, 30, size=23)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     data = TokenizedSet(rng.integers(5, 40, size=int(offsets[-1])).astype(np.int32), offsets, None)
-    np.testing.assert_allclose(predict_logits(model, data, CPU, pad_id=1, merge=True),
-                               predict_logits(model, data, CPU, pad_id=1, merge=False), atol=1e-5)
+    np.testing.assert_allclose(predict_logits(model, data, Runtime(CPU, 'fp32'), pad_id=1, merge=True),
+                               predict_logits(model, data, Runtime(CPU, 'fp32'), pad_id=1, merge=False), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- padding
@@ -232,7 +233,7 @@ def test_cpu_batches_pad_to_the_longest_row_and_gpus_to_a_multiple_of_8():
 def test_allocator_thresholds_are_set_on_glibc_unless_the_user_chose(monkeypatch):
     import platform
 
-    import budgetlora.allocator as allocator
+    import budgetlora.speedups.allocator as allocator
 
     for name in [n for n in os.environ if n.startswith("MALLOC_")] + ["GLIBC_TUNABLES", "LD_PRELOAD"]:
         monkeypatch.delenv(name, raising=False)

@@ -15,13 +15,10 @@ from budgetlora.config import config_from_dict
 from budgetlora.data.tokens import TokenizedSet, collate
 from budgetlora.errors import BudgetLoraError
 from budgetlora.evaluate import predict_logits
-from budgetlora.fast import (
-    LowRankDropoutLinear,
-    compile_widths,
-    merged_copy,
-    resolve_fast_path,
-    use_lowrank_dropout,
-)
+from budgetlora.runtime import Runtime
+from budgetlora.speedups import merged_copy, resolve_fast_path
+from budgetlora.speedups.compile import compile_widths
+from budgetlora.speedups.lowrank_dropout import LowRankDropoutLinear, use_lowrank_dropout
 from budgetlora.model import build_model, forward_logits
 
 CPU = torch.device("cpu")
@@ -112,8 +109,8 @@ def test_merged_prediction_equals_adapter_model_and_leaves_it_untouched(tiny_con
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     data = TokenizedSet(rng.integers(5, 40, size=int(offsets[-1])).astype(np.int32), offsets, None)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = predict_logits(model, data, CPU, pad_id=1, merge=True)
-    unmerged = predict_logits(model, data, CPU, pad_id=1, merge=False)
+    merged = predict_logits(model, data, Runtime(CPU, 'fp32'), pad_id=1, merge=True)
+    unmerged = predict_logits(model, data, Runtime(CPU, 'fp32'), pad_id=1, merge=False)
     np.testing.assert_allclose(merged, unmerged, atol=1e-5)
     assert np.abs(unmerged).max() > 0.1  # a real prediction, not zeros
     for key, value in model.state_dict().items():
@@ -133,8 +130,9 @@ def test_collate_pads_to_the_smallest_fixed_width_that_fits():
 
 
 def test_cpu_defaults_keep_the_plain_math(tiny_config):
-    cfg = config_from_dict(tiny_config)
-    fast = resolve_fast_path(cfg, CPU)
+    assert resolve_fast_path(config_from_dict(tiny_config), CPU).dropout_position == "off"  # p = 0: no dropout
+    tiny_config["lora"]["dropout"] = 0.1
+    fast = resolve_fast_path(config_from_dict(tiny_config), CPU)
     assert (fast.compiled, fast.dropout_position, fast.pad_to) == (False, "input", None)
     tiny_config["train"]["compile"] = True
     tiny_config["lora"]["dropout_position"] = "lowrank"
@@ -156,5 +154,5 @@ def test_bench_runs_both_stacks_and_ends_with_the_ratio_line(tiny_model_dir, tmp
     import json
 
     numbers = json.loads(out.read_text())
-    assert numbers["reference"]["trainable"] == numbers["fast"]["trainable"] > 0
+    assert numbers["reference"]["trainable"] == numbers["fast"]["16"]["trainable"] > 0
     assert numbers["train_speedup"] == pytest.approx(float(match.group(1)), abs=0.01)

@@ -600,7 +600,7 @@ def test_cli_predict_pickle_needs_trust_and_keeps_old_predictions(finished_run, 
 
 
 def test_failed_prediction_write_leaves_no_partial_file(finished_run, tmp_path, capsys, monkeypatch):
-    from budgetlora import artifacts
+    from budgetlora import atomic
     from budgetlora.cli import main
 
     data = tmp_path / "in.csv"
@@ -610,7 +610,7 @@ def test_failed_prediction_write_leaves_no_partial_file(finished_run, tmp_path, 
     def full_disk(src, dst):
         raise OSError(28, "No space left on device", str(dst))
 
-    monkeypatch.setattr(artifacts.os, "replace", full_disk)
+    monkeypatch.setattr(atomic.os, "replace", full_disk)
     assert main(["predict", str(finished_run), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 2
     assert_one_error_line(capsys.readouterr().err, "No space left on device", str(out))
     assert not out.exists() and not list(tmp_path.glob(".preds.csv*"))

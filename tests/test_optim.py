@@ -12,12 +12,14 @@ import torch
 from budgetlora.config import config_from_dict, load_config
 from budgetlora.errors import RunInterrupted
 from budgetlora.model import build_model
-from budgetlora.optim import MuonWithAdamW, build_optimizer, build_scheduler
+from budgetlora.training.optim import MuonWithAdamW, build_optimizer, build_scheduler
 from budgetlora.recipe import resume_run, train_run
 
 # the resume harness: its config fixture (dropout on, a checkpoint every 5 steps, one thread) and
 # the autouse fixture that gives the session its thread count back
-from test_checkpoint_resume import _restore_threads, assert_same_run, interrupt_at, run_config  # noqa: F401
+pytestmark = pytest.mark.usefixtures("_restore_threads")
+
+from conftest import assert_same_run, interrupt_at
 
 
 def _model_and_cfg(tiny_config, **train):

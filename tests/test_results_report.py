@@ -15,20 +15,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from matplotlib.image import imread
 
-from budgetlora import report as report_mod
-from budgetlora import results as results_mod
+from budgetlora.artifacts import run_dir as rd
+from budgetlora.config import config_from_dict
 from budgetlora.errors import BudgetLoraError
-from budgetlora.report import write_report
-from budgetlora.results import build_table, collect_runs, compare_runs, write_results
+from budgetlora.results import build_table, collect_runs, compare_runs, read_run, write_report, write_results
+from budgetlora.results.plots import sweep_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TEST = 1000
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-QV = ["query", "value"]
-QKV = ["query", "key", "value"]
+QV = ["q", "v"]
+QKV = ["q", "k", "v"]
 
 
 def write_fake_run(
@@ -42,16 +41,15 @@ def write_fake_run(
     params: int | None = None,
     truncated_metrics: bool = False,
 ) -> Path:
-    """A finished run: config.yaml, metrics.jsonl, summary.json and (optionally) test_predictions.csv."""
+    """A finished run written through the run directory's own writers (artifacts.run_dir):
+    config.yaml, metrics.jsonl, summary.json and (optionally) test_predictions.csv."""
     path.mkdir(parents=True)
-    config = {
-        "name": path.name,
-        "model": {"name": "minilm", "max_length": 128},
-        "data": {"train": "/abs/data/train.csv", "test": "/abs/data/test.csv"},
+    rd.write_config(config_from_dict({
+        "name": path.name.lstrip("."), "model": "minilm",
+        "data": {"train_file": "/abs/data/train.csv", "test_file": "/abs/data/test.csv", "max_length": 128},
         "lora": {"r": r, "alpha": 2 * r, "targets": targets},
-        "train": {"lr": 5e-4, "seed": seed, "steps": 100},
-    }
-    (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        "train": {"lr": 5e-4, "seed": seed, "max_steps": 100},
+    }), path)
     lines = []
     for step in range(10, 101, 10):
         lines.append(
@@ -107,11 +105,8 @@ def write_fake_run(
             "confusion_matrix": cm.tolist(),
         }
         if predictions:
-            ids = [f"{i:04d}" for i in range(N_TEST)]
-            pd.DataFrame(
-                {"ID": ids, "label": [LABELS[i] for i in labels], "pred": [LABELS[i] for i in preds]}
-            ).to_csv(path / "test_predictions.csv", index=False)
-    (path / "summary.json").write_text(json.dumps(summary))
+            rd.write_test_predictions(path, [f"{i:04d}" for i in range(N_TEST)], labels, preds)
+    rd.write_summary(path, summary)
     return path
 
 
@@ -165,7 +160,7 @@ def test_collect_single_run_dir(sweep: Path) -> None:
 
 
 def test_metrics_skip_truncated_line(sweep: Path) -> None:
-    run = results_mod.load_run(sweep / "b")
+    run = read_run(sweep / "b")
     assert len(run.metrics) == 12
     assert run.metrics[-1]["step"] == 100
 
@@ -176,7 +171,7 @@ def test_varying_columns_drop_constant_and_name(sweep: Path) -> None:
     assert "name" not in table.columns
     assert "train.lr" not in table.columns and "model.name" not in table.columns
     rows = by_run(table)
-    assert rows["group/d"]["lora.targets"] == "query,key,value"
+    assert rows["group/d"]["lora.targets"] == "q,k,v"
     assert rows["a"]["lora.r"] == 16
 
 
@@ -340,7 +335,7 @@ def test_report_for_folder(sweep: Path) -> None:
 
 
 def test_sweep_grid_means_over_seeds(sweep: Path) -> None:
-    grid = report_mod.sweep_grid(collect_runs(sweep))
+    grid = sweep_grid(collect_runs(sweep))
     assert grid is not None
     # lora.alpha = 2r only forms a diagonal with lora.r, so r × targets is the grid.
     assert (grid.row_key, grid.col_key) == ("lora.r", "lora.targets")
@@ -353,7 +348,7 @@ def test_sweep_grid_means_over_seeds(sweep: Path) -> None:
 def test_sweep_grid_falls_back_to_val_and_allows_holes(tmp_path: Path) -> None:
     for r, targets in [(4, QV), (8, QV), (4, QKV)]:  # (8, QKV) skipped: "over budget"
         write_fake_run(tmp_path / f"r{r}-{len(targets)}", r=r, targets=targets, seed=1, correct=None)
-    grid = report_mod.sweep_grid(collect_runs(tmp_path))
+    grid = sweep_grid(collect_runs(tmp_path))
     assert grid is not None and grid.metric == "val"
     assert np.isnan(grid.values).sum() == 1
     report = write_report(tmp_path)
@@ -367,7 +362,7 @@ def test_sweep_grid_falls_back_to_val_and_allows_holes(tmp_path: Path) -> None:
 def test_no_grid_when_one_key_varies(tmp_path: Path) -> None:
     for r in (4, 8):
         write_fake_run(tmp_path / f"r{r}", r=r, targets=QV, seed=1, correct=nested(900), params=1000 * r)
-    assert report_mod.sweep_grid(collect_runs(tmp_path)) is None
+    assert sweep_grid(collect_runs(tmp_path)) is None
 
 
 def test_report_for_single_run_without_test_set(tmp_path: Path) -> None:
@@ -398,11 +393,9 @@ def test_report_missing_dir_is_user_error(tmp_path: Path) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="budgetlora")
-    sub = parser.add_subparsers(dest="command", required=True)
-    results_mod.add_subcommands(sub)
-    report_mod.add_subcommands(sub)
-    return parser
+    from budgetlora.cli import build_parser
+
+    return build_parser()
 
 
 def test_cli_results_compare_report(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

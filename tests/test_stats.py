@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from budgetlora.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue, wilson_interval
+from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue, wilson_interval
 
 
 def nested(n_correct: int, n: int = 1000) -> np.ndarray:

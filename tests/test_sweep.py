@@ -18,7 +18,13 @@ import yaml
 
 from budgetlora.cli import main
 from budgetlora.errors import BudgetLoraError
-from budgetlora.sweep import build_config, load_study, plan, run_sweep
+from budgetlora.progress import QUIET
+from budgetlora.sweeps import SweepRequest, build_config, load_study, plan, run_sweep
+
+
+def quiet_sweep(study, out, **options):
+    """One sweep in this process, without heartbeats or progress output; this process's counts."""
+    return run_sweep(SweepRequest(study=study, out=out, heartbeat=None, console=QUIET, **options)).stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,7 +188,8 @@ def test_sweep_of_only_over_budget_points_writes_skipped_json_and_trains_nothing
     study = write_study(tmp_path, ROBERTA, {"grid": {"lora.r": [64, 128], "lora.targets": [["q", "k", "v"]]}})
     out = tmp_path / "out"
     assert main(["sweep", str(study), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err  # progress on stderr, the outcome on stdout
     assert "skipping 2 point(s) over the budget" in printed and "r64-targets_q_k_v" in printed
     skipped = json.loads((out / "skipped.json").read_text())
     assert [s["name"] for s in skipped] == ["r64-targets_q_k_v", "r128-targets_q_k_v"]
@@ -253,7 +260,7 @@ def tiny_base(tiny_config) -> dict[str, Any]:
 def test_sweep_trains_every_point_writes_results_and_resumes_without_retraining(tmp_path, tiny_base):
     study = write_study(tmp_path, tiny_base, {"grid": {"lora.r": [1, 2]}, "seeds": [1]})
     out = tmp_path / "out"
-    stats = run_sweep(study, out, heartbeat=None)
+    stats = quiet_sweep(study, out)
     assert (stats.trained, stats.failed) == (2, 0)
     assert sorted(finished_mtimes(out)) == ["r1-seed1", "r2-seed1"]
     assert {t["point"]: t["state"] for t in trials(out)} == {"r1-seed1": "COMPLETE", "r2-seed1": "COMPLETE"}
@@ -261,16 +268,16 @@ def test_sweep_trains_every_point_writes_results_and_resumes_without_retraining(
     assert json.loads((out / "skipped.json").read_text()) == []
     before = finished_mtimes(out)
 
-    stats = run_sweep(study, out, heartbeat=None)  # same command again: nothing left to do
+    stats = quiet_sweep(study, out)  # same command again: nothing left to do
     assert (stats.trained, stats.reused) == (0, 0) and finished_mtimes(out) == before
 
     (out / "study.db").unlink()  # even without the storage, finished run directories are not redone
-    stats = run_sweep(study, out, heartbeat=None)
+    stats = quiet_sweep(study, out)
     assert (stats.trained, stats.reused) == (0, 2) and finished_mtimes(out) == before
 
     # a new seed adds only the new points
     study = write_study(tmp_path, tiny_base, {"grid": {"lora.r": [1, 2]}, "seeds": [1, 2]})
-    stats = run_sweep(study, out, heartbeat=None)
+    stats = quiet_sweep(study, out)
     assert stats.trained == 2 and {k: v for k, v in finished_mtimes(out).items() if k in before} == before
 
 
@@ -340,7 +347,7 @@ def test_two_worker_processes_share_one_sqlite_study_and_never_run_a_trial_twice
 
 CLAIM_SCRIPT = """
 import sys, json
-from budgetlora.sweep import open_storage
+from budgetlora.sweeps import open_storage
 import optuna, warnings
 warnings.simplefilter("ignore")
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -379,7 +386,7 @@ def test_claiming_a_waiting_trial_is_exclusive_between_processes_on_sqlite(tmp_p
 
 
 def open_storage_for_test(url: str):
-    from budgetlora.sweep import open_storage
+    from budgetlora.sweeps import open_storage
 
     return open_storage(url, None)
 
@@ -391,12 +398,13 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_p
         {"grid": {"columns": {"ok": {}, "broken": {"data.text_columns": ["no_such_column"]}}}},
     )
     out = tmp_path / "out"
-    stats = run_sweep(study, out, heartbeat=None)
+    outcome = run_sweep(SweepRequest(study=study, out=out, heartbeat=None, console=QUIET))
+    stats = outcome.stats
     assert (stats.trained, stats.failed) == (1, 1)
     states = {t["point"]: t for t in trials(out)}
     assert states["ok"]["state"] == "COMPLETE"
     assert states["broken"]["state"] == "FAIL" and "no_such_column" in states["broken"]["error"]
-    assert "1 failed trial(s)" in capsys.readouterr().out
+    assert "1 failed trial(s):" in outcome.lines
     assert (out / "ok" / "summary.json").is_file() and not (out / "broken").exists()
 
 
@@ -418,7 +426,7 @@ def test_random_search_with_two_objectives_skips_over_budget_samples_and_reports
         },
     )
     out = tmp_path / "out"
-    run_sweep(study, out, heartbeat=None)
+    quiet_sweep(study, out)
     records = trials(out)
     complete = [t for t in records if t["state"] == "COMPLETE"]
     assert len(complete) == 3

@@ -1,9 +1,32 @@
+"""The errors budgetlora raises on purpose. Everything else escaping to the CLI is a bug."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+
 class BudgetLoraError(Exception):
-    """An error caused by user input: the CLI prints it as one line and exits 2."""
+    """An error caused by user input or the environment: the CLI prints it as one line
+    (`budgetlora: error: ...`) and exits 2; the Python API raises it as is."""
 
 
 class OverBudgetError(BudgetLoraError):
     """The configured model has more trainable parameters than the budget allows."""
+
+    def __init__(self, message: str, trainable: int, budget: int):
+        super().__init__(message)
+        self.trainable = trainable
+        self.budget = budget
+
+
+class WriteError(BudgetLoraError):
+    """A file or directory could not be written (disk full, no permission); the previous
+    version of `path`, if any, is intact."""
+
+    def __init__(self, message: str, path: Optional[Path] = None):
+        super().__init__(message)
+        self.path = path
 
 
 class RunInterrupted(Exception):
@@ -13,3 +36,12 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RunPruned(Exception):
+    """A sweep's pruner stopped the run at an evaluation step (after its checkpoint was written):
+    it was significantly behind the rung's leader. The run can be resumed to full length."""
+
+    def __init__(self, step: int, reason: str, val_acc: float, run: str = ""):
+        super().__init__(f"pruned at step {step}: {reason}")
+        self.step, self.reason, self.val_acc, self.run = step, reason, val_acc, run

@@ -10,12 +10,16 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from budgetlora.config import DataConfig
-from budgetlora.data.sources import Row, brief, brief_names, clean_text, read_hub, read_rows
+from budgetlora.data.sources import (Row, brief, brief_names, check_data_file, clean_text, detect_format,
+                                     read_hub, read_rows, refuse_untrusted_pickle)
 from budgetlora.errors import BudgetLoraError
 
 ID_COLUMNS = ("ID", "id", "Id")
+AGNEWS_NAMES = ("World", "Sports", "Business", "Sci/Tech")
 # inferring class names 0..max from integer labels: a larger max is a data error, not a class count
 MAX_INFERRED_CLASSES = 10_000
+MAX_CLASSES_FILE_BYTES = 1 << 20
+MAX_CLASS_NAME = 200
 
 
 @dataclass
@@ -23,7 +27,6 @@ class TextSet:
     texts: list[str]
     labels: Optional[np.ndarray]  # int64 class indices; None for unlabeled data
     ids: list[str] = field(default_factory=list)  # row ids for prediction files
-    source: str = ""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -31,16 +34,36 @@ class TextSet:
     def subset(self, index: np.ndarray) -> "TextSet":
         return TextSet([self.texts[i] for i in index],
                        None if self.labels is None else self.labels[index],
-                       [self.ids[i] for i in index], self.source)
+                       [self.ids[i] for i in index])
 
 
 def read_classes_file(path: str) -> list[str]:
+    """Class names, one per line, from a small UTF-8 text file."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise BudgetLoraError(f"classes file not found: {file}")
-    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    check_data_file(file)
+    if file.stat().st_size > MAX_CLASSES_FILE_BYTES:
+        raise BudgetLoraError(f"{file}: over 1 MiB; a classes file lists class names, one per line")
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BudgetLoraError(f"{file}: not a UTF-8 text file; a classes file lists class names, one per line") from None
+    except OSError as exc:
+        raise BudgetLoraError(f"cannot read {file}: {exc.strerror or exc}") from None
+    names = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if len(name) > MAX_CLASS_NAME or not name.isprintable():
+            raise BudgetLoraError(f"{file} line {number}: {brief(name)} is not a class name (printable text of "
+                                  f"at most {MAX_CLASS_NAME} characters, one name per line)")
+        names.append(name)
     if len(names) < 2 or len(set(names)) != len(names):
         raise BudgetLoraError(f"{file}: expected two or more distinct class names, one per line")
+    if len(names) > MAX_INFERRED_CLASSES:
+        raise BudgetLoraError(f"{file}: {len(names):,} lines; more than {MAX_INFERRED_CLASSES:,} classes")
     return names
 
 
@@ -74,6 +97,12 @@ def _raw_label(row: Row, column: str) -> Any:
             if len(value) > 18:  # int() of a 5000-digit string raises; no class index is that long
                 raise BudgetLoraError(f"{row.where}: label {brief(value)} is too large for a class index")
             return int(value)
+        # a number with a point is read as JSONL reads it: 2.0 is class 2, 2.5 is no class
+        if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", value) and len(value) <= 40:
+            number = float(value)
+            if number.is_integer() and abs(number) < 10**18:
+                return int(number)
+            raise BudgetLoraError(f"{row.where}: label {brief(value)} is not a class index or class name")
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if value is None or value == "" or isinstance(value, (bool, float)) or not isinstance(value, (int, str)):
@@ -141,23 +170,29 @@ def text_columns_for(fmt: str, cfg: DataConfig) -> list[str]:
     return ["title", "description"] if fmt == "agnews" else list(cfg.text_columns)
 
 
+def check_trust(path: str, cfg: DataConfig, trust_pickle: bool) -> None:
+    """Refuse an untrusted pickle before anything slow (a model load) happens."""
+    if Path(path).is_file() and detect_format(Path(path), cfg.format) == "pickle":
+        refuse_untrusted_pickle(Path(path), trust_pickle)
+
+
 def load_text_set(path: str, cfg: DataConfig, names: Optional[list[str]], labeled: bool,
                   trust_pickle: bool = False, limit: Optional[int] = None) -> tuple[TextSet, list[str]]:
     """Read one local file; returns the set and the label names (inferred if not given)."""
-    fmt, rows = read_rows(Path(path), cfg.format, trust_pickle or cfg.trust_pickle)
+    fmt, rows = read_rows(Path(path), cfg.format, trust_pickle)
     if limit is not None:
         rows = rows[:limit]
     if not rows:
         raise BudgetLoraError(f"{path}: no data rows")
     columns = text_columns_for(fmt, cfg)
     if fmt == "agnews" and names is None:
-        names = ["World", "Sports", "Business", "Sci/Tech"]
+        names = list(AGNEWS_NAMES)
     texts = [_text_of(row, columns, cfg.clean_text) for row in rows]
     labels = None
     has_label = cfg.label_column in rows[0].fields or fmt == "agnews"
     if labeled or has_label:
         labels, names = map_labels(rows, "label" if fmt == "agnews" else cfg.label_column, names)
-    return TextSet(texts, labels, _ids(rows), str(path)), names or []
+    return TextSet(texts, labels, _ids(rows)), names or []
 
 
 def label_names_from_config(cfg: DataConfig) -> Optional[list[str]]:
@@ -172,35 +207,52 @@ def _hub_set(cfg: DataConfig, split: str, names: Optional[list[str]],
              limit: Optional[int]) -> tuple[TextSet, list[str]]:
     rows, hub_names = read_hub(cfg.dataset, cfg.dataset_config, split)
     rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise BudgetLoraError(f"hub dataset '{cfg.dataset}' split '{split}' has no rows")
     names = names or hub_names
     texts = [_text_of(row, cfg.text_columns, cfg.clean_text) for row in rows]
     labels, names = map_labels(rows, cfg.label_column, names)
-    return TextSet(texts, labels, [str(i) for i in range(len(rows))], f"{cfg.dataset}[{split}]"), names
+    return TextSet(texts, labels, [str(i) for i in range(len(rows))]), names
 
 
-def stratified_split(labels: np.ndarray, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split keeping class proportions; val_size < 1 is a fraction, >= 1 a row count."""
+def stratified_split(labels: np.ndarray, size: float, seed, key: str = "data.val_size") -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split keeping class proportions; `size` < 1 is a fraction, >= 1 a row count.
+    Returns (kept indices, split-off indices)."""
     n = len(labels)
-    n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
-    if n_val <= 0:
+    n_out = int(round(size * n)) if size < 1 else int(size)
+    if n_out <= 0:
         return np.arange(n), np.array([], dtype=np.int64)
-    if n_val >= n:
-        raise BudgetLoraError(f"data.val_size {val_size} leaves no training rows out of {n}")
+    if n_out >= n:
+        raise BudgetLoraError(f"config key '{key}': {size:g} leaves no training rows out of {n:,}")
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * n_val / n
+    exact = counts * n_out / n
     take = np.floor(exact).astype(int)
     # largest remainders get the rows that rounding down left over
-    for i in np.argsort(-(exact - take))[: n_val - take.sum()]:
+    for i in np.argsort(-(exact - take))[: n_out - take.sum()]:
         take[i] += 1
-    val = []
+    out = []
     for klass, k in zip(classes, take):
         members = np.flatnonzero(labels == klass)
-        val.append(rng.permutation(members)[:k])
-    val_idx = np.sort(np.concatenate(val))
-    train_mask = np.ones(n, dtype=bool)
-    train_mask[val_idx] = False
-    return np.flatnonzero(train_mask), val_idx
+        out.append(rng.permutation(members)[:k])
+    out_idx = np.sort(np.concatenate(out))
+    keep_mask = np.ones(n, dtype=bool)
+    keep_mask[out_idx] = False
+    return np.flatnonzero(keep_mask), out_idx
+
+
+def require_every_class(labels: np.ndarray, names: list[str], where: str) -> None:
+    """A classifier cannot learn a class it never sees: every class needs training rows. This also
+    catches a file whose only class is not 0 (inferred names 0..max) and a classes file that
+    lists more classes than the data has."""
+    counts = np.bincount(labels, minlength=len(names))
+    if len(names) < 2:
+        raise BudgetLoraError(f"{where}: only one class in the labels; a classifier needs at least two")
+    missing = [names[i] for i in np.flatnonzero(counts == 0)]
+    if missing:
+        raise BudgetLoraError(f"{where}: {len(missing)} of {len(names)} classes have no training rows "
+                              f"({brief_names(missing)}); check data.label_names / data.classes_file, or "
+                              "use labels 0..C-1 with every class present")
 
 
 @dataclass
@@ -216,14 +268,26 @@ def load_splits(cfg: DataConfig, seed: int, trust_pickle: bool = False) -> Split
     names = label_names_from_config(cfg)
     if cfg.train_file:
         train, names = load_text_set(cfg.train_file, cfg, names, True, trust_pickle, cfg.max_train_rows)
+        source = cfg.train_file
     else:
         train, names = _hub_set(cfg, cfg.train_split, names, cfg.max_train_rows)
+        source = f"hub dataset '{cfg.dataset}' split '{cfg.train_split}'"
+    assert train.labels is not None
+    require_every_class(train.labels, names, source)
     test = None
     if cfg.test_file:
         test, _ = load_text_set(cfg.test_file, cfg, names, True, trust_pickle, cfg.max_test_rows)
     elif cfg.dataset and cfg.test_split:
         test, _ = _hub_set(cfg, cfg.test_split, names, cfg.max_test_rows)
+    elif cfg.test_size:
+        keep, test_idx = stratified_split(train.labels, cfg.test_size, [seed, 7357], "data.test_size")
+        train, test = train.subset(keep), train.subset(test_idx)
+        if cfg.max_test_rows is not None:
+            test = test.subset(np.arange(min(cfg.max_test_rows, len(test))))
     assert train.labels is not None
     train_idx, val_idx = stratified_split(train.labels, cfg.val_size, seed)
     val = train.subset(val_idx) if len(val_idx) else None
-    return Splits(train.subset(train_idx), val, test, names)
+    train = train.subset(train_idx)
+    assert train.labels is not None
+    require_every_class(train.labels, names, f"{source} after the validation/test splits")
+    return Splits(train, val, test, names)

@@ -10,7 +10,9 @@ import csv
 import html
 import io
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -18,6 +20,8 @@ from typing import Any, Iterator, Optional
 from budgetlora.errors import BudgetLoraError
 
 csv.field_size_limit(16 * 1024 * 1024)  # a long article is legal; the tokenizer truncates it
+# a bound on what one data file may hold in memory; larger corpora belong in several files or the hub
+MAX_DATA_BYTES = int(os.environ.get("BUDGETLORA_MAX_DATA_BYTES", 4 << 30))
 
 FORMATS = ("agnews", "csv", "tsv", "jsonl", "parquet", "pickle")
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
@@ -61,6 +65,25 @@ def clean_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def check_data_file(path: Path) -> Path:
+    """A regular file of bounded size: never a device, FIFO or directory that reads forever."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BudgetLoraError(f"data file not found: {path}") from None
+    except OSError as exc:
+        raise BudgetLoraError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise BudgetLoraError(f"{path} is a directory, expected a data file")
+    if not stat.S_ISREG(info.st_mode):
+        raise BudgetLoraError(f"{path} is not a regular file (a device, pipe or socket); give a data file")
+    if info.st_size > MAX_DATA_BYTES:
+        raise BudgetLoraError(f"{path}: {info.st_size / 2**30:.1f} GiB is more than one data file may hold "
+                              f"({MAX_DATA_BYTES / 2**30:.0f} GiB); split it or raise BUDGETLORA_MAX_DATA_BYTES")
+    return path
+
+
 def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
@@ -76,22 +99,23 @@ def detect_format(path: Path, fmt: str) -> str:
 def _looks_like_agnews(path: Path) -> bool:
     """The original AG News CSV has no header: its first field is a class number 1-4."""
     try:
-        with path.open("r", encoding="utf-8-sig", newline="") as handle:
-            first = next(csv.reader(handle), None)
-    except (OSError, UnicodeDecodeError, csv.Error):
+        with path.open("rb") as handle:
+            head = handle.read(1 << 16).decode("utf-8-sig", errors="replace")
+        first = next(csv.reader(io.StringIO(head, newline="")), None)
+    except (OSError, csv.Error):
         return False
     return bool(first) and len(first) == 3 and first[0].strip() in ("1", "2", "3", "4")
 
 
 def _read_text(path: Path) -> str:
+    check_data_file(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BudgetLoraError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise BudgetLoraError(f"{path} is a directory, expected a data file") from None
+        with path.open("rb") as handle:
+            data = handle.read(MAX_DATA_BYTES + 1)  # bounded even if the file grows while read
     except OSError as exc:
-        raise BudgetLoraError(f"cannot read {path}: {exc.strerror}") from None
+        raise BudgetLoraError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_DATA_BYTES:
+        raise BudgetLoraError(f"{path}: more than {MAX_DATA_BYTES / 2**30:.0f} GiB; split it")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -112,8 +136,9 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
             yield start, fields
             start = reader.line_num + 1
     except csv.Error as exc:
-        raise BudgetLoraError(f"{path} line {reader.line_num}: malformed row ({exc}); "
-                              "check for an unbalanced quote") from None
+        runs_on = f"; the row runs on to line {reader.line_num}" if reader.line_num > start else ""
+        raise BudgetLoraError(f"{path} line {start}: malformed row ({exc}){runs_on}; check for an unbalanced "
+                              "quote opened on that line") from None
 
 
 def read_agnews(path: Path) -> list[Row]:
@@ -176,8 +201,7 @@ def read_jsonl(path: Path) -> list[Row]:
 def read_parquet(path: Path) -> list[Row]:
     import pyarrow.parquet as pq
 
-    if not path.is_file():
-        raise BudgetLoraError(f"data file not found: {path}")
+    check_data_file(path)
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises many types for corrupt files
@@ -208,13 +232,10 @@ def _parquet_value_error(path: Path, table: Any) -> str:
 
 def read_pickle(path: Path, trust_pickle: bool) -> list[Row]:
     """A pickled HF Dataset (e.g. Kaggle's test_unlabelled.pkl). Unpickling runs code: opt-in only."""
-    if not trust_pickle:
-        raise BudgetLoraError(f"{path} is a pickle; loading it can run arbitrary code. If you trust "
-                              "its source, pass --trust-pickle (or set data.trust_pickle: true)")
+    refuse_untrusted_pickle(path, trust_pickle)
     import pickle
 
-    if not path.is_file():
-        raise BudgetLoraError(f"data file not found: {path}")
+    check_data_file(path)
     try:
         with path.open("rb") as handle:
             obj = pickle.load(handle)  # noqa: S301 - explicit user opt-in above
@@ -235,10 +256,16 @@ def read_pickle(path: Path, trust_pickle: bool) -> list[Row]:
     return [Row(f"{path} record {i + 1}", dict(r)) for i, r in enumerate(records)]
 
 
+def refuse_untrusted_pickle(path: Path, trust_pickle: bool) -> None:
+    if not trust_pickle:
+        raise BudgetLoraError(f"{path} is a pickle; loading it can run arbitrary code. If you trust its "
+                              "source, pass --trust-pickle (trust comes from the command line or the "
+                              "trust_pickle argument only, never from a config file)")
+
+
 def read_rows(path: Path, fmt: str, trust_pickle: bool = False) -> tuple[str, list[Row]]:
     """Read every row of a data file; returns (resolved format, rows)."""
-    if not path.exists():
-        raise BudgetLoraError(f"data file not found: {path}")
+    check_data_file(path)
     fmt = detect_format(path, fmt)
     if fmt == "agnews":
         return fmt, read_agnews(path)

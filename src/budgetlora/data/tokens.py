@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from budgetlora import atomic
+from budgetlora.errors import WriteError
 
 PAD_MULTIPLE = 8  # few distinct padded lengths: fewer kernel shapes, fewer recompiles
 
@@ -29,6 +31,7 @@ class TokenizedSet:
     ids: np.ndarray  # int32
     offsets: np.ndarray  # int64, len n+1
     labels: Optional[np.ndarray]  # int64 or None
+    full_lengths: Optional[np.ndarray] = None  # int64 token counts before truncation, when known
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -36,6 +39,25 @@ class TokenizedSet:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def first(self, n: int) -> "TokenizedSet":
+        """The first `n` rows (all when n >= len)."""
+        n = min(n, len(self))
+        end = int(self.offsets[n])
+        return TokenizedSet(self.ids[:end], self.offsets[:n + 1], None if self.labels is None else self.labels[:n],
+                            None if self.full_lengths is None else self.full_lengths[:n])
+
+    def truncation(self, max_length: int) -> dict:
+        """How many rows were cut at `max_length`, with percentiles of the untruncated lengths."""
+        lengths = self.full_lengths if self.full_lengths is not None else self.lengths
+        cut = int(np.count_nonzero(lengths > max_length))
+        stats = {"rows": len(self), "truncated": cut, "truncated_fraction": cut / max(len(self), 1),
+                 "max_length": int(max_length)}
+        if len(self):
+            for q in (50, 90, 99):
+                stats[f"p{q}"] = int(np.percentile(lengths, q))
+            stats["max"] = int(lengths.max())
+        return stats
 
 
 def cache_dir() -> Path:
@@ -58,41 +80,65 @@ def _cache_key(tokenizer, texts: list[str], max_length: int) -> str:
     return digest.hexdigest()[:32]
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    pieces, lengths = [], []
-    for start in range(0, len(texts), 2048):
-        encoded = tokenizer(texts[start:start + 2048], truncation=True, max_length=max_length,
-                            add_special_tokens=True, return_attention_mask=False,
-                            return_token_type_ids=False)["input_ids"]
-        for row in encoded:
+def _encode(tokenizer, texts: list[str], max_length: Optional[int]) -> list[list[int]]:
+    return tokenizer(texts, truncation=max_length is not None, max_length=max_length, add_special_tokens=True,
+                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048,
+              progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pieces, lengths, full = [], [], []
+    for start in range(0, len(texts), chunk):
+        batch = texts[start:start + chunk]
+        encoded = _encode(tokenizer, batch, max_length)
+        # rows that reach the limit may have been cut: their untruncated length, for the report
+        at_limit = [i for i, row in enumerate(encoded) if len(row) >= max_length]
+        untruncated = dict(zip(at_limit, map(len, _encode(tokenizer, [batch[i] for i in at_limit], None)))) \
+            if at_limit else {}
+        for i, row in enumerate(encoded):
             pieces.append(np.asarray(row, dtype=np.int32))
             lengths.append(len(row))
+            full.append(untruncated.get(i, len(row)))
+        if progress is not None:
+            progress(len(batch))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    return ids, offsets
+    return ids, offsets, np.asarray(full, dtype=np.int64)
+
+
+def _load_cached(path: Path, rows: int, max_length: int) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The cached arrays if the entry is whole and consistent; None means rebuild it (a truncated or
+    garbled file must cost one re-tokenization, never a failed run)."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            ids, offsets, full = cached["ids"], cached["offsets"], cached["full_lengths"]
+    except Exception:  # BadZipFile, EOFError, ValueError, KeyError, OSError: all mean "not usable"
+        return None
+    lengths = np.diff(offsets) if offsets.ndim == 1 and len(offsets) == rows + 1 else None
+    if (lengths is None or ids.ndim != 1 or ids.dtype != np.int32 or offsets[0] != 0 or offsets[-1] != len(ids)
+            or (lengths < 0).any() or (lengths > max_length).any() or full.shape != (rows,)):
+        return None
+    return ids, offsets, full
 
 
 def tokenize(tokenizer, texts: list[str], labels: Optional[np.ndarray], max_length: int,
-             use_cache: bool = True) -> TokenizedSet:
-    """Token ids for `texts`, from the disk cache when the same tokenizer saw the same texts."""
+             use_cache: bool = True, progress=None) -> TokenizedSet:
+    """Token ids for `texts`, from the disk cache when the same tokenizer saw the same texts.
+    `progress(n)` is called as rows are tokenized (not for a cache hit)."""
     path = cache_dir() / f"{_cache_key(tokenizer, texts, max_length)}.npz"
-    if use_cache and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as cached:
-                return TokenizedSet(cached["ids"], cached["offsets"], labels)
-        except (OSError, ValueError, KeyError):
-            pass  # a corrupt cache entry is rebuilt below
-    ids, offsets = _tokenize(tokenizer, texts, max_length)
+    cached = _load_cached(path, len(texts), max_length) if use_cache and path.is_file() else None
+    if cached is not None:
+        return TokenizedSet(cached[0], cached[1], labels, cached[2])
+    ids, offsets, full = _tokenize(tokenizer, texts, max_length, progress=progress)
     if use_cache:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-                np.savez(handle, ids=ids, offsets=offsets)
-            os.replace(handle.name, path)
-        except OSError:
+            with atomic.atomic_path(path) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, ids=ids, offsets=offsets, full_lengths=full)
+        except WriteError:
             pass  # the cache is an optimisation; an unwritable home must not fail the run
-    return TokenizedSet(ids, offsets, labels)
+    return TokenizedSet(ids, offsets, labels, full)
 
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
@@ -145,11 +191,3 @@ def collate(data: TokenizedSet, index: np.ndarray, pad_id: int,
     if data.labels is not None:
         batch["labels"] = torch.from_numpy(data.labels[index])
     return batch
-
-
-def epoch_batches(data: TokenizedSet, batch_size: int, seed: int, epoch: int,
-                  skip: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-    """(batch position, indices) for one epoch, from position `skip` on (for resume)."""
-    batches = bucketed_batches(data.lengths, batch_size, seed, epoch)
-    for position in range(skip, len(batches)):
-        yield position, batches[position]

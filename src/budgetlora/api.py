@@ -1,0 +1,215 @@
+"""The Python API: what the command line does, for notebooks and scripts.
+
+    import budgetlora
+    run = budgetlora.training("configs/agnews-minilm-offline.yaml", train={"max_steps": 200})
+    run.evaluate("test.csv")["accuracy"]
+    run.predict(["Stocks rally as the Fed holds rates"]).labels
+
+Every function validates as the CLI does and raises `BudgetLoraError` (one readable message)
+for bad input; nothing here exits the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from budgetlora.config import (SECTIONS, Config, config_from_dict, flatten, load_config, resolve_paths,
+                               set_dotted)
+from budgetlora.errors import BudgetLoraError
+from budgetlora.progress import QUIET, Console
+
+from budgetlora.inference import Predictions  # noqa: E402  (part of the API)
+
+Data = Union[str, Path, Sequence[str]]
+
+
+def dotted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """`train={"lr": 1e-4}` and `**{"train.lr": 1e-4}` both become {"train.lr": 1e-4}."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.update(flatten(value, f"{key}."))
+        else:
+            out[key] = value
+    return out
+
+
+def make_config(config: Union[str, Path, dict, Config], overrides: Optional[dict[str, Any]] = None) -> Config:
+    """A checked Config from a YAML path, a mapping (paths relative to the working directory) or a
+    Config, with overrides applied."""
+    raw_overrides: dict[str, Any] = {}
+    for key, value in dotted_overrides(overrides or {}).items():
+        set_dotted(raw_overrides, key, value)
+    resolve_paths(raw_overrides, Path.cwd())
+    if isinstance(config, Config):
+        return config_from_dict(config.to_dict(), flatten(raw_overrides))
+    if isinstance(config, dict):
+        raw = dict(config)
+        resolve_paths(raw, Path.cwd())
+        return config_from_dict(raw, flatten(raw_overrides))
+    cfg = load_config(config)
+    return config_from_dict(cfg.to_dict(), flatten(raw_overrides)) if raw_overrides else cfg
+
+
+class Run:
+    """A trained model on disk (a run directory, a merged export or an ONNX export), loaded on first
+    use, with its summary when it is a run."""
+
+    def __init__(self, path: Union[str, Path], device: str = "auto", backend: str = "auto"):
+        from budgetlora.artifacts.loading import describe
+
+        self.path = Path(path)
+        self.kind = describe(self.path)  # refuses what is neither a run nor an export
+        self.device, self.backend = device, backend
+        self._trained: Any = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, kind={self.kind!r})"
+
+    @property
+    def summary(self) -> Optional[dict[str, Any]]:
+        from budgetlora.artifacts import run_dir as rd
+
+        return rd.read_summary(self.path) if self.kind == "run" and rd.is_finished(self.path) else None
+
+    @property
+    def trained(self) -> Any:
+        if self._trained is None:
+            from budgetlora.artifacts.loading import load_trained
+
+            self._trained = load_trained(self.path, self.device, self.backend)
+        return self._trained
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.trained.label_names
+
+    @property
+    def config(self) -> Config:
+        return self.trained.cfg
+
+    def predict(self, data: Data, *, trust_pickle: bool = False, format: Optional[str] = None,
+                text_columns: Optional[Sequence[str]] = None, quiet: bool = True) -> Predictions:
+        """Classes and probabilities for texts (a list of strings, or one string) or a data file
+        (a Path, or a string naming an existing file)."""
+        from budgetlora.inference import predict_data
+
+        return predict_data(self.trained, data, labeled=False, trust_pickle=trust_pickle, fmt=format,
+                            text_columns=text_columns, console=QUIET if quiet else Console())[0]
+
+    def evaluate(self, data: Union[str, Path], *, trust_pickle: bool = False, format: Optional[str] = None,
+                 text_columns: Optional[Sequence[str]] = None, quiet: bool = True) -> dict[str, Any]:
+        """Accuracy with n and its 95% CI, macro-F1, per-class metrics and the confusion matrix of a
+        labeled data file."""
+        from budgetlora.evaluate.metrics import classification_metrics
+        from budgetlora.inference import predict_data
+
+        predictions, labels = predict_data(self.trained, Path(data), labeled=True, trust_pickle=trust_pickle,
+                                           fmt=format, text_columns=text_columns,
+                                           console=QUIET if quiet else Console())
+        metrics = classification_metrics(labels, predictions.indices, self.label_names,
+                                         np.log(np.clip(predictions.probabilities, 1e-12, None)))
+        metrics["data"] = str(Path(data).resolve())
+        return metrics
+
+    def export(self, out: Union[str, Path], *, onnx: bool = False, int8: bool = False,
+               overwrite: bool = False) -> Path:
+        """A merged Transformers model directory (default) or an ONNX model (`onnx`, `int8` for
+        dynamic int8 quantization) that loads without budgetlora."""
+        from budgetlora.artifacts.export import export_merged
+
+        if self.kind != "run":
+            raise BudgetLoraError(f"{self.path} is an export already; export from the run directory")
+        if onnx:
+            from budgetlora.artifacts.onnx import export_onnx
+
+            return export_onnx(self.trained, Path(out), int8=int8, overwrite=overwrite)
+        if int8:
+            raise BudgetLoraError("int8 applies to ONNX exports: export(out, onnx=True, int8=True)")
+        return export_merged(self.trained, Path(out), overwrite=overwrite)
+
+
+def train(config: Union[str, Path, dict, Config], out: Union[str, Path, None] = None, *,
+          name: Optional[str] = None, overwrite: bool = False, trust_pickle: bool = False, quiet: bool = False,
+          **overrides: Any) -> Run:
+    """Train a config (a YAML path, a mapping or a Config) with overrides as dotted keys
+    (`**{"train.lr": 1e-4}`) or sections (`train={"lr": 1e-4}`); the run lands in
+    `out/<name>/` (default `runs/` under the working directory), as with the CLI."""
+    from budgetlora.recipe import train_run
+
+    if name is not None:
+        overrides["name"] = name
+    cfg = make_config(config, overrides)
+    return Run(train_run(cfg, Path(out) if out is not None else Path("runs"), overwrite=overwrite,
+                         trust_pickle=trust_pickle, verbose=not quiet))
+
+
+def resume(run: Union[str, Path, Run], *, extend: bool = False, trust_pickle: bool = False, quiet: bool = False,
+           **overrides: Any) -> Run:
+    """Continue an interrupted run from its newest checkpoint (`extend` with a new
+    `train.max_steps` trains a finished run further)."""
+    from budgetlora.recipe import resume_run
+
+    path = run.path if isinstance(run, Run) else Path(run)
+    items = [f"{k}={v}" for k, v in dotted_overrides(overrides).items()]
+    return Run(resume_run(path, extend=extend, overrides=items, trust_pickle=trust_pickle, verbose=not quiet))
+
+
+def load(path: Union[str, Path], device: str = "auto", backend: str = "auto") -> Run:
+    """A run directory or an export, for predict / evaluate / export (loaded on first use)."""
+    return Run(path, device, backend)
+
+
+@dataclass
+class Plan:
+    rank: int  # 0 when no rank fits
+    trainable: int
+    budget: int
+    breakdown: dict[str, int]
+    config: Config
+
+    def table(self) -> str:
+        width = max([len(k) for k in self.breakdown] + [9])
+        return "\n".join([f"{k:<{width}}  {v:>12,}" for k, v in self.breakdown.items()]
+                         + [f"{'trainable':<{width}}  {self.trainable:>12,}"])
+
+
+def plan(model: Optional[str] = None, budget: Optional[int] = None, targets: Optional[Sequence[str]] = None,
+         num_labels: int = 4, config: Union[str, Path, dict, Config, None] = None, **overrides: Any) -> Plan:
+    """The largest uniform LoRA rank whose trainable count fits the budget, with its count and
+    breakdown (from the architecture alone: no weights, no data)."""
+    from budgetlora.model import build_meta_model, count_trainable, max_rank
+
+    for key, value in (("model", model), ("budget", budget), ("lora.targets", list(targets) if targets else None)):
+        if value is not None:
+            overrides[key] = value
+    cfg = make_config(config if config is not None else {"data": {"train_file": "-"}}, overrides)
+    if cfg.budget is None:
+        raise BudgetLoraError("plan needs a budget")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise BudgetLoraError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    rank, count = max_rank(cfg, num_labels, cfg.budget)
+    if rank == 0:
+        return Plan(0, count, cfg.budget, {}, cfg)
+    planned = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, r=rank))
+    report = count_trainable(build_meta_model(planned, num_labels))
+    return Plan(rank, report.trainable, cfg.budget, report.breakdown, planned)
+
+
+def sweep(study: Union[str, Path], out: Union[str, Path, None] = None, *, quiet: bool = False, **options: Any) -> Any:
+    """Run (or resume) a study file; options as `budgetlora sweep` takes them (`workers`, `prune`,
+    `confirm_top`, `confirm_seeds`, `overrides` as a list of "KEY=VALUE", `seeds`, `report`, ...).
+    Returns the outcome: the sweep folder, this process's counts and the printed lines."""
+    from budgetlora.sweeps import SweepRequest, run_sweep
+
+    known = {f.name for f in dataclasses.fields(SweepRequest)} - {"study", "out", "console"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BudgetLoraError(f"sweep() got unknown option(s) {unknown}; valid: {', '.join(sorted(known))}")
+    return run_sweep(SweepRequest(study=study, out=Path(out) if out is not None else None,
+                                  console=Console(not quiet), **options))

@@ -1,0 +1,153 @@
+"""Merged exports: the adapters folded into the base weights, saved as a Transformers model
+directory that loads without budgetlora, with the tokenizer, real class names and a model card.
+
+- `head.type: auto`: the model's own `*ForSequenceClassification` (plain `from_pretrained`).
+- `head.type: linear` (mean / CLS pooling): the encoder's config with an `auto_map` to
+  `modeling_budgetlora.py`, saved beside the weights: `from_pretrained(OUT, trust_remote_code=True)`
+  and `pipeline(..., trust_remote_code=True)` load it (the Hub's way for a custom head).
+
+Every export is loaded back the way a plain user would, before it is renamed into place, and
+refused with one line if its predictions differ: never a silent random head.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from budgetlora import atomic
+from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.run_dir import EXPORT_FORMAT, EXPORT_META, export_config, labels_of, read_export_meta
+from budgetlora.artifacts.model_card import write_export_card
+from budgetlora.artifacts.trained import MODEL_WEIGHTS, MODELING_FILE, POOLED_CLASS, TrainedModel, save_tensors, untie
+from budgetlora.errors import BudgetLoraError
+
+# the worst logit difference a plain reload may show against budgetlora's own model (fp32 round-off)
+RELOAD_TOLERANCE = 1e-3
+
+
+def check_export_target(out: Path, overwrite: bool, source: Path) -> None:
+    """OUT is new, empty, or an earlier budgetlora export (with `overwrite`); never a run, never
+    inside one, never a directory that holds the source run."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or source.is_relative_to(out) or rd.inside_run(out) is not None:
+        raise BudgetLoraError(f"export target {out} is (or is inside, or contains) a run directory; "
+                              "export into a new or empty directory")
+    if out.exists():
+        if not out.is_dir():
+            raise BudgetLoraError(f"export target {out} exists and is not a directory")
+        if any(out.iterdir()):
+            if not (out / EXPORT_META).is_file():
+                raise BudgetLoraError(f"export target {out} is not empty and is not a budgetlora export; "
+                                      "export into a new or empty directory")
+            if not overwrite:
+                raise BudgetLoraError(f"export target {out} holds an earlier export; pass --overwrite to replace it")
+
+
+def merged_model(trained: TrainedModel) -> nn.Module:
+    """A CPU, fp32, eval-mode copy with the adapters folded in (or the fully trained model)."""
+    model = copy.deepcopy(trained.model).to("cpu").float().eval()
+    if callable(getattr(model, "merge_and_unload", None)):
+        with torch.no_grad():
+            model = model.merge_and_unload()
+    return model.eval()
+
+
+def probe_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
+    texts = ["Stocks rally as the central bank holds interest rates", "The team won the final in extra time",
+             "A new chip doubles battery life", "Talks resume after the ceasefire", "short"]
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt",
+                          return_token_type_ids=False))
+
+
+def _save_pooled(model: nn.Module, tmp: Path, names: list[str]) -> None:
+    config = copy.deepcopy(model.config)
+    config.architectures = [POOLED_CLASS]
+    config.auto_map = {"AutoModelForSequenceClassification": f"modeling_budgetlora.{POOLED_CLASS}"}
+    config.budgetlora_pooling = model.pooling
+    config.num_labels = len(names)
+    config.id2label, config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    config.save_pretrained(str(tmp))
+    save_tensors(untie(model.state_dict()), tmp / MODEL_WEIGHTS, metadata={"format": "pt"})
+    shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
+
+
+def _save_auto(model: nn.Module, tmp: Path, names: list[str]) -> None:
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    model.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def load_plain(path: Path, pooled: bool) -> nn.Module:
+    """The export as plain Transformers loads it (for a pooled head: the class the auto_map names,
+    from the same file, so nothing is copied into the Hugging Face modules cache), strictly."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        if pooled:
+            from budgetlora.artifacts.modeling_budgetlora import BudgetLoraPooledForSequenceClassification
+
+            model, info = BudgetLoraPooledForSequenceClassification.from_pretrained(
+                str(path), config=AutoConfig.from_pretrained(str(path)), output_loading_info=True)
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(str(path), output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BudgetLoraError(f"{path}: not a loadable export ({str(exc).splitlines()[0][:160]})") from None
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys",
+                                                            "error_msgs")}
+    if problems:
+        raise BudgetLoraError(f"{path}: the weights do not load completely into the model ({problems})")
+    return model.eval()
+
+
+def _verify(tmp: Path, reference: nn.Module, tokenizer: Any, pooled: bool) -> float:
+    batch = probe_batch(tokenizer)
+    with torch.inference_mode():
+        expected = reference(**batch).logits
+        got = load_plain(tmp, pooled)(**batch).logits
+    diff = float((expected - got).abs().max())
+    if not diff <= RELOAD_TOLERANCE or not torch.equal(expected.argmax(-1), got.argmax(-1)):
+        raise BudgetLoraError(f"the export would not predict like the run when loaded with plain Transformers "
+                              f"(max logit difference {diff:.3g}); nothing was written")
+    return diff
+
+
+def export_meta(trained: TrainedModel, kind: str, **extra: Any) -> dict[str, Any]:
+    cfg = trained.cfg
+    return {"format": EXPORT_FORMAT, "kind": kind, "source": str(trained.source.resolve()),
+            "head": {"type": cfg.head.type, "pooling": cfg.head.pooling}, "label_names": trained.label_names,
+            "config": cfg.to_dict(), **extra}
+
+
+def export_merged(trained: TrainedModel, out: Path, overwrite: bool = False) -> Path:
+    """Write the merged export to `out` (built in a temp directory, checked, then renamed)."""
+    check_export_target(out, overwrite, trained.source)
+    model = merged_model(trained)
+    pooled = trained.cfg.head.type == "linear"
+    with atomic.atomic_dir(out, replace=True) as tmp:
+        (_save_pooled if pooled else _save_auto)(model, tmp, trained.label_names)
+        trained.tokenizer.save_pretrained(str(tmp))
+        diff = _verify(tmp, model, trained.tokenizer, pooled)
+        atomic.write_json(tmp / EXPORT_META, export_meta(trained, "merged", reload_max_logit_diff=diff))
+        write_export_card(tmp, trained, "merged")
+    return out
+
+
+def load_merged(path: Path, device: torch.device) -> TrainedModel:
+    """budgetlora reading its own merged export (no code from the directory runs)."""
+    from budgetlora.model import load_tokenizer
+
+    meta = read_export_meta(path)
+    cfg = export_config(meta, path)
+    names = labels_of(meta, path)
+    model = load_plain(path, cfg.head.type == "linear")
+    if model.config.num_labels != len(names):
+        raise BudgetLoraError(f"{path}: the head has {model.config.num_labels} outputs but {EXPORT_META} "
+                              f"lists {len(names)} classes")
+    cfg = dataclasses.replace(cfg, model=str(path))
+    return TrainedModel(cfg, model.to(device).eval(), load_tokenizer(str(path)), names, Path(path), "merged")

@@ -1,0 +1,146 @@
+"""ONNX exports for ONNX Runtime: the merged model as `model.onnx` (inputs `input_ids`,
+`attention_mask`; output `logits`; dynamic batch and length), optionally with dynamic int8
+quantization of its weights, plus the tokenizer, `budgetlora.json` and a model card.
+`pip install 'budgetlora[onnx]'` brings onnx, onnxscript and onnxruntime."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from budgetlora import atomic
+from budgetlora.artifacts.run_dir import EXPORT_META, export_config, labels_of, read_export_meta
+from budgetlora.artifacts.model_card import write_export_card
+from budgetlora.artifacts.trained import TrainedModel
+from budgetlora.errors import BudgetLoraError
+
+ONNX_FILE = "model.onnx"
+OPSET = 18
+
+
+def require_onnx() -> None:
+    for module in ("onnx", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise BudgetLoraError(f"ONNX export and the onnxruntime backend need the {module} package: "
+                                  "pip install 'budgetlora[onnx]'") from None
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def write_onnx(model: nn.Module, tokenizer: Any, path: Path) -> None:
+    """Export with TorchScript tracing (faster ONNX Runtime graphs on CPU than the dynamo exporter
+    here); the dynamo exporter is the fallback where tracing fails."""
+    from budgetlora.artifacts.export import probe_batch
+
+    batch = probe_batch(tokenizer)
+    args = (batch["input_ids"], batch["attention_mask"])
+    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's and the legacy exporter's deprecation notes
+        try:
+            torch.onnx.export(_Logits(model), args, str(path), dynamo=False, opset_version=17,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "length"},
+                                            "attention_mask": {0: "batch", 1: "length"}, "logits": {0: "batch"}},
+                              **names)
+        except Exception:
+            batch_dim, length = torch.export.Dim("batch"), torch.export.Dim("length")
+            torch.onnx.export(_Logits(model), args, str(path), dynamo=True, opset_version=OPSET, external_data=False,
+                              dynamic_shapes={"input_ids": {0: batch_dim, 1: length},
+                                              "attention_mask": {0: batch_dim, 1: length}}, **names)
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8: weights quantized per output channel (per-tensor scales cost MiniLM several
+    points of agreement), activations quantized on the fly."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def session(path: Path, threads: Optional[int] = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+        raise BudgetLoraError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
+
+
+def export_onnx(trained: TrainedModel, out: Path, int8: bool = False, overwrite: bool = False) -> Path:
+    """Write the ONNX export to `out` (built in a temp directory, checked against the run, renamed)."""
+    from budgetlora.artifacts.export import check_export_target, export_meta, merged_model, probe_batch
+
+    require_onnx()
+    check_export_target(out, overwrite, trained.source)
+    model = merged_model(trained)
+    with atomic.atomic_dir(out, replace=True) as tmp:
+        with tempfile.TemporaryDirectory(dir=tmp) as scratch:
+            fp32 = Path(scratch) / ONNX_FILE
+            write_onnx(model, trained.tokenizer, fp32)
+            if int8:
+                quantize_int8(fp32, tmp / ONNX_FILE)
+            else:
+                os.replace(fp32, tmp / ONNX_FILE)
+        batch = probe_batch(trained.tokenizer)
+        with torch.inference_mode():
+            expected = model(**batch).logits.numpy()
+        got = session(tmp / ONNX_FILE).run(["logits"], {k: v.numpy() for k, v in batch.items()})[0]
+        diff = float(np.abs(expected - got).max())
+        if not np.isfinite(got).all() or (not int8 and diff > 1e-3):
+            raise BudgetLoraError(f"the ONNX model does not predict like the run (max logit difference {diff:.3g}); "
+                                  "nothing was written")
+        trained.tokenizer.save_pretrained(str(tmp))
+        atomic.write_json(tmp / EXPORT_META, export_meta(trained, "onnx", int8=int8, probe_max_logit_diff=diff))
+        write_export_card(tmp, trained, "onnx", int8=int8)
+    return out
+
+
+def load_onnx(path: Path) -> TrainedModel:
+    from budgetlora.model import load_tokenizer
+
+    require_onnx()
+    meta = read_export_meta(path)
+    cfg = export_config(meta, path)
+    return TrainedModel(cfg, session(Path(path) / ONNX_FILE), load_tokenizer(str(path)), labels_of(meta, path),
+                        Path(path), "onnx")
+
+
+def onnx_logits(sess: Any, data: Any, pad_id: int, batch_tokens: int = 4096,
+                progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """Logits of every row of a TokenizedSet through ONNX Runtime, in the original order."""
+    from budgetlora.data.tokens import collate, sorted_batches
+
+    out: Optional[np.ndarray] = None
+    for index in sorted_batches(data.lengths, min(batch_tokens, 4096), 64):
+        batch = collate(data, index, pad_id, 1)
+        logits = sess.run(["logits"], {"input_ids": batch["input_ids"].numpy(),
+                                       "attention_mask": batch["attention_mask"].numpy()})[0]
+        if out is None:
+            out = np.empty((len(data), logits.shape[1]), dtype=np.float32)
+        out[index] = logits
+        if progress is not None:
+            progress(len(index))
+    assert out is not None, "onnx_logits needs at least one row"
+    return out

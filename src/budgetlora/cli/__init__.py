@@ -1,0 +1,62 @@
+"""The `budgetlora` command: one file per command group, each adding its parsers and importing
+the library only when its command runs, so `budgetlora --help` starts without torch or pandas."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from budgetlora import __version__
+from budgetlora.cli import bench, results, run, sweep
+from budgetlora.errors import BudgetLoraError, RunInterrupted
+
+DESCRIPTION = """\
+Fine-tune a frozen transformer encoder for text classification with LoRA under a hard budget of
+trainable parameters, and evaluate, predict, export, sweep and compare the results.
+
+  budgetlora train configs/agnews-minilm-offline.yaml     train (runs/<name>/)
+  budgetlora predict runs/agnews-minilm --data test.csv --out predictions.csv
+  budgetlora sweep studies/targets-rank-alpha-offline.yaml --prune
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="budgetlora", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"budgetlora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (run, sweep, results, bench):
+        group.add_parsers(sub)
+    return parser
+
+
+def _report(message: str) -> None:
+    # under torchrun every rank meets the same error: rank 0 alone says it, once
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(message, file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BudgetLoraError as exc:
+        first, *rest = str(exc).split("\n")  # a multi-line error (a budget table) indents the rest
+        _report("\n".join([f"budgetlora: error: {first}"] + [f"  {line}" for line in rest]))
+        return 2
+    except RunInterrupted as exc:
+        _report(f"budgetlora: {exc}")
+        return exc.exit_code
+    except OSError as exc:  # disk full, unwritable output: the environment, not a bug to trace
+        where = f": {exc.filename}" if exc.filename else ""
+        _report(f"budgetlora: error: {exc.strerror or exc}{where}")
+        return 2
+    except KeyboardInterrupt:
+        _report("budgetlora: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""From YAML and `--set KEY=VALUE` to a checked Config.
+
+Every key is checked against its declared type and range, then the keys are checked against
+each other, all before any data or weights load, so a typo or a nonsense value fails at once
+with a message naming the key instead of silently training something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from budgetlora.config.schema import (DEVICE_PATTERN, RUN_NAME_PATTERN, SECTIONS, TARGET_NAMES, Config, Range, fields_by_key)
+from budgetlora.errors import BudgetLoraError
+
+PATH_KEYS = ("data.train_file", "data.test_file", "data.classes_file")
+PATTERN_KEYS = ("rank_pattern", "alpha_pattern")  # mappings that are one value, not a section
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _OutOfRange(BudgetLoraError):
+    """A value of the right type outside the key's range."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, range_: Optional[Range]) -> Any:
+    """Check `value` against the annotation `tp` and the range; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    wrong = BudgetLoraError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise wrong
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key, range_)
+            except _OutOfRange:
+                raise  # the right type, a wrong value: that is the message
+            except BudgetLoraError:
+                continue
+        raise wrong
+    if tp is type(None):
+        if value is not None:
+            raise wrong
+        return None
+    if origin is list:
+        if isinstance(value, str) and typing.get_origin(typing.get_args(tp)[0]) in (None, Literal):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]", range_) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}", range_) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _OutOfRange(f"config key '{key}': got {value!r}, must be a finite number")
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise wrong
+            value = int(value)
+        else:
+            value = float(value)
+        if range_ is not None and not range_.allows(value):
+            raise _OutOfRange(f"config key '{key}': got {value!r}, must be {range_.describe()}")
+        return value
+    raise wrong
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            near = _near(str(key), list(fields))
+            raise BudgetLoraError(f"unknown config key '{dotted}'{near}; valid keys"
+                                  f"{' in ' + prefix[:-1] if prefix else ''}: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise BudgetLoraError(f"config key '{dotted}' must be a mapping of "
+                                      f"{', '.join(f.name for f in dataclasses.fields(tp))}")
+            kwargs[key] = _build(tp, value, dotted + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, fields[key].metadata.get("range"))
+    return cls(**kwargs)
+
+
+def _near(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _whole(value: float) -> bool:
+    return value < 1 or float(value).is_integer()
+
+
+def check_values(cfg: Config) -> None:
+    """Checks that involve more than one key (each key's own type and range are checked on load)."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise BudgetLoraError(f"config key '{key}': {what}")
+
+    data, lora, train = cfg.data, cfg.lora, cfg.train
+    need(bool(re.fullmatch(RUN_NAME_PATTERN, cfg.name)), "name",
+         f"{cfg.name!r} is not a run name: one path component of letters, digits, '.', '_', '-' "
+         "(starting with a letter or digit, at most 100 characters)")
+    need(bool(re.fullmatch(DEVICE_PATTERN, train.device)), "train.device",
+         f"{train.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    unknown = [t for t in lora.targets if t not in TARGET_NAMES]
+    need(not unknown, "lora.targets", f"unknown target(s) {unknown}; valid: {', '.join(TARGET_NAMES)} "
+         "(exact module paths go in lora.target_modules)")
+    need(cfg.mode == "full" or bool(lora.targets or lora.target_modules), "lora.targets",
+         "must name at least one module (or set lora.target_modules)")
+    for key, values in (("lora.targets", lora.targets), ("lora.target_modules", lora.target_modules),
+                        ("lora.layers", lora.layers or []), ("data.text_columns", data.text_columns)):
+        need(len(set(values)) == len(values), key, f"lists a value twice: {values}")
+    need(all(m.strip() for m in lora.target_modules), "lora.target_modules", "holds an empty module path")
+    need(not (lora.use_dora and lora.dropout_position == "lowrank"), "lora.dropout_position",
+         "lowrank is not available with lora.use_dora (DoRA reuses the dropped input); use input or auto")
+    need(train.max_steps is not None or train.epochs is not None, "train.max_steps", "set max_steps or epochs")
+    for key, value in (("data.val_size", data.val_size), ("data.test_size", data.test_size),
+                       ("train.warmup", train.warmup)):
+        need(value is None or _whole(value), key, f"got {value}: a fraction (< 1) or a whole number of rows/steps")
+    if train.max_steps is not None and train.warmup >= 1:
+        need(train.warmup < train.max_steps, "train.warmup",
+             f"{int(train.warmup)} warmup steps is not shorter than the {train.max_steps} steps of the run")
+    need(train.early_stopping_patience is None or (data.val_size > 0 and train.eval_every is not None),
+         "train.early_stopping_patience", "needs evaluations: data.val_size > 0 and train.eval_every set")
+    need(data.dataset is not None or data.train_file is not None, "data.train_file",
+         "set data.train_file (a local file) or data.dataset (a hub dataset id)")
+    need(not (data.dataset and data.train_file), "data.train_file",
+         "set data.train_file or data.dataset, not both")
+    need(not (data.label_names and data.classes_file), "data.classes_file",
+         "set data.label_names or data.classes_file, not both")
+    if data.label_names is not None:
+        names = data.label_names
+        need(len(names) >= 2, "data.label_names", "needs at least two class names")
+        need(all(n.strip() and len(n) <= 200 and n.isprintable() for n in names), "data.label_names",
+             "class names must be non-empty printable strings of at most 200 characters")
+        need(len(set(names)) == len(names), "data.label_names", f"lists a class twice: {names}")
+    has_test = bool(data.test_file or (data.dataset and data.test_split))
+    need(data.test_size is None or not has_test, "data.test_size",
+         "splits a test set off the training rows; the config already has a test set "
+         "(data.test_file, or data.test_split: null for a hub dataset)")
+    need(bool(data.text_columns) and all(c.strip() for c in data.text_columns), "data.text_columns",
+         "must name at least one column")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 0.0001); the value is parsed as YAML."""
+    if "=" not in item:
+        raise BudgetLoraError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=4")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; users mean a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    if not all(parts):
+        raise BudgetLoraError(f"config key {key!r}: empty part in the dotted name")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise BudgetLoraError(f"config key '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys; `rank_pattern` / `alpha_pattern` stay whole (one value each)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value and key not in PATTERN_KEYS:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from a regular, UTF-8, reasonably small file."""
+    path = Path(path)
+    if not path.exists():
+        raise BudgetLoraError(f"config file not found: {path}")
+    if not path.is_file():
+        raise BudgetLoraError(f"{path} is not a regular file; expected a YAML config file")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise BudgetLoraError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise BudgetLoraError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
+    try:
+        raw = yaml.safe_load(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise BudgetLoraError(f"{path}: not a UTF-8 text file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise BudgetLoraError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise BudgetLoraError(f"{path}: YAML nested too deeply") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BudgetLoraError(f"{path}: the top level must be a mapping of config keys")
+    return raw
+
+
+def resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Relative data paths in a config file are relative to that file, so it runs from anywhere."""
+    flat = flatten(raw)
+    for key in PATH_KEYS:
+        value = flat.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            set_dotted(raw, key, str((base_dir / value).resolve()))
+        elif isinstance(value, str) and value:
+            set_dotted(raw, key, str(Path(value).expanduser()))
+    model = raw.get("model")
+    if isinstance(model, str) and (model.startswith("./") or model.startswith("../")):
+        raw["model"] = str((base_dir / model).resolve())
+
+
+def _migrate(raw: dict[str, Any]) -> None:
+    """Keys of earlier versions, as run directories on disk still hold them."""
+    data, train = raw.get("data"), raw.get("train")
+    if isinstance(data, dict):
+        data.pop("trust_pickle", None)  # trust comes from the invocation (--trust-pickle), never a file
+    if isinstance(train, dict) and "tensorboard" in train:
+        if train.pop("tensorboard") is True:
+            train.setdefault("report_to", ["tensorboard"])
+
+
+def config_from_dict(raw: dict[str, Any], overrides: Optional[dict[str, Any]] = None) -> Config:
+    """Validate a raw mapping (plus dotted overrides) into a Config."""
+    try:
+        raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
+    except yaml.YAMLError:
+        raise BudgetLoraError("the config holds values that are not plain YAML data") from None
+    _migrate(raw)
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    cfg = _build(Config, raw, "")
+    check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config file and apply `--set KEY=VALUE` overrides (paths relative to CWD)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    resolve_paths(raw, path.resolve().parent)
+    override_raw: dict[str, Any] = {}
+    for key, value in dict(parse_override(item) for item in (overrides or [])).items():
+        set_dotted(override_raw, key, value)
+    resolve_paths(override_raw, Path.cwd())
+    return config_from_dict(raw, flatten(override_raw))
+
+
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "—"
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return f"`[{', '.join(map(str, value))}]`" if value else "`[]`"
+    if isinstance(value, dict):
+        return "`{}`"
+    return f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
+
+
+def reference_markdown() -> str:
+    """The README's config table, made from the fields' help texts, defaults and ranges."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for key, f in fields_by_key().items():
+        range_ = f.metadata.get("range")
+        allowed = range_.describe() if range_ is not None else ""
+        hint = typing.get_type_hints(SECTIONS.get(key.split(".")[0], Config)) if "." in key else \
+            typing.get_type_hints(Config)
+        tp = hint[key.rsplit(".", 1)[-1]]
+        if typing.get_origin(tp) is Literal or (typing.get_origin(tp) is list and
+                                                typing.get_origin(typing.get_args(tp)[0]) is Literal):
+            args = typing.get_args(tp) if typing.get_origin(tp) is Literal else typing.get_args(typing.get_args(tp)[0])
+            allowed = ", ".join(f"`{a}`" for a in args)
+        lines.append(f"| `{key}` | {_default_text(f)} | {allowed} | {f.metadata.get('help', '')} |")
+    return "\n".join(lines) + "\n"

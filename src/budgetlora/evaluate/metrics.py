@@ -1,0 +1,68 @@
+"""The numbers reported for a set of predictions: accuracy with n and its 95% Wilson interval,
+macro-F1, per-class precision / recall / F1, the confusion matrix; and their text rendering."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from budgetlora.evaluate.stats import wilson_interval
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, names: Sequence[str],
+                           logits: Optional[np.ndarray] = None) -> dict:
+    """Accuracy with n and 95% Wilson CI, macro-F1, per-class P/R/F1 and the confusion matrix
+    (rows: true class, columns: predicted class)."""
+    k = len(names)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, preds), 1)
+    correct = int(np.trace(confusion))
+    n = int(len(labels))
+    low, high = wilson_interval(correct, n)
+    per_class, f1s = {}, []
+    for i, name in enumerate(names):
+        tp = confusion[i, i]
+        precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
+        recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                           "support": int(confusion[i].sum())}
+        f1s.append(f1)
+    metrics = {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct,
+               "ci_low": low, "ci_high": high, "macro_f1": float(np.mean(f1s)),
+               "per_class": per_class, "confusion_matrix": confusion.tolist()}
+    if logits is not None:
+        metrics["loss"] = cross_entropy(logits, labels)
+    return metrics
+
+
+def format_metrics(metrics: dict, names: Sequence[str]) -> str:
+    """The human-readable report: headline, per-class table, confusion matrix."""
+    acc, low, high = metrics["accuracy"], metrics["ci_low"], metrics["ci_high"]
+    lines = [f"accuracy {100 * acc:.2f}% (95% CI {100 * low:.2f}-{100 * high:.2f}, "
+             f"n={metrics['n']:,}, correct={metrics['correct']:,})  macro-F1 {100 * metrics['macro_f1']:.2f}"]
+    width = max(len(n) for n in names)
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for name in names:
+        row = metrics["per_class"][name]
+        lines.append(f"{name:<{width}}  {row['precision']:>9.4f}  {row['recall']:>6.4f}  "
+                     f"{row['f1']:>5.4f}  {row['support']:>7,}")
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    cell = max([7] + [len(n) for n in names])
+    lines.append(" " * (width + 2) + " ".join(f"{n:>{cell}}" for n in names))
+    for name, row in zip(names, metrics["confusion_matrix"]):
+        lines.append(f"{name:<{width}}  " + " ".join(f"{v:>{cell},}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""`budgetlora compare`: a side-by-side table of cost and quality for chosen runs, with ties to
+the best marked, and bar charts of each column."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from budgetlora import atomic
+from budgetlora.errors import BudgetLoraError
+from budgetlora.results.plots import bar_chart
+from budgetlora.results.runs import RunRecord, read_run
+from budgetlora.results.table import (TIE_NOTE, fmt_number, fmt_p, number_or_nan, accuracy_of, format_acc_ci, mark_ties,
+                                      markdown_table)
+
+def unique_labels(paths: Sequence[Path]) -> list[str]:
+    """Shortest path suffixes that tell the runs apart (runs/a/r8 vs runs/b/r8 → a/r8, b/r8)."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+_COMPARE_BARS = (
+    ("trainable_params", "trainable parameters", "compare_trainable_params.png"),
+    ("wall_time_s", "wall time (s)", "compare_wall_time.png"),
+    ("samples_per_s", "training samples / s", "compare_samples_per_s.png"),
+    ("peak_memory_mb", "peak memory (MB)", "compare_peak_memory.png"),
+)
+
+
+def _compare_row(run: RunRecord, marks: dict[str, tuple[str, float, str]]) -> dict[str, Any]:
+    test = accuracy_of(run.test)
+    mark, p, method = marks.get(run.label, ("", math.nan, ""))
+    s = run.summary
+    return {
+        "run": run.label,
+        "path": str(run.path),
+        "trainable_params": number_or_nan(s.get("trainable_params")),
+        "wall_time_s": number_or_nan(s.get("wall_time_s")),
+        "train_time_s": number_or_nan(s.get("train_time_s")),
+        "samples_per_s": number_or_nan(s.get("samples_per_s")),
+        "peak_memory_mb": number_or_nan(s.get("peak_memory_mb")),
+        "final_train_loss": number_or_nan(s.get("final_train_loss")),
+        "final_eval_loss": number_or_nan(s.get("final_eval_loss")),
+        "test": format_acc_ci(test),
+        "test_acc": test.accuracy if test else math.nan,
+        "test_ci_low": test.ci_low if test else math.nan,
+        "test_ci_high": test.ci_high if test else math.nan,
+        "mark": mark,
+        "p_vs_best": p,
+        "p_test": method,
+    }
+
+
+def _compare_charts(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    labels = list(table["run"])
+    written = [
+        bar_chart(labels, {column: table[column]}, title, title, out_dir / filename)
+        for column, title, filename in _COMPARE_BARS
+    ]
+    written.append(
+        bar_chart(
+            labels,
+            {"train": table["final_train_loss"], "eval": table["final_eval_loss"]},
+            "final loss",
+            "loss",
+            out_dir / "compare_loss.png",
+        )
+    )
+    acc = 100 * table["test_acc"].to_numpy(float)
+    errors = [
+        acc - 100 * table["test_ci_low"].to_numpy(float),
+        100 * table["test_ci_high"].to_numpy(float) - acc,
+    ]
+    written.append(
+        bar_chart(
+            labels,
+            {"test": acc},
+            "test accuracy (95% CI)",
+            "accuracy %",
+            out_dir / "compare_test_acc.png",
+            np.nan_to_num(errors),
+        )
+    )
+    return [p for p in written if p is not None]
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> pd.DataFrame:
+    """Side-by-side table of cost and quality for the given runs; writes compare.md/.csv + PNGs."""
+    if not run_dirs:
+        raise BudgetLoraError("compare needs at least one run directory")
+    paths = [Path(p) for p in run_dirs]
+    runs = [read_run(p, label) for p, label in zip(paths, unique_labels(paths), strict=True)]
+    out = Path(out_dir)
+    marks = mark_ties(runs)
+    table = pd.DataFrame([_compare_row(run, marks) for run in runs])
+    charts = _compare_charts(table, out)
+    atomic.write_text(out / "compare.csv", table.to_csv(index=False))
+    atomic.write_text(out / "compare.md", compare_markdown(table, charts))
+    table.attrs["charts"] = [str(p) for p in charts]
+    return table
+
+
+def compare_markdown(table: pd.DataFrame, charts: list[Path]) -> str:
+    shown = pd.DataFrame(
+        {
+            "run": table["run"],
+            "trainable params": table["trainable_params"].map(lambda v: fmt_number(v, 0)),
+            "wall time s": table["wall_time_s"].map(fmt_number),
+            "samples/s": table["samples_per_s"].map(fmt_number),
+            "peak memory MB": table["peak_memory_mb"].map(fmt_number),
+            "final train loss": table["final_train_loss"].map(lambda v: fmt_number(v, 4)),
+            "final eval loss": table["final_eval_loss"].map(lambda v: fmt_number(v, 4)),
+            "test acc % (95% CI)": table["test"],
+            "mark": table["mark"],
+            "p vs best": table["p_vs_best"].map(fmt_p),
+        }
+    )
+    images = "".join(f"![{p.stem}]({p.name})\n\n" for p in charts)
+    return "# RunRecord comparison\n\n" + TIE_NOTE + "\n\n" + markdown_table(shown) + "\n" + images

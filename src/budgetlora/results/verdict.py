@@ -1,0 +1,124 @@
+"""The end of a study: which configuration to use. The winner (highest test accuracy; with
+confirmation runs, highest mean over their seeds), the configurations statistically tied with
+it, and the cheapest of those (fewest trainable parameters, then fastest training)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std
+from budgetlora.results.runs import RunRecord
+from budgetlora.results.table import ALPHA, accuracy_of, mark_ties
+
+
+@dataclass
+class Candidate:
+    """One configuration: a single run, or its confirmation runs over several seeds."""
+
+    label: str
+    runs: list[RunRecord]
+    accuracy: float
+    std: float = 0.0
+    p_vs_winner: float = math.nan
+
+    @property
+    def trainable(self) -> float:
+        value = self.runs[0].summary.get("trainable_params")
+        return float(value) if value is not None else math.inf
+
+    @property
+    def train_time(self) -> float:
+        times = [r.summary.get("train_time_s") for r in self.runs if r.summary.get("train_time_s") is not None]
+        return float(np.mean(times)) if times else math.inf
+
+
+@dataclass
+class Verdict:
+    winner: Candidate
+    tied: list[Candidate] = field(default_factory=list)
+    method: str = ""
+
+    @property
+    def cheapest(self) -> Candidate:
+        return min([self.winner] + self.tied, key=lambda c: (c.trainable, c.train_time))
+
+    def markdown(self) -> str:
+        w, cheap = self.winner, self.cheapest
+        spread = f" ± {100 * w.std:.2f} (sd over {len(w.runs)} seeds)" if len(w.runs) > 1 else ""
+        lines = ["## Verdict", "", f"- **winner: {w.label}**, test accuracy {100 * w.accuracy:.2f}%{spread}, "
+                 f"{w.trainable:,.0f} trainable parameters"]
+        if self.tied:
+            lines.append("- statistically tied with it (p >= 0.05): " + ", ".join(
+                f"{c.label} ({100 * c.accuracy:.2f}%, p={c.p_vs_winner:.3f})" for c in self.tied))
+        else:
+            lines.append("- no other configuration is statistically tied with it")
+        lines.append(f"- **cheapest of these: {cheap.label}** ({cheap.trainable:,.0f} trainable parameters, "
+                     f"{cheap.train_time:.0f} s of training)")
+        lines += ["", self.method, ""]
+        return "\n".join(lines)
+
+
+def _stacked_outcomes(runs: Sequence[RunRecord]) -> Optional[dict[tuple[int, str], bool]]:
+    """(seed position, test ID) -> correct, over a configuration's seed runs."""
+    out: dict[tuple[int, str], bool] = {}
+    for i, run in enumerate(sorted(runs, key=lambda r: str(r.config.get("train.seed")))):
+        outcomes = run.test_outcomes
+        if outcomes is None:
+            return None
+        out.update({(i, str(k)): bool(v) for k, v in outcomes.items()})
+    return out
+
+
+def _grouped_p(a: Candidate, b: Candidate) -> float:
+    """Exact McNemar over the (seed, row) pairs of two configurations' confirmation runs."""
+    oa, ob = _stacked_outcomes(a.runs), _stacked_outcomes(b.runs)
+    if oa is None or ob is None or set(oa) != set(ob):
+        return math.nan
+    keys = sorted(oa)
+    return mcnemar_pvalue(np.array([oa[k] for k in keys]), np.array([ob[k] for k in keys]))
+
+
+def single_run_verdict(runs: Sequence[RunRecord]) -> Optional[Verdict]:
+    scored = [r for r in runs if accuracy_of(r.test) is not None and r.pruned is None]
+    if not scored:
+        return None
+    marks = mark_ties(scored)
+    candidates = {r.label: Candidate(r.label, [r], accuracy_of(r.test).accuracy) for r in scored}  # type: ignore[union-attr]
+    winner = next(candidates[label] for label, (mark, _, _) in marks.items() if mark == "best")
+    tied = []
+    for label, (mark, p, _) in marks.items():
+        if mark == "tie":
+            candidates[label].p_vs_winner = p
+            tied.append(candidates[label])
+    return Verdict(winner, sorted(tied, key=lambda c: -c.accuracy),
+                   "Ties: exact McNemar test on the paired rows of each run's test predictions, at 5%. "
+                   "The winner is picked by test accuracy, so its accuracy is an optimistic estimate; the tied set "
+                   "is the honest answer.")
+
+
+def confirmed_verdict(groups: dict[str, list[RunRecord]]) -> Optional[Verdict]:
+    """From confirmation runs: configuration label -> its seed runs."""
+    candidates = []
+    for label, runs in groups.items():
+        accs = [accuracy_of(r.test).accuracy for r in runs if accuracy_of(r.test) is not None]  # type: ignore[union-attr]
+        if accs:
+            mean, std = mean_std(accs)
+            candidates.append(Candidate(label, runs, mean, std))
+    if not candidates:
+        return None
+    winner = max(candidates, key=lambda c: c.accuracy)
+    tied = []
+    for c in candidates:
+        if c is not winner:
+            c.p_vs_winner = _grouped_p(winner, c)
+            if not c.p_vs_winner < ALPHA:
+                tied.append(c)
+    seeds = max(len(c.runs) for c in candidates)
+    return Verdict(winner, sorted(tied, key=lambda c: -c.accuracy),
+                   f"From the confirmation runs ({seeds} seeds per configuration, full length): mean ± sd of test "
+                   "accuracy; ties by an exact McNemar test over the (seed, test row) pairs, at 5%.")

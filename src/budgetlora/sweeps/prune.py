@@ -1,0 +1,191 @@
+"""Statistically safe pruning: a trial stops at a rung (an evaluation step) only when it is
+significantly worse than the rung's leader on the same validation rows.
+
+At each rung a trial's per-row validation outcomes are recorded in the study (so workers on other
+machines see them). A trial is a candidate for pruning when it is outside the top 1/eta of the
+trials that reached the rung (successive halving), and it is pruned only when a paired one-sided
+test (exact McNemar, or a paired bootstrap) against the leader gives p < alpha / m, where m is
+every comparison the sweep can make (points x rungs): Bonferroni, so the chance that any pruned
+trial was in fact as good as the leader at its rung stays below alpha. Optuna's own pruners
+(median, successive halving, Hyperband; no statistics) are available as `test:` options.
+
+A pruned trial keeps its checkpoint: `budgetlora train --resume RUN` takes it to full length.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from budgetlora.config import Config
+from budgetlora.errors import BudgetLoraError, RunPruned
+from budgetlora.evaluate.stats import mcnemar_worse_pvalue, paired_bootstrap_worse_pvalue
+
+STATISTICAL = ("mcnemar", "bootstrap")
+OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
+PRUNE_KEYS = ("rungs", "test", "alpha", "eta", "min_trials")
+
+
+@dataclass
+class PruneSpec:
+    rungs: list[int]
+    test: str = "mcnemar"
+    alpha: float = 0.05
+    eta: float = 2.0
+    min_trials: int = 2
+    comparisons: int = 1  # m of the Bonferroni correction: set once the sweep knows its points
+
+    def check(self, cfg: Config, name: str) -> None:
+        """Every rung must be an evaluation step before the last step of the trial."""
+        every, last = cfg.train.eval_every, cfg.train.max_steps
+        if not cfg.data.val_size or not every:
+            raise BudgetLoraError(f"{name}: pruning compares validation outcomes; set data.val_size > 0 and "
+                                  "train.eval_every")
+        bad = [r for r in self.rungs if r % every or (last is not None and r >= last)]
+        if bad:
+            raise BudgetLoraError(f"{name}: prune rungs {bad} are not evaluation steps before the last step "
+                                  f"(train.eval_every {every}, train.max_steps {last}); use multiples of {every}")
+
+    def optuna_pruner(self) -> Any:
+        import optuna
+
+        if self.test == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=self.min_trials, n_warmup_steps=0)
+        if self.test == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=min(self.rungs), reduction_factor=self.eta)
+        if self.test == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=min(self.rungs), reduction_factor=self.eta)
+        return optuna.pruners.NopPruner()
+
+
+@dataclass
+class ConfirmSpec:
+    top: int
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+
+
+def parse_prune(path: Path, raw: Any) -> Optional[PruneSpec]:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - set(PRUNE_KEYS):
+        raise BudgetLoraError(f"{path}: 'prune' must be a mapping of {', '.join(PRUNE_KEYS)}")
+    rungs = raw.get("rungs")
+    if (not isinstance(rungs, list) or not rungs or len(set(rungs)) != len(rungs)
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rungs)):
+        raise BudgetLoraError(f"{path}: prune.rungs must be distinct positive step numbers, e.g. [100, 200]")
+    spec = PruneSpec(sorted(rungs))
+    test = raw.get("test", spec.test)
+    if test not in STATISTICAL + OPTUNA_PRUNERS:
+        raise BudgetLoraError(f"{path}: prune.test must be one of {', '.join(STATISTICAL + OPTUNA_PRUNERS)}")
+    spec.test = test
+    for key, low, high in (("alpha", 0.0, 0.5), ("eta", 1.0, 100.0)):
+        value = raw.get(key, getattr(spec, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+            raise BudgetLoraError(f"{path}: prune.{key} must be a number in ({low:g}, {high:g}]")
+        setattr(spec, key, float(value))
+    min_trials = raw.get("min_trials", spec.min_trials)
+    if isinstance(min_trials, bool) or not isinstance(min_trials, int) or min_trials < 2:
+        raise BudgetLoraError(f"{path}: prune.min_trials must be an integer >= 2 (the leader and one more)")
+    spec.min_trials = min_trials
+    return spec
+
+
+def parse_confirm(path: Path, raw: Any) -> Optional[ConfirmSpec]:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"top", "seeds"}:
+        raise BudgetLoraError(f"{path}: 'confirm' must be a mapping of top (K configurations) and seeds")
+    top, seeds = raw.get("top"), raw.get("seeds", [1, 2, 3])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(1, seeds + 1))
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise BudgetLoraError(f"{path}: confirm.top must be an integer >= 1")
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise BudgetLoraError(f"{path}: confirm.seeds must be a count or a list of distinct seeds")
+    return ConfirmSpec(top, seeds)
+
+
+@dataclass
+class RungRecord:
+    run: str
+    step: int
+    correct: np.ndarray  # per validation row: was the prediction right
+    val_key: str  # identifies the validation rows (only records with the same rows are compared)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else 0.0
+
+    def to_attr(self) -> dict[str, Any]:
+        packed = base64.b64encode(np.packbits(self.correct.astype(bool)).tobytes()).decode("ascii")
+        return {"run": self.run, "step": self.step, "n": int(len(self.correct)), "bits": packed,
+                "val": self.val_key, "acc": self.accuracy}
+
+    @classmethod
+    def from_attr(cls, data: dict[str, Any]) -> "RungRecord":
+        bits = np.unpackbits(np.frombuffer(base64.b64decode(data["bits"]), dtype=np.uint8))[: int(data["n"])]
+        return cls(str(data["run"]), int(data["step"]), bits.astype(bool), str(data["val"]))
+
+
+@dataclass
+class Decision:
+    prune: bool
+    reason: str
+    leader: Optional[str] = None
+    p_value: Optional[float] = None
+
+
+def decide(candidate: RungRecord, others: list[RungRecord], spec: PruneSpec) -> Decision:
+    """Prune `candidate` only if it is outside the top 1/eta and significantly behind the leader."""
+    peers = [r for r in others if r.step == candidate.step and r.val_key == candidate.val_key and r.run != candidate.run]
+    if len(peers) + 1 < spec.min_trials:
+        return Decision(False, f"{len(peers) + 1} trial(s) at step {candidate.step}; fewer than {spec.min_trials}")
+    ranked = sorted(peers + [candidate], key=lambda r: -r.accuracy)
+    kept = max(1, math.ceil(len(ranked) / spec.eta))
+    leader = ranked[0]
+    if candidate in ranked[:kept]:
+        return Decision(False, f"in the top {kept} of {len(ranked)} at step {candidate.step}", leader.run)
+    test = mcnemar_worse_pvalue if spec.test == "mcnemar" else paired_bootstrap_worse_pvalue
+    p = test(candidate.correct, leader.correct)
+    level = spec.alpha / max(1, spec.comparisons)
+    verdict = (f"val acc {100 * candidate.accuracy:.2f}% vs {100 * leader.accuracy:.2f}% for {leader.run} at step "
+               f"{candidate.step}; one-sided {spec.test} p={p:.2g} {'<' if p < level else '>='} "
+               f"{spec.alpha:g}/{spec.comparisons} (Bonferroni)")
+    return Decision(p < level, ("significantly behind: " if p < level else "not significantly behind: ") + verdict,
+                    leader.run, p)
+
+
+def _records(study: Any) -> list[RungRecord]:
+    return [RungRecord.from_attr(value) for t in study.get_trials(deepcopy=False)
+            for key, value in t.user_attrs.items() if key.startswith("rung:") and isinstance(value, dict)]
+
+
+class RungJudge:
+    """The `on_eval` hook of one trial's run: records its outcomes at each rung and stops the run
+    (RunPruned, after the rung's checkpoint is written) when the decision says so."""
+
+    def __init__(self, spec: PruneSpec, study: Any, trial: Any, run: str, report: bool):
+        self.spec, self.study, self.trial, self.run, self.report = spec, study, trial, run, report
+
+    def __call__(self, step: int, correct: np.ndarray, val_key: str) -> None:
+        accuracy = float(correct.mean()) if len(correct) else 0.0
+        if self.report:  # intermediate values for Optuna's pruners and its plots
+            self.trial.report(accuracy, step)
+        if step not in self.spec.rungs:
+            return
+        record = RungRecord(self.run, step, correct, val_key)
+        if self.spec.test in OPTUNA_PRUNERS:
+            if self.report and self.trial.should_prune():
+                raise RunPruned(step, f"Optuna {self.spec.test} pruner at step {step} (val acc {100 * accuracy:.2f}%)",
+                                accuracy, self.run)
+            return
+        decision = decide(record, _records(self.study), self.spec)
+        self.trial.set_user_attr(f"rung:{step}:{self.run}", record.to_attr())
+        if decision.prune:
+            raise RunPruned(step, decision.reason, accuracy, self.run)

@@ -1,0 +1,225 @@
+"""Where a sweep's trials live: an Optuna study in a SQL database (SQLite `OUT/study.db` by
+default, or any SQLAlchemy URL shared by machines) or a journal file (`journal:PATH`). Grid
+points are enqueued as WAITING trials; a worker claims one by moving it to RUNNING, and the
+storage lets only one worker win that move, so N processes pull from one queue. Heartbeats turn
+the trials of killed workers back into WAITING ones."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from budgetlora.errors import BudgetLoraError
+from budgetlora.sweeps.spec import StudySpec
+
+JOURNAL_PREFIX = "journal:"
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    return Path(url[len("sqlite:///"):])
+
+
+def _journal_path(url: str) -> Path | None:
+    return Path(url[len(JOURNAL_PREFIX):]).expanduser() if url.startswith(JOURNAL_PREFIX) else None
+
+
+def lock_path(url: str) -> Path | None:
+    path = _sqlite_path(url) or _journal_path(url)
+    return path.with_name(path.name + ".lock") if path is not None else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | None) -> Iterator[None]:
+    """An exclusive lock among processes on this machine (or a shared file system) using one
+    storage file. Claiming is already safe in the storage; the lock also makes enqueueing what is
+    missing and the n_trials count exact, so two workers starting together do not both enqueue."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _rdb_storage(url: str, heartbeat: int | None) -> Any:
+    """An Optuna RDBStorage; on SQLite every transaction takes the write lock up front.
+
+    Optuna claims a WAITING trial by reading its state and then writing RUNNING. PostgreSQL and
+    MySQL lock the row for that (SELECT ... FOR UPDATE); SQLite ignores FOR UPDATE and Python's
+    sqlite3 starts the transaction only at the write, so two processes can both read WAITING and
+    both "win" the trial. BEGIN IMMEDIATE makes the read and the write one serialized transaction."""
+    import optuna
+
+    path = _sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 120}} if path is not None else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeats and their retry callback are flagged experimental
+        kwargs: dict[str, Any] = {}
+        if heartbeat:
+            kwargs = {"heartbeat_interval": int(heartbeat), "grace_period": 3 * int(heartbeat),
+                      "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except Exception as exc:  # a bad URL or an unreachable server: SQLAlchemy's many error types
+            raise BudgetLoraError(f"--storage {url}: cannot open the Optuna storage ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:160]})") from None
+    if path is not None:
+        from sqlalchemy import event
+
+        @event.listens_for(storage.engine, "connect")
+        def _no_implicit_transactions(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy now issues BEGIN itself (below)
+
+        @event.listens_for(storage.engine, "begin")
+        def _begin_immediate(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        storage.engine.dispose()  # connections made before the listeners would keep the old behaviour
+    return storage
+
+
+def open_storage(url: str, heartbeat: int | None = 10) -> Any:
+    """The study storage for `url`: `journal:PATH` (a journal file) or a SQLAlchemy URL."""
+    journal = _journal_path(url)
+    if journal is None:
+        with file_lock(lock_path(url)):
+            return _rdb_storage(url, heartbeat)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
+
+
+def open_optuna_study(spec: StudySpec, storage: Any, study_name: str | None = None) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler: optuna.samplers.BaseSampler
+    if spec.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=spec.sampler_seed)
+    name = study_name or spec.name
+    pruner = spec.prune.optuna_pruner() if spec.prune is not None else None
+    study = optuna.create_study(storage=storage, study_name=name, directions=spec.directions,  # type: ignore[arg-type]
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    stored = [d.name.lower() for d in study.directions]
+    if stored != spec.directions:
+        raise BudgetLoraError(f"study '{name}' in the storage optimizes {stored}, the study file asks for "
+                              f"{spec.directions} ({', '.join(spec.objectives)}); use another --out, "
+                              "--storage or study name")
+    return study
+
+
+def is_done_or_live(trial: Any) -> bool:
+    """A trial that settles its point: waiting, running, complete, or pruned by the pruner."""
+    from optuna.trial import TrialState
+
+    return trial.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE) or (
+        trial.state == TrialState.PRUNED and "pruned_at" in trial.user_attrs)
+
+
+def enqueue_missing(study: Any, points: Sequence[Any]) -> int:
+    """Enqueue every point that has no waiting, running, completed or pruned trial; returns how
+    many. Points whose trials all failed are enqueued again: rerunning a sweep retries failures."""
+    have = {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False) if is_done_or_live(t)}
+    added = 0
+    for planned in points:
+        if planned.point.name not in have:
+            study.enqueue_trial({}, user_attrs={"point": planned.point.name,
+                                                "axes": json.loads(json.dumps(planned.point.axes, default=str))})
+            added += 1
+    return added
+
+
+class NullHeartbeat:
+    """No heartbeat (--heartbeat 0): a killed worker's trial stays RUNNING until a rerun."""
+
+    def __init__(self, storage: Any, trial: Any, interval: int | None):
+        self.storage, self.trial, self.interval = storage, trial, interval
+
+    def beat(self) -> None:
+        pass
+
+    def __enter__(self) -> "NullHeartbeat":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class Heartbeat(NullHeartbeat):
+    """Records the trial's heartbeat while it trains, so a killed worker's trial goes stale. Optuna
+    does this itself only inside Study.optimize; a sweep claims trials with ask/tell. A journal
+    storage has no heartbeats of its own: the time goes into a trial attribute instead."""
+
+    def beat(self) -> None:
+        if hasattr(self.storage, "record_heartbeat"):
+            self.storage.record_heartbeat(self.trial._trial_id)
+        else:
+            self.storage.set_trial_user_attr(self.trial._trial_id, "heartbeat_at", time.time())
+
+    def __enter__(self) -> "Heartbeat":
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                with contextlib.suppress(Exception):  # a busy database must not kill training
+                    self.beat()
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def heartbeat_for(storage: Any, trial: Any, interval: int | None) -> NullHeartbeat:
+    return Heartbeat(storage, trial, interval) if interval else NullHeartbeat(storage, trial, interval)
+
+
+def fail_stale(study: Any, storage: Any, interval: int | None) -> None:
+    """Trials whose worker died: failed, and their point queued again (at most twice)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if hasattr(storage, "record_heartbeat"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)
+        return
+    if not interval:
+        return
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = trial.user_attrs.get("heartbeat_at")
+        if isinstance(beat, (int, float)) and now - beat > 3 * interval:
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                retries = int(trial.user_attrs.get("retries", 0))
+                if retries < 2 and "point" in trial.user_attrs:
+                    study.enqueue_trial({}, user_attrs={"point": trial.user_attrs["point"],
+                                                        "axes": trial.user_attrs.get("axes", {}),
+                                                        "retries": retries + 1})

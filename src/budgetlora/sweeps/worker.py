@@ -1,0 +1,322 @@
+"""A sweep worker: claim trials from the shared study and train them until none is waiting or
+running. A trial's fate is decided in one place (`run_trial`, as Optuna's `_run_trial`): its
+body raises Skip, Duplicate, RunPruned, RunInterrupted or an error, or returns the summaries,
+and one `tell` records the outcome. Run directories are named after the point, so a finished
+trial (summary.json present) is never trained twice, whatever happened to the storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from budgetlora.artifacts import run_dir as rd
+from budgetlora.config import Config
+from budgetlora.errors import BudgetLoraError, OverBudgetError, RunInterrupted, RunPruned
+from budgetlora.progress import Console
+from budgetlora.sweeps.plan import Planned, build_config, check_point, plan
+from budgetlora.sweeps.prune import RungJudge
+from budgetlora.sweeps.spec import StudySpec, name_part
+from budgetlora.sweeps.storage import (enqueue_missing, fail_stale, file_lock, heartbeat_for, is_done_or_live, lock_path,
+                                      open_optuna_study, open_storage)
+
+# keys that may differ between a finished trial and the point without making it another experiment
+REUSE_FREE_KEYS = ("train.device", "train.num_threads", "train.eval_batch_size")
+
+
+@dataclass
+class SweepOptions:
+    out: Path
+    storage_url: str
+    study_name: Optional[str] = None
+    heartbeat: Optional[int] = 10
+    verbose: bool = False
+    poll_s: float = 2.0
+    worker: str = ""
+    trust_pickle: bool = False
+    console: Console = Console()
+
+    def say(self, message: str) -> None:
+        self.console.say(f"[{self.worker}] {message}" if self.worker else message)
+
+
+@dataclass
+class WorkerStats:
+    trained: int = 0
+    reused: int = 0
+    failed: int = 0
+    skipped: int = 0
+    pruned: int = 0
+
+
+class Skip(Exception):
+    """The sampled point is over the budget: not a trial to count."""
+
+
+class Duplicate(Exception):
+    """Another trial of the same point runs (or ran) already."""
+
+    def __init__(self, of: int):
+        super().__init__(f"duplicate of trial {of}")
+        self.of = of
+
+
+def summary_values(spec: StudySpec, summaries: list[dict[str, Any]]) -> list[float]:
+    accs = []
+    for s in summaries:
+        acc = s.get("best_val_acc")
+        if acc is None and isinstance(s.get("val"), dict):
+            acc = s["val"].get("accuracy")
+        if acc is None:
+            raise BudgetLoraError("the run has no validation accuracy to optimize (data.val_size: 0?)")
+        accs.append(float(acc))
+    values = {"val_acc": sum(accs) / len(accs), "trainable_params": float(summaries[0]["trainable_params"])}
+    return [values[o] for o in spec.objectives]
+
+
+def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any = None) -> tuple[dict[str, Any], bool]:
+    """The run's summary, training it unless `run_dir` already holds the finished run of this config."""
+    from budgetlora.recipe import resume_run, train_run
+
+    if rd.is_finished(run_dir):
+        diff = rd.config_differences(run_dir, cfg, REUSE_FREE_KEYS) if (run_dir / rd.CONFIG).is_file() else []
+        if diff:
+            raise BudgetLoraError(f"{run_dir} holds a finished run of a different config (differs in "
+                                  f"{', '.join(diff[:6])}); delete it or sweep into another --out")
+        return rd.read_summary(run_dir), True
+    pruned = rd.read_pruned(run_dir) if on_eval is not None else None
+    if pruned is not None:  # settled by an earlier pass of this sweep (its storage may be gone)
+        raise RunPruned(int(pruned.get("step", 0)), str(pruned.get("reason", "")), float(pruned.get("val_acc", 0)),
+                        run_dir.name)
+    if run_dir.exists():
+        resumable = ((run_dir / rd.CHECKPOINTS).is_dir() and (run_dir / rd.CONFIG).is_file()
+                     and not rd.config_differences(run_dir, cfg, REUSE_FREE_KEYS))
+        if resumable:
+            try:
+                resume_run(run_dir, trust_pickle=opts.trust_pickle, verbose=opts.verbose, on_eval=on_eval)
+                return rd.read_summary(run_dir), False
+            except (RunPruned, RunInterrupted):
+                raise
+            except BudgetLoraError as exc:
+                opts.say(f"cannot resume {run_dir.name} ({str(exc).splitlines()[0]}); training it again")
+        with rd.RunLock(run_dir, "train it again"):  # left by a killed trial: not while another writes it
+            pass
+        shutil.rmtree(run_dir)
+    train_run(cfg, run_dir.parent, trust_pickle=opts.trust_pickle, verbose=opts.verbose, run_dir=run_dir,
+              on_eval=on_eval)
+    return rd.read_summary(run_dir), False
+
+
+def _superseded_by(study: Any, trial: Any, point: str) -> Optional[int]:
+    """The number of a lower trial for the same point that is waiting, running or settled.
+
+    Two workers can enqueue the same point (different storages/locks, retries); the lowest live
+    trial is the one that runs, every other copy steps aside."""
+    for other in study.get_trials(deepcopy=False):
+        if other.number < trial.number and other.user_attrs.get("point") == point and is_done_or_live(other):
+            return other.number
+    return None
+
+
+def _claim(study: Any, storage: Any, spec: StudySpec, opts: SweepOptions) -> Optional[Any]:
+    """A trial to run now, or None when there is nothing left to claim."""
+    from optuna.trial import TrialState
+
+    with file_lock(lock_path(opts.storage_url)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ask() warns when the storage has heartbeats (we record them)
+        trials = study.get_trials(deepcopy=False)
+        trial = None
+        if any(t.state == TrialState.WAITING for t in trials):
+            trial = study.ask()
+        elif spec.sampler is not None:
+            assert spec.n_trials is not None
+            # Over-budget samples do not use up n_trials (TPE learns to avoid them; 20x caps a
+            # space that is mostly over budget), nor do trials of dead workers, which are re-queued.
+            counted = [t for t in trials if not {"skipped", "empty", "duplicate_of"} & set(t.user_attrs)
+                       and (t.state != TrialState.FAIL or "error" in t.user_attrs)]
+            if len(counted) < spec.n_trials and len(trials) < 20 * spec.n_trials:
+                trial = study.ask()
+        if trial is not None:
+            heartbeat_for(storage, trial, opts.heartbeat).beat()  # at once, inside the lock
+        return trial
+
+
+def _suggest(trial: Any, spec: StudySpec) -> dict[str, Any]:
+    """The trial's overrides from the search space (Optuna stores lists as their joined labels)."""
+    over = {}
+    for p in spec.search:
+        if p.kind == "categorical":
+            labels = [_fmt_choice(c) for c in p.choices]
+            over[p.key] = p.choices[labels.index(trial.suggest_categorical(p.key, labels))]
+        elif p.kind == "int":
+            over[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            over[p.key] = trial.suggest_float(p.key, float(p.low), float(p.high), log=p.log, step=p.step)
+    return over
+
+
+def _fmt_choice(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _search_name(trial: Any, spec: StudySpec, over: dict[str, Any]) -> str:
+    parts = [f"t{trial.number:03d}"]
+    for p in spec.search:
+        value = over[p.key]
+        parts.append(name_part(p.key, float(f"{value:.3g}") if isinstance(value, float) else value))
+    return "-".join(parts)
+
+
+def _jobs(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned]) -> tuple[str, list[tuple[str, Config]]]:
+    """The point a trial stands for and the runs (name, config) it trains."""
+    point = trial.user_attrs.get("point")
+    if spec.sampler is None:
+        if point is None:  # ask() made a fresh trial because another worker took the last one
+            raise Skip("the queue was empty when this trial was claimed")
+        if point not in planned:
+            raise BudgetLoraError("the point is no longer in the study file (or is over budget now)")
+        jobs = [(point, planned[point].cfg)]
+    else:
+        over = _suggest(trial, spec)
+        point = point or _search_name(trial, spec, over)
+        trial.set_user_attr("point", point)
+        jobs = []
+        for seed in spec.seeds or [None]:
+            name = point if seed is None else f"{point}-seed{seed}"
+            cfg = build_config(spec, {**over, **({} if seed is None else {"train.seed": seed})}, name)
+            check_point(cfg)
+            jobs.append((name, cfg))
+    lower = _superseded_by(study, trial, point)
+    if lower is not None:
+        raise Duplicate(lower)
+    return point, jobs
+
+
+def _train_jobs(study: Any, trial: Any, spec: StudySpec, jobs: list[tuple[str, Config]], opts: SweepOptions,
+                storage: Any) -> tuple[list[dict[str, Any]], bool]:
+    trial.set_user_attr("run_dirs", [name for name, _ in jobs])
+    summaries, reused = [], True
+    with heartbeat_for(storage, trial, opts.heartbeat):
+        for name, cfg in jobs:
+            opts.say(f"trial {trial.number}: {name}")
+            judge = RungJudge(spec.prune, study, trial, name, report=len(jobs) == 1) if spec.prune else None
+            summary, was_reused = train_or_reuse(cfg, opts.out / name, opts, judge)
+            summaries.append(summary)
+            reused = reused and was_reused
+    return summaries, reused
+
+
+def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned], opts: SweepOptions,
+              storage: Any, stats: WorkerStats) -> None:
+    """Train one claimed trial (all its seeds in search mode) and tell Optuna its outcome, once."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    point, start = trial.user_attrs.get("point") or f"trial {trial.number}", time.perf_counter()
+    try:
+        point, jobs = _jobs(study, trial, spec, planned)
+        summaries, reused = _train_jobs(study, trial, spec, jobs, opts, storage)
+        values = summary_values(spec, summaries)
+    except Skip as exc:
+        trial.set_user_attr("empty", str(exc))
+        study.tell(trial, state=TrialState.PRUNED)
+    except OverBudgetError as exc:
+        stats.skipped += 1
+        trial.set_user_attr("skipped", str(exc).splitlines()[0])
+        opts.say(f"skip {point}: {str(exc).splitlines()[0]}")
+        study.tell(trial, state=TrialState.PRUNED)
+    except Duplicate as exc:
+        trial.set_user_attr("duplicate_of", exc.of)
+        study.tell(trial, state=TrialState.PRUNED)
+    except RunPruned as exc:
+        stats.pruned += 1
+        record = {"step": exc.step, "reason": exc.reason, "val_acc": exc.val_acc, "trial": trial.number}
+        rd.write_pruned(opts.out / (exc.run or point), record)
+        for key, value in (("pruned_at", exc.step), ("pruned_reason", exc.reason), ("val_acc_at_prune", exc.val_acc)):
+            trial.set_user_attr(key, value)
+        opts.say(f"PRUNE {point} at step {exc.step}: {exc.reason}")
+        study.tell(trial, state=TrialState.PRUNED)
+    except (RunInterrupted, KeyboardInterrupt):
+        trial.set_user_attr("error", "interrupted")  # a rerun retries (or resumes) the trial
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as exc:  # a failed trial is recorded, the sweep goes on
+        stats.failed += 1
+        reason = str(exc) if isinstance(exc, BudgetLoraError) else f"{type(exc).__name__}: {exc}"
+        trial.set_user_attr("error", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        opts.say(f"FAIL  {point}: {reason.splitlines()[0] if reason else type(exc).__name__}")
+    else:
+        test = [s["test"]["accuracy"] for s in summaries if isinstance(s.get("test"), dict)]
+        trial.set_user_attr("reused", reused)
+        trial.set_user_attr("trainable_params", summaries[0].get("trainable_params"))
+        if test:
+            trial.set_user_attr("test_acc", sum(test) / len(test))
+        study.tell(trial, values)
+        if reused:
+            stats.reused += 1
+        else:
+            stats.trained += 1
+        shown = "  ".join(f"{o} {v:.4g}" for o, v in zip(spec.objectives, values))
+        opts.say(f"done  {point}: " + ("already finished, not retrained" if reused else
+                                       f"{shown}  ({time.perf_counter() - start:.0f} s)") + _standing(study, spec))
+
+
+def _standing(study: Any, spec: StudySpec) -> str:
+    """Trials settled so far and the best so far: the sweep's progress line."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if "point" in t.user_attrs]
+    settled = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    total = spec.n_trials if spec.sampler else len({t.user_attrs["point"] for t in trials})
+    if not done:
+        return f"  [{len(settled)}/{total} settled]"
+    best = max(done, key=lambda t: t.values[0] if spec.directions[0] == "maximize" else -t.values[0])
+    return f"  [{len(settled)}/{total} settled; best {spec.objectives[0]} {best.values[0]:.4g}: {best.user_attrs['point']}]"
+
+
+def work(spec: StudySpec, opts: SweepOptions, planned: Optional[list[Planned]] = None) -> WorkerStats:
+    """One worker: claim trials from the shared study until none is waiting or running.
+
+    Waiting for other workers' running trials is deliberate: if one of them was killed, its
+    trial goes stale after the heartbeat grace period and is re-queued, and this worker runs it."""
+    from optuna.trial import TrialState
+
+    if planned is None:
+        planned, _ = plan(spec)
+    storage = open_storage(opts.storage_url, opts.heartbeat)
+    with file_lock(lock_path(opts.storage_url)):
+        study = open_optuna_study(spec, storage, opts.study_name)
+        if spec.sampler is None:
+            added = enqueue_missing(study, planned)
+            if added:
+                opts.say(f"queued {added} trial(s)")
+    by_name = {p.point.name: p for p in planned}
+    stats = WorkerStats()
+    waiting_for: set[int] = set()
+    while True:
+        fail_stale(study, storage, opts.heartbeat)
+        trial = _claim(study, storage, spec, opts)
+        if trial is None:
+            running = {t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
+            if running and opts.heartbeat:
+                if running != waiting_for:
+                    opts.say(f"waiting for {len(running)} trial(s) running in other workers (taken over if "
+                             f"their worker dies): {', '.join(map(str, sorted(running)))}")
+                    waiting_for = running
+                time.sleep(opts.poll_s)
+                continue
+            break
+        run_trial(study, trial, spec, by_name, opts, storage, stats)
+    return stats
