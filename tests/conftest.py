@@ -127,6 +127,28 @@ def synthetic_data(tmp_path_factory) -> dict[str, Path]:
             "test": write_csv(root / "test.csv", synthetic_rows(120, seed=2))}
 
 
+def tiny_dict(model_dir, data) -> dict:
+    """60 steps of the tiny model on the synthetic data: a run that learns (test accuracy ~1)."""
+    return {"name": "tiny", "model": str(model_dir), "budget": 1_000_000,
+            "data": {"train_file": str(data["train"]), "test_file": str(data["test"]), "val_size": 40,
+                     "max_length": 64},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"]},
+            "train": {"lr": 2e-2, "max_steps": 60, "batch_size": 16, "eval_every": 10, "log_every": 5,
+                      "seed": 0, "warmup": 0.0}}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, synthetic_data) -> Path:
+    """One finished run shared by the tests that only read it (or write beside it)."""
+    from budgetlora.config import config_from_dict
+    from budgetlora.recipe import train_run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.mktemp("trained-run-cache")))
+        return train_run(config_from_dict(tiny_dict(tiny_model_dir, synthetic_data)), tmp_path_factory.mktemp("runs"),
+                         verbose=False)
+
+
 @pytest.fixture()
 def tiny_config(tiny_model_dir, synthetic_data, tmp_path):
     """A config dict that trains the tiny model for a few steps in seconds."""

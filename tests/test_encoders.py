@@ -38,19 +38,28 @@ def test_budget_counts_follow_the_architecture_formula(model, targets, head, slo
     assert head + (best_r + 1) * slope > 1_000_000
 
 
+def _paths(model: str, **lora) -> dict:
+    import torch
+
+    from budgetlora.model import build_base_model
+
+    cfg, _ = _meta(model, **lora)
+    with torch.device("meta"):
+        return target_module_paths(build_base_model(cfg, 4, weights=False), cfg)
+
+
 def test_deberta_and_modernbert_short_names_are_exact_module_paths():
-    cfg, meta = _meta("microsoft/deberta-v3-base", targets=["q", "k", "v", "o", "ffn_in", "ffn_out"], layers=[0])
-    paths = target_module_paths(meta.get_base_model(), cfg)
+    paths = _paths("microsoft/deberta-v3-base", targets=["q", "k", "v", "o", "ffn_in", "ffn_out"], layers=[0])
     assert paths == {"deberta.encoder.layer.0.attention.self.query_proj": "q",
                      "deberta.encoder.layer.0.attention.self.key_proj": "k",
                      "deberta.encoder.layer.0.attention.self.value_proj": "v",
                      "deberta.encoder.layer.0.attention.output.dense": "o",
                      "deberta.encoder.layer.0.intermediate.dense": "ffn_in",
                      "deberta.encoder.layer.0.output.dense": "ffn_out"}
-    cfg, meta = _meta("answerdotai/ModernBERT-base", targets=["qkv", "o", "ffn_in", "ffn_out"], layers=[3])
-    assert target_module_paths(meta.get_base_model(), cfg) == {
+    assert _paths("answerdotai/ModernBERT-base", targets=["qkv", "o", "ffn_in", "ffn_out"], layers=[3]) == {
         "model.layers.3.attn.Wqkv": "qkv", "model.layers.3.attn.Wo": "o",
         "model.layers.3.mlp.Wi": "ffn_in", "model.layers.3.mlp.Wo": "ffn_out"}
+    _, meta = _meta("answerdotai/ModernBERT-base", targets=["qkv", "o", "ffn_in", "ffn_out"], layers=[3])
     report = count_trainable(meta)
     assert set(report.breakdown) == {"head", "lora_A.qkv", "lora_B.qkv", "lora_A.o", "lora_B.o", "lora_A.ffn_in",
                                      "lora_B.ffn_in", "lora_A.ffn_out", "lora_B.ffn_out"}

@@ -16,19 +16,7 @@ from budgetlora.config import config_from_dict
 from budgetlora.recipe import train_run
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_model_dir, synthetic_data):
-    cfg_dict = _tiny_dict(tiny_model_dir, synthetic_data)
-    return train_run(config_from_dict(cfg_dict), tmp_path_factory.mktemp("runs"), verbose=False)
-
-
-def _tiny_dict(model_dir, data):
-    return {"name": "tiny", "model": str(model_dir), "budget": 1_000_000,
-            "data": {"train_file": str(data["train"]), "test_file": str(data["test"]), "val_size": 40,
-                     "max_length": 64},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"]},
-            "train": {"lr": 2e-2, "max_steps": 60, "batch_size": 16, "eval_every": 10, "log_every": 5,
-                      "seed": 0, "warmup": 0.0}}
+from conftest import tiny_dict as _tiny_dict
 
 
 def test_run_directory_contents(trained_run):

@@ -63,7 +63,7 @@ class Run:
     def __init__(self, path: Union[str, Path], device: str = "auto", backend: str = "auto"):
         from budgetlora.artifacts.loading import describe
 
-        self.path = Path(path)
+        self.path = Path(path).absolute()
         self.kind = describe(self.path)  # refuses what is neither a run nor an export
         self.device, self.backend = device, backend
         self._trained: Any = None

@@ -50,17 +50,18 @@ def write_onnx(model: nn.Module, tokenizer: Any, path: Path) -> None:
 
     batch = probe_batch(tokenizer)
     args = (batch["input_ids"], batch["attention_mask"])
+    wrapper = _Logits(model).eval()  # the exporter restores the wrapper's mode afterwards: eval, not train
     names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's and the legacy exporter's deprecation notes
         try:
-            torch.onnx.export(_Logits(model), args, str(path), dynamo=False, opset_version=17,
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17,
                               dynamic_axes={"input_ids": {0: "batch", 1: "length"},
                                             "attention_mask": {0: "batch", 1: "length"}, "logits": {0: "batch"}},
                               **names)
         except Exception:
             batch_dim, length = torch.export.Dim("batch"), torch.export.Dim("length")
-            torch.onnx.export(_Logits(model), args, str(path), dynamo=True, opset_version=OPSET, external_data=False,
+            torch.onnx.export(wrapper, args, str(path), dynamo=True, opset_version=OPSET, external_data=False,
                               dynamic_shapes={"input_ids": {0: batch_dim, 1: length},
                                               "attention_mask": {0: batch_dim, 1: length}}, **names)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from typing import Optional, Sequence
 
 from budgetlora import __version__
@@ -22,9 +23,15 @@ trainable parameters, and evaluate, predict, export, sweep and compare the resul
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other budgetlora error (exit 2)."""
+
+    def error(self, message: str) -> "typing.NoReturn":
+        self.exit(2, f"budgetlora: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="budgetlora", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="budgetlora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"budgetlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (run, sweep, results, bench):

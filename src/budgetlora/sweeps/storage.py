@@ -36,8 +36,9 @@ def _journal_path(url: str) -> Path | None:
 
 
 def lock_path(url: str) -> Path | None:
+    # not "<file>.lock": Optuna's journal file lock takes that name for itself
     path = _sqlite_path(url) or _journal_path(url)
-    return path.with_name(path.name + ".lock") if path is not None else None
+    return path.with_name(path.name + ".queue-lock") if path is not None else None
 
 
 @contextlib.contextmanager
