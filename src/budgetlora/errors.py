@@ -20,6 +20,10 @@ class OverBudgetError(BudgetLoraError):
         self.budget = budget
 
 
+class RunDiverged(BudgetLoraError):
+    """The training loss became NaN or infinite: the run is not resumable (it would diverge again)."""
+
+
 class WriteError(BudgetLoraError):
     """A file or directory could not be written (disk full, no permission); the previous
     version of `path`, if any, is intact."""

@@ -28,7 +28,7 @@ from budgetlora.artifacts.trained import save_trained_model
 from budgetlora.config import Config, config_from_dict, flatten, parse_override
 from budgetlora.data import Splits, TokenizedSet, bucketed_batches, load_splits, tokenize
 from budgetlora.distributed import barrier, broadcast, context_from_env
-from budgetlora.errors import BudgetLoraError, RunInterrupted
+from budgetlora.errors import BudgetLoraError, RunDiverged, RunInterrupted
 from budgetlora.evaluate.predict import evaluate_split
 from budgetlora.model import (BudgetReport, build_model, check_budget, count_trainable, load_tokenizer, pad_token_id,
                               precheck_budget)
@@ -156,9 +156,9 @@ def train_run(cfg: Config, out_root: Path | str = "runs", overwrite: bool = Fals
         path = broadcast(placement.path if placement else None, rt.dist)  # rank 0 alone picks the directory
         try:
             _train(session, path, None, checkpoints, on_eval=on_eval)
-        except BaseException:
+        except BaseException as exc:
             if placement is not None:
-                placement.abandon()
+                placement.abandon(resumable=not isinstance(exc, RunDiverged))
             raise
         if placement is not None:
             placement.commit()

@@ -149,9 +149,9 @@ class Placement:
             atomic.swap_into_place(self.path, self.final, replace=True)
         self.release()
 
-    def abandon(self) -> None:
-        """The run failed: it is deleted unless a checkpoint makes it resumable."""
-        if not (self.path / CHECKPOINTS).is_dir():
+    def abandon(self, resumable: bool = True) -> None:
+        """The run failed: it is deleted unless a checkpoint makes it `resumable`."""
+        if not resumable or not (self.path / CHECKPOINTS).is_dir():
             shutil.rmtree(self.path, ignore_errors=True)
         self.release()
 

@@ -135,8 +135,18 @@ def _load_adapter(base: nn.Module, cfg: Config, run: Path) -> nn.Module:
     model = wrap_with_lora(base, cfg)
     state = _tensor_file(adapter_dir / ADAPTER_WEIGHTS)
     load_strict(model, state, set(get_peft_model_state_dict(model)), adapter_dir / ADAPTER_WEIGHTS)
-    set_peft_model_state_dict(model, state)
+    _copying(lambda: set_peft_model_state_dict(model, state), adapter_dir / ADAPTER_WEIGHTS)
     return model
+
+
+def _copying(load: Any, where: Path) -> None:
+    """A state-dict copy whose size mismatches (weights of another head size) are one error."""
+    try:
+        load()
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise BudgetLoraError(f"{where}: the weights do not fit this model ({detail[:300]}); was labels.json or "
+                              "config.yaml changed after training?") from None
 
 
 def load_run_model(run: Path, device: torch.device) -> TrainedModel:
@@ -158,7 +168,7 @@ def load_run_model(run: Path, device: torch.device) -> TrainedModel:
         weights = run / rd.FULL_MODEL / MODEL_WEIGHTS
         state = _tensor_file(weights)
         load_strict(base, state, set(base.state_dict()), weights)
-        base.load_state_dict(state)
+        _copying(lambda: base.load_state_dict(state), weights)
         model = base
     tokenizer_dir = run / rd.TOKENIZER
     tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else cfg.model)

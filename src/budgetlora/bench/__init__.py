@@ -79,18 +79,25 @@ class BenchOptions:
 
 def _spec(options: BenchOptions, device: torch.device) -> tuple[BenchSpec, int, list[int]]:
     d = _defaults(device)
+
+    def pick(value: Optional[int], key: str) -> int:
+        return d[key] if value is None else value
+
     model = options.model or d["model"]
     weights = model == MINILM_ALIAS or Path(model).expanduser().exists()
     batches = options.fast_batches or [d["fast_batch"]]
-    spec = BenchSpec(model=model, device=device, weights=weights, steps=options.steps or d["steps"],
-                     warmup=options.warmup if options.warmup is not None else d["warmup"],
-                     predict_rows=options.predict_rows or d["predict_rows"], fast_batch=batches[0],
-                     lora_dropout=options.lora_dropout, max_length=options.max_length)
-    if spec.warmup < 1 or spec.steps < 1 or any(b < 1 for b in batches):
-        raise BudgetLoraError("bench needs --warmup >= 1, --steps >= 1 and batch sizes >= 1")
-    if not 0 <= spec.lora_dropout < 1:
-        raise BudgetLoraError("--lora-dropout must be in [0, 1)")
-    return spec, options.repeats or d["repeats"], batches
+    spec = BenchSpec(model=model, device=device, weights=weights, steps=pick(options.steps, "steps"),
+                     warmup=pick(options.warmup, "warmup"), predict_rows=pick(options.predict_rows, "predict_rows"),
+                     fast_batch=batches[0], lora_dropout=options.lora_dropout, max_length=options.max_length)
+    repeats = pick(options.repeats, "repeats")
+    if spec.warmup < 1 or spec.steps < 1 or repeats < 1 or spec.predict_rows < 1 or any(b < 1 for b in batches):
+        raise BudgetLoraError("bench needs --warmup >= 1, --steps >= 1, --repeats >= 1, --predict-rows >= 1 and "
+                              "batch sizes >= 1")
+    if not 0 <= spec.lora_dropout < 1 or not 8 <= spec.max_length <= 512:
+        raise BudgetLoraError("bench needs --lora-dropout in [0, 1) and --max-length in [8, 512]")
+    if options.threads is not None and options.threads < 1:
+        raise BudgetLoraError("--threads must be >= 1")
+    return spec, repeats, batches
 
 
 def _measure_batch(spec: BenchSpec, data: BenchData, batch: int) -> Optional[Measured]:
@@ -109,12 +116,12 @@ def run_bench(options: BenchOptions, say: Any = print) -> dict[str, Any]:
 
     quiet_transformers()
     device = resolve_device(options.device)
+    spec, repeats, batches = _spec(options, device)
     if options.threads:
         torch.set_num_threads(options.threads)
     # budgetlora sets glibc's malloc thresholds for CPU runs, process-wide: set them before either
     # stack runs, so both are measured under the same allocator (the reference gains from it too)
     kept = device.type == "cpu" and keep_freed_memory()
-    spec, repeats, batches = _spec(options, device)
     config = load_model_config(spec.model, NUM_LABELS)
     data = load_bench_data(spec.model, None if options.synthetic else Path(options.data or DEFAULT_DATA).expanduser(),
                            config.vocab_size, spec.max_length, synthetic=options.synthetic)

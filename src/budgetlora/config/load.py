@@ -121,9 +121,19 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# what users of Transformers' Trainer and PEFT call budgetlora's keys
+_FAMILIAR = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+             "gradient_accumulation_steps": "grad_accum", "warmup_ratio": "warmup", "warmup_steps": "warmup",
+             "max_grad_norm": "grad_clip", "lr_scheduler_type": "scheduler", "fp16": "precision", "bf16": "precision",
+             "lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "lora_r": "r", "model_name": "model",
+             "model_name_or_path": "model", "max_seq_length": "max_length"}
+
+
 def _near(word: str, options: list[str]) -> str:
     import difflib
 
+    if _FAMILIAR.get(word) in options:
+        return f" (did you mean {_FAMILIAR[word]}?)"
     close = difflib.get_close_matches(word, options, n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 

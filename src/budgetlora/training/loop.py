@@ -19,7 +19,7 @@ from torch import nn
 from budgetlora.config import TrainConfig
 from budgetlora.data.tokens import TokenizedSet, bucketed_batches, collate, pad_multiple_for
 from budgetlora.distributed import all_reduce_sum, local_slice, wrap_model
-from budgetlora.errors import BudgetLoraError
+from budgetlora.errors import BudgetLoraError, RunDiverged
 from budgetlora.evaluate.metrics import cross_entropy
 from budgetlora.evaluate.predict import predict_logits
 from budgetlora.model import forward_logits
@@ -143,9 +143,8 @@ class _Window:
     def check_finite(self, lr: float) -> None:
         step = int(self.nonfinite_at)  # a host sync: only at log, evaluation and checkpoint points
         if step >= 0:
-            raise BudgetLoraError(f"the training loss became NaN or infinite at step {step}; the run stops here "
-                                  f"(lr {lr:.3g}): lower train.lr, keep train.grad_clip on, or use bf16/fp32 "
-                                  "instead of fp16")
+            raise RunDiverged(f"the training loss became NaN or infinite at step {step} (lr {lr:.3g}); the run is "
+                              "removed: lower train.lr, keep train.grad_clip on, or use bf16/fp32 instead of fp16")
 
     def totals(self) -> tuple[float, int, int]:
         loss, correct, rows = all_reduce_sum([float(self.loss), int(self.correct), self.rows],

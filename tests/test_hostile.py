@@ -1,0 +1,633 @@
+"""The hostile user: bad input, misuse and faults against the CLI, in-process on the tiny model.
+
+Every case must end in exit code 2 with exactly one `budgetlora: error:` line (a multi-line error
+indents its continuation lines), no traceback, and a sandbox whose every file and directory
+(content hash and mode) is unchanged outside the paths the case may touch, which for a failure is
+none: a failed command leaves no run directory, no half-written file, no deleted user file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from budgetlora.cli import main
+
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under root: (kind, mode, content hash) by relative path."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        if stat.S_ISREG(info.st_mode):
+            out[str(path.relative_to(root))] = ("file", stat.S_IMODE(info.st_mode),
+                                                hashlib.sha256(path.read_bytes()).hexdigest())
+        else:
+            out[str(path.relative_to(root))] = ("dir" if stat.S_ISDIR(info.st_mode) else "other",
+                                                stat.S_IMODE(info.st_mode), None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_sandbox(tmp_path_factory, tiny_model_dir, synthetic_data) -> Path:
+    """A user's directory: data, a precious folder, a finished run, a valid config."""
+    from budgetlora.config import config_from_dict
+    from budgetlora.recipe import train_run
+
+    root = tmp_path_factory.mktemp("sandbox")
+    data = root / "data"
+    data.mkdir()
+    shutil.copy(synthetic_data["train"], data / "train.csv")
+    shutil.copy(synthetic_data["test"], data / "test.csv")
+    (data / "classes.txt").write_text("World\nSports\nBusiness\nSci/Tech\n")
+    (root / "precious" / "sub").mkdir(parents=True)
+    (root / "precious" / "notes.txt").write_text("a week of experiments\n")
+    (root / "precious" / "sub" / "results.csv").write_text("ID,Label\n1,2\n")
+    config = {"name": "tiny", "model": str(tiny_model_dir), "budget": 1_000_000,
+              "data": {"train_file": str(data / "train.csv"), "test_file": str(data / "test.csv"), "val_size": 40,
+                       "max_length": 64},
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"]},
+              "train": {"lr": 2e-2, "max_steps": 4, "batch_size": 16, "eval_every": 2, "log_every": 2, "seed": 0,
+                        "warmup": 0.0, "device": "cpu"}}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(config))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.mktemp("sandbox-cache")))
+        train_run(config_from_dict(config), root / "runs", verbose=False)
+    return root
+
+
+@pytest.fixture()
+def sandbox(base_sandbox, tmp_path) -> Path:
+    root = tmp_path / "sandbox"
+    shutil.copytree(base_sandbox, root, symlinks=True)
+    # the copied config points at the copied data
+    raw = yaml.safe_load((root / "cfg.yaml").read_text())
+    raw["data"].update(train_file=str(root / "data" / "train.csv"), test_file=str(root / "data" / "test.csv"))
+    (root / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+def expect_refusal(sandbox: Path, capsys, argv: list[str], message: str = "", allowed: tuple[str, ...] = ()) -> str:
+    before = snapshot(sandbox)
+    code = main([a.replace("{sb}", str(sandbox)) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err
+    errors = [line for line in lines if line.startswith("budgetlora: error:")]
+    assert len(errors) == 1 and all(line.startswith("  ") for line in lines[lines.index(errors[0]) + 1:]), err
+    assert message.replace("{sb}", str(sandbox)) in err, err
+    after = snapshot(sandbox)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert {k for k in changed if not k.startswith(allowed)} == set() if allowed else not changed, sorted(changed)[:10]
+    return err
+
+
+TRAIN = ["train", "{sb}/cfg.yaml", "--out", "{sb}/runs", "--quiet"]
+
+# ----- 1. every key gets its type and its range, checked before any work --------------------------
+
+CONFIG_CASES = [
+    ("train.grad_clip=-1", "'train.grad_clip': got -1.0, must be > 0"),
+    ("train.grad_clip=0", "'train.grad_clip': got 0.0, must be > 0"),
+    ("train.head_lr=-1", "'train.head_lr': got -1.0"),
+    ("train.lr=.inf", "'train.lr': got inf, must be a finite number"),
+    ("train.lr=.nan", "must be a finite number"),
+    ("train.lr=0", "'train.lr': got 0.0, must be in (0, 10]"),
+    ("train.lr=1e6", "'train.lr': got 1000000.0"),
+    ("lora.alpha=0", "'lora.alpha': got 0.0"),
+    ("lora.alpha=-4", "'lora.alpha': got -4.0"),
+    ("train.weight_decay=-0.1", "'train.weight_decay': got -0.1, must be in [0, 1]"),
+    ("train.lora_plus_ratio=-2", "'train.lora_plus_ratio': got -2.0"),
+    ("train.lora_plus_ratio=0", "'train.lora_plus_ratio': got 0.0"),
+    ("train.epochs=-1", "'train.epochs': got -1.0"),
+    ("train.epochs=0", "'train.epochs': got 0.0"),
+    ("data.max_train_rows=-5", "'data.max_train_rows': got -5, must be >= 1"),
+    ("data.max_train_rows=0", "'data.max_train_rows': got 0"),
+    ("data.max_test_rows=-1", "'data.max_test_rows': got -1"),
+    ("train.warmup=2000", "'train.warmup': 2000 warmup steps is not shorter than the 4 steps"),
+    ("train.warmup=4", "'train.warmup': 4 warmup steps is not shorter than the 4 steps"),
+    ("train.warmup=1.5", "'train.warmup': got 1.5: a fraction (< 1) or a whole number"),
+    ("train.warmup=-1", "'train.warmup': got -1.0, must be >= 0"),
+    ("lora.rank_pattern={nope: 4}", "'lora.rank_pattern': 'nope' matches none of the adapted modules"),
+    ("lora.alpha_pattern={layer.9.attention.self.value: 4}", "'lora.alpha_pattern': 'layer.9.attention.self.value' matches none"),
+    ("lora.rank_pattern={layer.0.attention.self.value: 0}", "must be in [1, 4096]"),
+    ("lora.rank_pattern={layer.0.attention.self.value: -3}", "must be in [1, 4096]"),
+    ("lora.rank_pattern={'[': 4}", "is not a valid pattern"),
+    ("train.num_threads=-1", "'train.num_threads': got -1"),
+    ("train.num_threads=0", "'train.num_threads': got 0"),
+    ("train.device=bogus", "'train.device': 'bogus': expected auto, cpu, cuda, cuda:N or mps"),
+    ("train.device=cuda:x", "'train.device'"),
+    ("train.momentum=-1", "'train.momentum': got -1.0, must be in [0, 1)"),
+    ("train.momentum=1", "'train.momentum': got 1.0"),
+    ("lora.dropout=1", "'lora.dropout': got 1.0, must be in [0, 1)"),
+    ("lora.dropout=-0.1", "'lora.dropout': got -0.1"),
+    ("train.label_smoothing=1", "'train.label_smoothing': got 1.0"),
+    ("train.batch_size=0", "'train.batch_size': got 0"),
+    ("train.batch_size=10000000", "'train.batch_size': got 10000000"),
+    ("train.grad_accum=0", "'train.grad_accum': got 0"),
+    ("train.eval_every=0", "'train.eval_every': got 0"),
+    ("train.log_every=0", "'train.log_every': got 0"),
+    ("train.keep_checkpoints=0", "'train.keep_checkpoints': got 0"),
+    ("train.save_every=-5", "'train.save_every': got -5"),
+    ("train.seed=-1", "'train.seed': got -1"),
+    ("train.seed=1.5", "'train.seed': got 1.5, expected an integer"),
+    ("train.max_steps=0", "'train.max_steps': got 0"),
+    ("train.max_steps=null", "'train.max_steps': set max_steps or epochs"),
+    ("train.eval_batch_size=0", "'train.eval_batch_size': got 0"),
+    ("train.num_cycles=0", "'train.num_cycles': got 0"),
+    ("train.early_stopping_patience=0", "'train.early_stopping_patience': got 0"),
+    ("data.max_length=7", "'data.max_length': got 7"),
+    ("data.max_length=129", "'data.max_length': 129 is longer than model"),
+    ("data.max_length=100000", "is longer than model"),
+    ("data.val_size=-1", "'data.val_size': got -1.0"),
+    ("data.val_size=1.5", "'data.val_size': got 1.5: a fraction"),
+    ("data.val_size=1000000", "'data.val_size': 1e+06 leaves no training rows"),
+    ("data.test_size=0.2", "'data.test_size': splits a test set off the training rows; the config already has"),
+    ("data.test_size=-1", "'data.test_size': got -1.0"),
+    ("budget=0", "'budget': got 0"),
+    ("budget=100", "exceed the budget of 100"),
+    ("lora.r=0", "'lora.r': got 0"),
+    ("lora.r=5000", "'lora.r': got 5000"),
+    ("lora.r=four", "'lora.r': got 'four', expected an integer"),
+    ("lora.r=true", "'lora.r': got True, expected an integer"),
+    ("lora.layers=[-1]", "'lora.layers[0]': got -1"),
+    ("lora.layers=[9]", "'lora.layers': [9] outside 0..1"),
+    ("lora.layers=[0, 0]", "'lora.layers': lists a value twice"),
+    ("lora.targets=[]", "'lora.targets': must name at least one module"),
+    ("lora.targets=[query]", "unknown target(s) ['query']"),
+    ("lora.targets=[q, q]", "'lora.targets': lists a value twice"),
+    ("lora.targets=[qkv]", "['qkv'] do not exist in"),
+    ("lora.target_modules=[nope.dense]", "'lora.target_modules': 'nope.dense' is not a Linear module"),
+    ("lora.target_modules=['']", "'lora.target_modules': holds an empty module path"),
+    ("lora.bias=some", "'lora.bias': got 'some'"),
+    ("lora.use_dora=maybe", "'lora.use_dora': got 'maybe', expected true/false"),
+    ("lora.dropout_position=middle", "'lora.dropout_position'"),
+    ("train.optimizer=adam", "'train.optimizer': got 'adam'"),
+    ("train.scheduler=step", "'train.scheduler': got 'step'"),
+    ("train.precision=fp64", "'train.precision': got 'fp64'"),
+    ("train.compile=sometimes", "'train.compile': got 'sometimes'"),
+    ("train.report_to=[wandb]", "'train.report_to[0]': got 'wandb'"),
+    ("head.type=mlp", "'head.type': got 'mlp'"),
+    ("head.pooling=max", "'head.pooling': got 'max'"),
+    ("mode=partial", "'mode': got 'partial'"),
+    ("model_init=zeros", "'model_init': got 'zeros'"),
+    ("data.format=xml", "'data.format': got 'xml'"),
+    ("data.text_columns=[]", "'data.text_columns': must name at least one column"),
+    ("data.text_columns=[text, text]", "'data.text_columns': lists a value twice"),
+    ("data.label_names=[a]", "'data.label_names': needs at least two class names"),
+    ("data.label_names=[a, a]", "'data.label_names': lists a class twice"),
+    ("data.label_names=['', b]", "class names must be non-empty printable strings"),
+    ("data.classes_file={sb}/data/classes.txt", "'data.classes_file': set data.label_names or data.classes_file, not both"),
+    ("data.dataset=ag_news", "set data.train_file or data.dataset, not both"),
+    ("train.learning_rate=0.1", "unknown config key 'train.learning_rate' (did you mean"),
+    ("lora.rank=4", "unknown config key 'lora.rank' (did you mean r"),
+    ("optimizer=adamw", "unknown config key 'optimizer'"),
+    ("train=3", "config key 'train' must be a mapping"),
+    ("train..lr=1", "empty part in the dotted name"),
+    ("lr", "expected KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("item, message", CONFIG_CASES, ids=[c[0][:40] for c in CONFIG_CASES])
+def test_nonsense_config_values_are_refused_before_any_work(sandbox, capsys, item, message):
+    extra = ["--set", "data.label_names=[World, Sports, Business, Sci/Tech]"] if "classes_file" in item else []
+    expect_refusal(sandbox, capsys, TRAIN + extra + ["--set", item], message)
+
+
+# ----- 2. names and places: the run lives under --out and nowhere else ----------------------------
+
+NAME_CASES = [("..", "is not a run name"), (".", "is not a run name"), ("/abs/dir", "is not a run name"),
+              ("../../x", "is not a run name"), ("a/b", "is not a run name"), ("", "is not a run name"),
+              (".hidden", "is not a run name"), ("x" * 101, "is not a run name"), ("with space", "is not a run name"),
+              ("naïve", "is not a run name"), ("-dash", "is not a run name")]
+
+
+@pytest.mark.parametrize("name, message", NAME_CASES, ids=[repr(c[0])[:20] for c in NAME_CASES])
+def test_a_run_name_is_one_path_component(sandbox, capsys, name, message):
+    expect_refusal(sandbox, capsys, TRAIN + [f"--name={name}", "--overwrite"], message)
+
+
+def test_overwrite_replaces_only_a_run(sandbox, capsys):
+    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "precious", "--overwrite",
+                                     "--quiet"], "{sb}/precious exists and is not a budgetlora run")
+    (sandbox / "afile").write_text("x")
+    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "afile", "--overwrite",
+                                     "--quiet"], "exists and is not a budgetlora run")
+
+
+def test_a_failing_overwrite_leaves_the_old_run_whole(sandbox, capsys):
+    expect_refusal(sandbox, capsys, TRAIN + ["--overwrite", "--set", "data.test_file={sb}/data/missing.csv"],
+                   "data file not found")
+
+
+def test_out_under_a_regular_file_is_one_error_naming_the_users_path(sandbox, capsys):
+    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}/precious/notes.txt/runs", "--quiet"],
+                   "cannot create the run directory under {sb}/precious/notes.txt/runs")
+
+
+# ----- 3. unbounded or wrong kinds of input -----------------------------------------------------------
+
+@pytest.fixture()
+def fifo(sandbox) -> Path:
+    path = sandbox / "data" / "pipe.csv"
+    os.mkfifo(path)
+    return path
+
+
+DATA_PATH_CASES = [
+    ("/dev/zero", "/dev/zero is not a regular file"), ("/dev/urandom", "/dev/urandom is not a regular file"),
+    ("{sb}/data", "is a directory, expected a data file"), ("{sb}/data/missing.csv", "data file not found"),
+    ("{sb}/data/pipe.csv", "is not a regular file (a device, pipe or socket)"),
+]
+
+
+@pytest.mark.parametrize("path, message", DATA_PATH_CASES, ids=[c[0] for c in DATA_PATH_CASES])
+@pytest.mark.parametrize("key", ["data.train_file", "data.test_file"])
+def test_data_files_must_be_regular_files(sandbox, capsys, fifo, path, message, key):
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", f"{key}={path}"], message)
+
+
+@pytest.mark.parametrize("path, message", DATA_PATH_CASES, ids=[c[0] for c in DATA_PATH_CASES])
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_prediction_data_must_be_regular_files(sandbox, capsys, fifo, path, message, command):
+    out = ["--out", "{sb}/p.csv"] if command == "predict" else ["--json", "{sb}/m.json"]
+    expect_refusal(sandbox, capsys, [command, "{sb}/runs/tiny", "--data", path, "--quiet"] + out, message)
+
+
+CLASSES_CASES = [
+    ("/dev/zero", "is not a regular file"), ("{sb}/data", "is a directory"), ("{sb}/data/nope.txt", "classes file not found"),
+    ("/etc/passwd", "classes have no training rows"), ("{sb}/data/binary.txt", "not a UTF-8 text file"),
+    ("{sb}/data/one.txt", "expected two or more distinct class names"), ("{sb}/data/dupes.txt", "distinct class names"),
+    ("{sb}/data/long.txt", "is not a class name"), ("{sb}/data/huge.txt", "over 1 MiB"),
+    ("{sb}/data/empty.txt", "expected two or more"),
+]
+
+
+@pytest.mark.parametrize("path, message", CLASSES_CASES, ids=[c[0] for c in CLASSES_CASES])
+def test_a_classes_file_is_a_small_list_of_names(sandbox, capsys, path, message):
+    data = sandbox / "data"
+    (data / "binary.txt").write_bytes(b"\xff\xfe\x00World\n\x80Sports\n")
+    (data / "one.txt").write_text("World\n")
+    (data / "dupes.txt").write_text("World\nWorld\n")
+    (data / "long.txt").write_text("World\n" + "x" * 300 + "\n")
+    (data / "huge.txt").write_text("name\n" * 300_000)
+    (data / "empty.txt").write_text("")
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", f"data.classes_file={path}"], message)
+
+
+CONFIG_FILE_CASES = [("/dev/zero", "is not a regular file"), ("{sb}/data", "is not a regular file"),
+                     ("{sb}/missing.yaml", "config file not found"), ("{sb}/list.yaml", "the top level must be a mapping"),
+                     ("{sb}/bad.yaml", "invalid YAML"), ("{sb}/binary.yaml", "not a UTF-8 text file"),
+                     ("{sb}/huge.yaml", "larger than 1 MiB")]
+
+
+@pytest.mark.parametrize("path, message", CONFIG_FILE_CASES, ids=[c[0] for c in CONFIG_FILE_CASES])
+def test_config_files_are_small_yaml_mappings(sandbox, capsys, path, message):
+    (sandbox / "list.yaml").write_text("- a\n- b\n")
+    (sandbox / "bad.yaml").write_text("name: [unclosed\n")
+    (sandbox / "binary.yaml").write_bytes(b"name: \xff\xfe\n")
+    (sandbox / "huge.yaml").write_text("# " + "x" * (1 << 20) + "\n")
+    expect_refusal(sandbox, capsys, ["train", path, "--out", "{sb}/runs", "--quiet"], message)
+
+
+# ----- 4. labels ----------------------------------------------------------------------------------------
+
+LABEL_FILES = {
+    "only3.csv": ("text,label\nmatch goal team,3\nstocks market,3\n", "classes have no training rows (0, 1, 2)"),
+    "onerow.csv": ("text,label\nmatch goal team,3\n", "classes have no training rows"),
+    "gap.csv": ("text,label\n" + "".join(f"row {i},{2 * (i % 2)}\n" for i in range(20)), "1 of 3 classes have no training rows"),
+    "one.csv": ("text,label\nmatch,0\ngoal,0\n", "only one class"),
+    "float.csv": ("text,label\nmatch,1.5\ngoal,0\n", "label '1.5' is not a class index or class name"),
+    "mixed.csv": ("text,label\nmatch,1\ngoal,sports\n", "mixes names with integer labels"),
+    "negative.csv": ("text,label\nmatch,-1\ngoal,0\n", "negative label"),
+    "huge.csv": ("text,label\nmatch,99999999\ngoal,0\n", "too large for a class index"),
+    "empty_label.csv": ("text,label\nmatch,\ngoal,0\n", "is not a class index or class name"),
+    "no_label.csv": ("text,other\nmatch,1\n", "no label column 'label'"),
+    "empty_text.csv": ("text,label\n  ,1\ngoal,0\n", "empty text"),
+    "quote.csv": ("text,label\n" + "".join(f"row {i},{i % 4}\n" for i in range(29)) + '"unclosed,1\n'
+                  + "".join(f"row {i},{i % 4}\n" for i in range(29)), "line 31: malformed row"),
+    "fields.csv": ("text,label\nmatch,1,extra\n", "line 2: expected 2 fields"),
+    "nul.csv": ("text,label\nma\x00tch,1\n", "contains a NUL byte"),
+    "latin1.csv": (b"text,label\ncaf\xe9,1\ngoal,0\n", "line 2: not valid UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LABEL_FILES))
+def test_labels_and_rows_that_cannot_train_a_classifier(sandbox, capsys, name):
+    content, message = LABEL_FILES[name]
+    path = sandbox / "data" / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", f"data.train_file={path}", "--set", "data.val_size=0"], message)
+
+
+def test_too_many_label_names_for_the_data(sandbox, capsys):
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", "data.label_names=[a, b, c, d, e]"],
+                   "1 of 5 classes have no training rows (e)")
+
+
+# ----- 5. trust: only the command line lets a pickle load --------------------------------------------
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/budgetlora-pickle-ran",))
+
+
+@pytest.fixture()
+def evil_pickle(sandbox) -> Path:
+    import pickle
+
+    Path("/tmp/budgetlora-pickle-ran").unlink(missing_ok=True)
+    path = sandbox / "data" / "evil.pkl"
+    path.write_bytes(pickle.dumps(_Payload()))
+    return path
+
+
+def _assert_not_run() -> None:
+    assert not Path("/tmp/budgetlora-pickle-ran").exists()
+
+
+def test_a_config_file_cannot_grant_trust(sandbox, capsys, evil_pickle):
+    raw = yaml.safe_load((sandbox / "cfg.yaml").read_text())
+    raw["data"].update(trust_pickle=True, train_file=str(evil_pickle))
+    (sandbox / "evil.yaml").write_text(yaml.safe_dump(raw))
+    expect_refusal(sandbox, capsys, ["train", "{sb}/evil.yaml", "--out", "{sb}/runs", "--quiet"],
+                   "pass --trust-pickle (trust comes from the command line")
+    _assert_not_run()
+
+
+def test_a_runs_saved_config_cannot_grant_trust(sandbox, capsys, evil_pickle):
+    config = sandbox / "runs" / "tiny" / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["trust_pickle"] = True
+    config.write_text(yaml.safe_dump(raw))
+    for command in (["predict", "--out", "{sb}/p.csv"], ["eval", "--json", "{sb}/m.json"]):
+        expect_refusal(sandbox, capsys, [command[0], "{sb}/runs/tiny", "--data", str(evil_pickle)] + command[1:],
+                       "--trust-pickle")
+    _assert_not_run()
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "auto"])
+def test_a_pickle_under_another_name_or_format_is_still_refused(sandbox, capsys, evil_pickle, fmt):
+    disguised = sandbox / "data" / "disguised.pkl"
+    shutil.copy(evil_pickle, disguised)
+    target = disguised if fmt == "auto" else sandbox / "data" / "train.csv"
+    expect_refusal(sandbox, capsys, ["predict", "{sb}/runs/tiny", "--data", str(target), "--format", fmt,
+                                     "--out", "{sb}/p.csv"], "--trust-pickle")
+    _assert_not_run()
+
+
+def test_an_adapter_saved_only_as_a_torch_pickle_is_refused(sandbox, capsys):
+    adapter = sandbox / "runs" / "tiny" / "adapter"
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    expect_refusal(sandbox, capsys, ["classify", "{sb}/runs/tiny", "match goal"],
+                   "adapter_model.bin is a torch pickle; budgetlora loads weights only from safetensors")
+
+
+# ----- 6. damaged artifacts: one line, never a traceback, never a silent half-load ---------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(8, path.stat().st_size // 3)])
+
+
+def _garble(path: Path) -> None:
+    path.write_bytes(b"\x00garbage" * 64)
+
+
+DAMAGE = {
+    "truncated adapter": (lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"), "not a readable safetensors"),
+    "garbage adapter": (lambda run: _garble(run / "adapter" / "adapter_model.safetensors"), "not a readable safetensors"),
+    "no adapter weights": (lambda run: (run / "adapter" / "adapter_model.safetensors").unlink(), "is missing"),
+    "labels not json": (lambda run: (run / "labels.json").write_text("{names"), "labels.json: unreadable"),
+    "labels wrong shape": (lambda run: (run / "labels.json").write_text('{"names": "World"}'), "expected {\"names\""),
+    "labels one name": (lambda run: (run / "labels.json").write_text('{"names": ["a"]}'), "two or more distinct"),
+    "labels duplicate": (lambda run: (run / "labels.json").write_text('{"names": ["a", "a", "b", "c"]}'),
+                         "two or more distinct"),
+    "labels more than the head": (lambda run: (run / "labels.json").write_text('{"names": ["a", "b", "c", "d", "e"]}'),
+                                  "the weights do not fit this model (size mismatch"),
+    "labels missing": (lambda run: (run / "labels.json").unlink(), "labels.json is missing"),
+    "config garbage": (lambda run: (run / "config.yaml").write_text("name: [oops\n"), "invalid YAML"),
+    "config wrong values": (lambda run: (run / "config.yaml").write_text(
+        (run / "config.yaml").read_text().replace("r: 4", "r: -4")), "'lora.r': got -4"),
+    "config missing": (lambda run: (run / "config.yaml").unlink(), "neither a budgetlora run"),
+    "config max_length too long": (lambda run: (run / "config.yaml").write_text(
+        (run / "config.yaml").read_text().replace("max_length: 64", "max_length: 5000")), "is longer than model"),
+    "tokenizer garbage": (lambda run: (run / "tokenizer" / "tokenizer.json").write_text("{"), "cannot load a tokenizer"),
+    "adapter of another model": (lambda run: _other_adapter(run), "the weights do not belong to this model"),
+}
+
+
+def _other_adapter(run: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.nothing.lora_A.weight": torch.zeros(2, 2)}, str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("command", ["classify", "predict", "export"])
+def test_damaged_runs_are_one_error(sandbox, capsys, damage, command):
+    run = sandbox / "runs" / "tiny"
+    corrupt, message = DAMAGE[damage]
+    corrupt(run)
+    argv = {"classify": ["classify", str(run), "match goal"],
+            "predict": ["predict", str(run), "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"],
+            "export": ["export", str(run), "--merged", "{sb}/export"]}[command]
+    expect_refusal(sandbox, capsys, argv, message)
+
+
+def test_a_full_mode_weights_file_of_another_model_is_refused(sandbox, capsys, tiny_model_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    from budgetlora.config import config_from_dict
+    from budgetlora.recipe import train_run
+
+    raw = yaml.safe_load((sandbox / "cfg.yaml").read_text())
+    raw.update(mode="full", budget=None, name="full")
+    run = train_run(config_from_dict(raw), sandbox / "runs", verbose=False)
+    save_file({"unrelated.weight": torch.zeros(3)}, str(run / "model" / "model.safetensors"))
+    expect_refusal(sandbox, capsys, ["classify", str(run), "match goal"], "the weights do not belong to this model")
+
+
+def test_damaged_checkpoints_and_results_inputs(sandbox, capsys):
+    from budgetlora.training.checkpoint import complete_checkpoints
+
+    run = sandbox / "runs" / "tiny"
+    for checkpoint in complete_checkpoints(run):
+        (checkpoint / "state.json").write_text("{")
+    (run / "summary.json").unlink()
+    expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"], "has no checkpoint to resume from",
+                   allowed=("runs/tiny",))
+    (run / "summary.json").write_text("{not json")
+    expect_refusal(sandbox, capsys, ["results", "{sb}/runs"], "summary.json: unreadable")
+    expect_refusal(sandbox, capsys, ["report", "{sb}/runs"], "summary.json: unreadable")
+
+
+# ----- 7. exports go into new or empty directories, never into or over a run ---------------------------
+
+EXPORT_TARGETS = [
+    (["--merged", "{sb}/runs/tiny"], "is (or is inside, or contains) a run directory"),
+    (["--merged", "{sb}/runs/tiny/adapter"], "is (or is inside, or contains) a run directory"),
+    (["--merged", "{sb}/runs"], "is (or is inside, or contains) a run directory"),
+    (["--merged", "{sb}"], "is (or is inside, or contains) a run directory"),
+    (["--merged", "{sb}/precious"], "is not empty and is not a budgetlora export"),
+    (["--merged", "{sb}/precious", "--overwrite"], "is not empty and is not a budgetlora export"),
+    (["--merged", "{sb}/precious/notes.txt"], "exists and is not a directory"),
+    (["--onnx", "{sb}/runs/tiny"], "is (or is inside, or contains) a run directory"),
+    (["--onnx", "{sb}/precious"], "is not empty and is not a budgetlora export"),
+    (["--int8", "--merged", "{sb}/x"], "--int8 applies to --onnx exports"),
+]
+
+
+@pytest.mark.parametrize("target, message", EXPORT_TARGETS, ids=[" ".join(c[0]) for c in EXPORT_TARGETS])
+def test_export_targets(sandbox, capsys, target, message):
+    expect_refusal(sandbox, capsys, ["export", "{sb}/runs/tiny"] + target, message)
+
+
+def test_an_earlier_export_is_replaced_only_with_overwrite(sandbox, capsys):
+    assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "export")]) == 0
+    capsys.readouterr()
+    expect_refusal(sandbox, capsys, ["export", "{sb}/runs/tiny", "--merged", "{sb}/export"],
+                   "holds an earlier export; pass --overwrite")
+    assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "export"), "--overwrite"]) == 0
+
+
+def test_a_full_disk_during_export_leaves_nothing(sandbox, capsys, monkeypatch):
+    from budgetlora.artifacts import export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_tensors", full)
+    monkeypatch.setattr(export.AutoModelForSequenceClassification if hasattr(export, "AutoModelForSequenceClassification")
+                        else export, "__doc__", export.__doc__)
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    expect_refusal(sandbox, capsys, ["export", "{sb}/runs/tiny", "--merged", "{sb}/export"],
+                   "cannot write {sb}/export: No space left on device")
+
+
+# ----- 8. one writer per run --------------------------------------------------------------------------
+
+def test_a_second_writer_fails_at_once_naming_the_holder(sandbox, capsys):
+    from budgetlora.artifacts.run_dir import RunLock
+
+    run = sandbox / "runs" / "tiny"
+    (run / "summary.json").unlink()  # resumable again
+    with RunLock(run, "train into it"):
+        expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"],
+                       f"is in use by process {os.getpid()}", allowed=("runs/tiny/.lock",))
+        expect_refusal(sandbox, capsys, TRAIN + ["--overwrite"], f"is in use by process {os.getpid()}",
+                       allowed=("runs/tiny/.lock",))
+
+
+# ----- 9. outputs and messages --------------------------------------------------------------------------
+
+OUTPUT_CASES = [
+    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/precious"], "is a directory"),
+    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/precious/notes.txt/p.csv"],
+     "cannot write {sb}/precious/notes.txt/p.csv"),
+    (["eval", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--json", "{sb}/precious/notes.txt/m.json"],
+     "cannot write {sb}/precious/notes.txt/m.json"),
+    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--format", "xml"],
+     "argument --format: invalid choice: 'xml'"),
+    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--backend", "tf"],
+     "argument --backend: invalid choice"),
+    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv"], "the following arguments are required: --out"),
+    (["predict", "{sb}/precious", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"],
+     "is neither a budgetlora run"),
+    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--text-columns", "nope"],
+     "no text column 'nope'"),
+    (["eval", "{sb}/runs/tiny", "--data", "{sb}/data/unlabeled.csv", "--json", "{sb}/m.json"], "no label column"),
+    (["classify", "{sb}/runs/tiny", " "], "empty text"),
+    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+    (["train"], "train needs a config file"),
+    (["train", "{sb}/cfg.yaml", "--resume", "{sb}/runs/tiny"], "not both"),
+    (["train", "--resume", "{sb}/nope"], "run directory not found"),
+    (["train", "--resume", "{sb}/runs/tiny", "--set", "lora.r=8"], "cannot change on --resume"),
+    (["train", "--resume", "{sb}/runs/tiny"], "already finished"),
+    (["train", "{sb}/cfg.yaml", "--extend"], "--extend only applies to --resume"),
+    (["plan", "--budget", "0"], "'budget': got 0"),
+    (["plan", "--num-labels", "1"], "num_labels must be an integer >= 2"),
+    (["sweep", "{sb}/missing.yaml"], "config file not found"),
+    (["sweep", "{sb}/cfg.yaml", "--workers", "0"], "--workers must be >= 1"),
+    (["results", "{sb}/precious"], "no runs found"),
+    (["compare", "{sb}/runs/tiny"], "compare needs at least two run directories"),
+    (["bench", "--steps", "0", "--device", "cpu"], "bench needs --warmup >= 1, --steps >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, message", OUTPUT_CASES, ids=[" ".join(c[0][:1] + c[0][-2:])[:50] for c in OUTPUT_CASES])
+def test_misuse_of_the_commands(sandbox, capsys, argv, message):
+    (sandbox / "data" / "unlabeled.csv").write_text("text\nmatch goal\n")
+    expect_refusal(sandbox, capsys, argv, message)
+
+
+def test_an_unreachable_hub_model_fails_fast_and_quietly(sandbox, capsys):
+    import time
+
+    start = time.perf_counter()
+    err = expect_refusal(sandbox, capsys, TRAIN + ["--set", "model=someone/not-downloaded-model"],
+                         "model 'someone/not-downloaded-model' is not available offline")
+    assert time.perf_counter() - start < 30 and len(err.splitlines()) == 1
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(sandbox, capsys, monkeypatch):
+    import torch
+
+    from budgetlora.training import loop
+
+    real, calls = loop.forward_logits, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        logits = real(model, batch)
+        return logits * float("nan") if calls["n"] >= 3 else logits
+
+    monkeypatch.setattr(loop, "forward_logits", poisoned)
+    expect_refusal(sandbox, capsys, TRAIN + ["--name", "diverged"], "the training loss became NaN or infinite at step 3")
+    assert torch.isfinite(torch.tensor(1.0))
+
+
+def test_outputs_are_csv_quoted_and_follow_the_umask(sandbox, capsys):
+    import csv
+
+    ids = ['a,b', 'say "hi"', "two\nlines", "plain"]
+    path = sandbox / "data" / "odd.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ID", "text"])
+        writer.writerows([[i, "match goal team"] for i in ids])
+    old = os.umask(0o027)
+    try:
+        assert main(["predict", str(sandbox / "runs" / "tiny"), "--data", str(path), "--out", str(sandbox / "p.csv"),
+                     "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    with (sandbox / "p.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ids
+    assert stat.S_IMODE((sandbox / "p.csv").stat().st_mode) == 0o640
+    run = sandbox / "runs" / "tiny"
+    assert stat.S_IMODE((run / "summary.json").stat().st_mode) & 0o044 == 0o044  # built under umask 022
+
+
+def test_a_truncated_token_cache_is_rebuilt(sandbox, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BUDGETLORA_CACHE", str(cache))
+    args = ["predict", str(sandbox / "runs" / "tiny"), "--data", str(sandbox / "data" / "test.csv"), "--out"]
+    assert main(args + [str(sandbox / "a.csv"), "--quiet"]) == 0
+    for entry in (cache / "tokens").glob("*.npz"):
+        _truncate(entry)
+    assert main(args + [str(sandbox / "b.csv"), "--quiet"]) == 0
+    assert (sandbox / "a.csv").read_text() == (sandbox / "b.csv").read_text()
