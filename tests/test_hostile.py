@@ -631,3 +631,18 @@ def test_a_truncated_token_cache_is_rebuilt(sandbox, monkeypatch, tmp_path):
         _truncate(entry)
     assert main(args + [str(sandbox / "b.csv"), "--quiet"]) == 0
     assert (sandbox / "a.csv").read_text() == (sandbox / "b.csv").read_text()
+
+
+def test_every_artifact_follows_the_umask(sandbox, capsys):
+    old = os.umask(0o027)
+    try:
+        assert main([a.replace("{sb}", str(sandbox)) for a in TRAIN] + ["--name", "masked"]) == 0
+        run = sandbox / "runs" / "masked"
+        assert main(["export", str(run), "--merged", str(sandbox / "export")]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    for root in (run, sandbox / "export"):
+        for path in [root, *root.rglob("*")]:
+            want = 0o750 if path.is_dir() else 0o640
+            assert stat.S_IMODE(path.stat().st_mode) == want, path

@@ -51,3 +51,22 @@ def test_missing_tensorboard_is_refused_before_a_run_directory_exists(tiny_confi
     with pytest.raises(BudgetLoraError, match="train.report_to.*pip install"):
         train_run(config_from_dict(tiny_config), tmp_path / "runs", verbose=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_mlflow_logs_params_metrics_per_step_and_the_run_directory(tiny_config, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tiny_config["train"].update({"max_steps": 10, "eval_every": 5, "log_every": 5, "save_every": 5,
+                                 "report_to": ["mlflow"], "mlflow_tracking_uri": uri, "mlflow_experiment": "tests"})
+    run = train_run(config_from_dict(tiny_config), tmp_path / "runs", verbose=False)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "tiny"
+    assert logged.data.params["lora.r"] == "4" and logged.data.params["train.lr"] == str(tiny_config["train"]["lr"])
+    losses = client.get_metric_history(logged.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [5, 10]
+    summary = json.loads((run / "summary.json").read_text())
+    assert logged.data.metrics["test.accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"summary.json", "config.yaml", "metrics.jsonl", "adapter", "README.md"} <= artifacts
+    assert "checkpoints" not in artifacts

@@ -96,10 +96,16 @@ def write_json(path: Path, data: Any, indent: int = 2) -> Path:
     return write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n")
 
 
-def _fsync_tree(root: Path) -> None:
+def settle_tree(root: Path) -> None:
+    """Modes from the umask (libraries such as safetensors create 0600 files) and every file and
+    folder fsynced, before the tree is renamed into place."""
+    fmode, dmode = file_mode(), dir_mode()
     for folder, _, files in os.walk(root):
         for name in files:
-            fsync_path(Path(folder) / name)
+            path = Path(folder) / name
+            os.chmod(path, fmode)
+            fsync_path(path)
+        os.chmod(folder, dmode)
         fsync_path(Path(folder))
 
 
@@ -113,9 +119,8 @@ def atomic_dir(path: Path, replace: bool = False) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        os.chmod(tmp, dir_mode())
         yield tmp
-        _fsync_tree(tmp)
+        settle_tree(tmp)
         swap_into_place(tmp, path, replace)
         tmp = None
     except Exception as exc:

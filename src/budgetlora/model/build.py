@@ -134,8 +134,10 @@ def build_base_model(cfg: Config, num_labels: int, weights: bool) -> nn.Module:
     config = load_model_config(cfg.model, num_labels, cfg.data.max_length)
     auto = AutoModelForSequenceClassification if cfg.head.type == "auto" else AutoModel
     if weights and cfg.model_init == "pretrained":
+        # fp32 master weights whatever the checkpoint's dtype: Transformers 5 would keep an fp16 or bf16
+        # checkpoint in that dtype, and the adapters PEFT adds take their layer's dtype
         model = _from_hub_or_cache(cfg.model, lambda: auto.from_pretrained(resolve_model_path(cfg.model),
-                                                                           config=config))
+                                                                           config=config, dtype=torch.float32))
     else:
         try:
             model = auto.from_config(config)

@@ -32,7 +32,7 @@ from torch import nn
 
 from budgetlora.artifacts.run_dir import CHECKPOINTS
 from budgetlora.artifacts.trained import save_tensors, untie
-from budgetlora.atomic import dir_mode, fsync_path
+from budgetlora.atomic import fsync_path, settle_tree
 from budgetlora.errors import BudgetLoraError
 from budgetlora.training.loop import LoopState, Resumable, trainable_tensors
 
@@ -171,7 +171,6 @@ def save_checkpoint(run_dir: Path, model: nn.Module, progress: Resumable, reason
     tmp: Optional[Path] = None
     try:
         tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=_TMP_PREFIX))
-        os.chmod(tmp, dir_mode())
         _save_tensors(untie(trainable_tensors(model, copy=False)), tmp / "trainable.safetensors")
         if progress.best_trainable is not None:
             _save_tensors(untie(progress.best_trainable), tmp / "best.safetensors")
@@ -189,7 +188,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, progress: Resumable, reason
             "history": progress.history, "config": config, "data_fingerprint": data_fingerprint,
             **structure,
         })
-        fsync_path(tmp)
+        settle_tree(tmp)
         final.parent.mkdir(exist_ok=True)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             _remove(final)
