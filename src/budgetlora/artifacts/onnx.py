@@ -43,12 +43,9 @@ class _Logits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def write_onnx(model: nn.Module, tokenizer: Any, path: Path) -> None:
-    """Export with TorchScript tracing (faster ONNX Runtime graphs on CPU than the dynamo exporter
-    here); the dynamo exporter is the fallback where tracing fails."""
-    from budgetlora.artifacts.export import probe_batch
-
-    batch = probe_batch(tokenizer)
+def write_onnx(model: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> None:
+    """Export with TorchScript tracing on an example `batch` (faster ONNX Runtime graphs on CPU than
+    the dynamo exporter here); the dynamo exporter is the fallback where tracing fails."""
     args = (batch["input_ids"], batch["attention_mask"])
     wrapper = _Logits(model).eval()  # the exporter restores the wrapper's mode afterwards: eval, not train
     names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
@@ -99,7 +96,7 @@ def export_onnx(trained: TrainedModel, out: Path, int8: bool = False, overwrite:
     with atomic.atomic_dir(out, replace=True) as tmp:
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:
             fp32 = Path(scratch) / ONNX_FILE
-            write_onnx(model, trained.tokenizer, fp32)
+            write_onnx(model, probe_batch(trained.tokenizer), fp32)
             if int8:
                 quantize_int8(fp32, tmp / ONNX_FILE)
             else:

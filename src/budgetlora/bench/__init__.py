@@ -109,6 +109,21 @@ def _measure_batch(spec: BenchSpec, data: BenchData, batch: int) -> Optional[Mea
         return None
 
 
+def _onnx(spec: BenchSpec, data: BenchData, ours: float, say: Any) -> dict[str, float]:
+    from budgetlora.artifacts.onnx import require_onnx
+    from budgetlora.bench.onnx import measure_onnx
+
+    require_onnx()
+    numbers = measure_onnx(spec, data)
+    numbers["fp32_speedup"] = numbers["fp32_predict_samples_per_s"] / ours
+    numbers["int8_speedup"] = numbers["int8_predict_samples_per_s"] / ours
+    say(f"(c) ONNX Runtime fp32 predict {numbers['fp32_predict_samples_per_s']:.1f}/s ({numbers['fp32_speedup']:.2f}x "
+        f"budgetlora's PyTorch predict); (d) int8 {numbers['int8_predict_samples_per_s']:.1f}/s "
+        f"({numbers['int8_speedup']:.2f}x; argmax agrees with fp32 on "
+        f"{100 * numbers['int8_argmax_agreement_with_fp32']:.1f}% of rows)")
+    return numbers
+
+
 def run_bench(options: BenchOptions, say: Any = print) -> dict[str, Any]:
     """Measure (a) the reference stack and (b) budgetlora (at each batch size) in this process;
     `say` gets the lines to print, the returned dict the numbers."""
@@ -162,8 +177,10 @@ def run_bench(options: BenchOptions, say: Any = print) -> dict[str, Any]:
     say(format_table(ref, fitted, flops_train, flops_predict, peak))
     best = max(fitted.values(), key=lambda m: m.train_samples_per_s)
     train_x = best.train_samples_per_s / ref.train_samples_per_s
-    predict_x = max(m.predict_samples_per_s for m in fitted.values()) / ref.predict_samples_per_s
-    return {"device": where, "model": spec.model, "data": data.note,
+    ours = max(m.predict_samples_per_s for m in fitted.values())
+    predict_x = ours / ref.predict_samples_per_s
+    onnx = _onnx(spec, data, ours, say) if options.onnx else None
+    return {"onnx": onnx,"device": where, "model": spec.model, "data": data.note,
             "spec": {k: str(v) for k, v in asdict(spec).items()}, "reference": asdict(ref),
             "fast": {str(b): asdict(m) for b, m in fitted.items()}, "peak_tflops": peak, "peak_dtype": peak_name,
             "train_flops_per_sample": flops_train, "predict_flops_per_sample": flops_predict,
