@@ -116,13 +116,16 @@ def test_a_pruned_sweep_stops_the_hopeless_trial_resumes_without_redoing_it_and_
 
     out = tmp_path / "out"
     outcome = _sweep(study({"prune": {"rungs": [25]}}), out)
-    trials = _trials(out)
     assert outcome.stats.trained == 1 and outcome.stats.pruned == 1
-    bad = trials["lr1e_07"]
-    assert bad["state"] == "PRUNED" and bad["pruned_at"] == 25 and "significantly behind: " in bad["pruned_reason"]
+    assert list(_trials(out)) == ["lr0.02"]  # the final phase: only the survivor trains to the end
+    (rung,) = json.loads((out / "rungs.json").read_text())["25"][1:]
+    assert rung["point"] == "lr1e_07" and rung["pruned"] and rung["leader"] == "lr0.02" and rung["p_value"] < 0.05
     pruned_run = out / "lr1e_07"
-    assert json.loads((pruned_run / "pruned.json").read_text())["step"] == 25
+    record = json.loads((pruned_run / "pruned.json").read_text())
+    assert record["step"] == 25 and "significantly behind: " in record["reason"] and record["trainable_params"] > 0
     assert (pruned_run / "checkpoints" / "step-00000025").is_dir() and not (pruned_run / "summary.json").exists()
+    survivor = yaml.safe_load((out / "lr0.02" / "config.yaml").read_text())
+    assert survivor["train"]["eval_at"] == [25]  # the rung is an evaluation of every trial, and of a resume
     results = (out / "results.md").read_text()
     assert "pruned @ 25" in results and "significantly behind" in results and "## Verdict" in results
     assert "winner: lr0.02" in results
@@ -130,7 +133,7 @@ def test_a_pruned_sweep_stops_the_hopeless_trial_resumes_without_redoing_it_and_
     assert best["train"]["lr"] == 2e-2 and best["name"] == "lr0.02"
 
     again = _sweep(study({"prune": {"rungs": [25]}}), out)  # rerun: nothing left, nothing redone
-    assert (again.stats.trained, again.stats.pruned) == (0, 0) and len(_trials(out)) == 2
+    assert (again.stats.trained, again.stats.pruned) == (0, 0) and list(_trials(out)) == ["lr0.02"]
 
     resume_run(pruned_run, verbose=False)  # a pruned trial taken on to full length
     assert json.loads((pruned_run / "summary.json").read_text())["steps"] == 30

@@ -49,3 +49,12 @@ class RunPruned(Exception):
     def __init__(self, step: int, reason: str, val_acc: float, run: str = ""):
         super().__init__(f"pruned at step {step}: {reason}")
         self.step, self.reason, self.val_acc, self.run = step, reason, val_acc, run
+
+
+class RunPaused(Exception):
+    """A sweep's successive halving stopped the run at a rung (after its checkpoint was written),
+    until every trial has reached that rung; the run resumes from there if it survives."""
+
+    def __init__(self, step: int, val_acc: float):
+        super().__init__(f"paused at step {step}")
+        self.step, self.val_acc = step, val_acc

@@ -33,6 +33,7 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 MODEL_CARD = "README.md"
 PRUNED = "pruned.json"  # a sweep's pruner stopped the run at a rung: step, reason (resumable)
+RUNGS = "rungs.json"  # a sweep's rung evaluations: per step, the per-row validation outcomes
 MARKER = ".budgetlora-run"  # identifies a budgetlora run (and, for a staged --overwrite, what it replaces)
 LOCK = ".lock"
 EXPORT_META = "budgetlora.json"  # what budgetlora needs to read an export back: config, labels, head
@@ -285,6 +286,20 @@ def read_pruned(run_dir: Path) -> Optional[dict[str, Any]]:
         return None
     data = _read_json(path, "the pruning record is damaged")
     return data if isinstance(data, dict) else None
+
+
+def write_rung(run_dir: Path, step: int, record: dict[str, Any]) -> None:
+    rungs = read_rungs(run_dir)
+    rungs[str(step)] = record
+    atomic.write_json(Path(run_dir) / RUNGS, rungs)
+
+
+def read_rungs(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUNGS
+    if not path.is_file():
+        return {}
+    data = _read_json(path, "the rung records are damaged")
+    return data if isinstance(data, dict) else {}
 
 
 class MetricsFile:

@@ -136,6 +136,7 @@ class TrainConfig:
     device: str = opt("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`, `mps`")
     seed: int = opt(42, "seed of initialisation, data order, dropout and splits", range=Range(0, 2**32 - 1))
     eval_every: Optional[int] = opt(200, "evaluate on the validation split every N steps (and at the end)", range=COUNT)
+    eval_at: list[int] = opt(help="further steps to evaluate at (a sweep's pruning rungs)", range=COUNT, factory=list)
     log_every: int = opt(20, "log training loss and accuracy every N steps", range=COUNT)
     early_stopping_patience: Optional[int] = opt(None, "stop after N evaluations without a gain", range=COUNT)
     restore_best: bool = opt(True, "end with the adapter of the best evaluation")

@@ -24,6 +24,8 @@ def build_config(spec: StudySpec, overrides: dict[str, Any], name: str) -> Confi
 
     Raises OverBudgetError when no rank fits; the budget itself is checked by `check_point`."""
     over = {**spec.fixed, **overrides, "name": name}
+    if spec.prune is not None:  # every rung is an evaluation step of the trial (and of its resume)
+        over["train.eval_at"] = sorted(set(over.get("train.eval_at") or []) | set(spec.prune.rungs))
     ratio = over.pop(ALPHA_OVER_R, None)
     wants_max = over.get("lora.r") == MAX_RANK
     if wants_max:

@@ -1,13 +1,16 @@
 """Statistically safe pruning: a trial stops at a rung (an evaluation step) only when it is
 significantly worse than the rung's leader on the same validation rows.
 
-At each rung a trial's per-row validation outcomes are recorded in the study (so workers on other
-machines see them). A trial is a candidate for pruning when it is outside the top 1/eta of the
-trials that reached the rung (successive halving), and it is pruned only when a paired one-sided
-test (exact McNemar, or a paired bootstrap) against the leader gives p < alpha / m, where m is
-every comparison the sweep can make (points x rungs): Bonferroni, so the chance that any pruned
-trial was in fact as good as the leader at its rung stays below alpha. Optuna's own pruners
-(median, successive halving, Hyperband; no statistics) are available as `test:` options.
+In a grid sweep the rungs are synchronous successive halving (sweeps/halving.py): every trial
+trains to the first rung and pauses there, then all are compared, the survivors go on to the next
+rung, and so on. In a search (TPE, random), trials arrive one by one, so each is compared at a
+rung with the trials that reached it before (asynchronous, as ASHA). Either way a trial is pruned
+only when a paired one-sided test (exact McNemar, or a paired bootstrap) against the rung's leader
+on the same validation rows gives p < alpha / m, where m is every comparison the sweep can make
+(points x rungs): Bonferroni, so the chance that any pruned trial was in fact as good as the
+leader at its rung stays below alpha. `eta` additionally keeps the top 1/eta of a rung whatever
+the test says. Optuna's own pruners (median, successive halving, Hyperband; no statistics) are
+available as `test:` options.
 
 A pruned trial keeps its checkpoint: `budgetlora train --resume RUN` takes it to full length.
 """
@@ -23,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from budgetlora.config import Config
-from budgetlora.errors import BudgetLoraError, RunPruned
+from budgetlora.errors import BudgetLoraError, RunPaused, RunPruned
 from budgetlora.evaluate.stats import mcnemar_worse_pvalue, paired_bootstrap_worse_pvalue
 
 STATISTICAL = ("mcnemar", "bootstrap")
@@ -36,20 +39,23 @@ class PruneSpec:
     rungs: list[int]
     test: str = "mcnemar"
     alpha: float = 0.05
-    eta: float = 2.0
+    eta: Optional[float] = None  # keep the top 1/eta of a rung whatever the test says (None: no such floor)
     min_trials: int = 2
     comparisons: int = 1  # m of the Bonferroni correction: set once the sweep knows its points
 
+    @property
+    def synchronous(self) -> bool:
+        """Rungs where every trial waits for the others (the statistical tests on a grid)."""
+        return self.test in STATISTICAL
+
     def check(self, cfg: Config, name: str) -> None:
-        """Every rung must be an evaluation step before the last step of the trial."""
-        every, last = cfg.train.eval_every, cfg.train.max_steps
-        if not cfg.data.val_size or not every:
-            raise BudgetLoraError(f"{name}: pruning compares validation outcomes; set data.val_size > 0 and "
-                                  "train.eval_every")
-        bad = [r for r in self.rungs if r % every or (last is not None and r >= last)]
+        """Every rung must come before the last step of the trial, with validation rows to compare."""
+        last = cfg.train.max_steps
+        if not cfg.data.val_size:
+            raise BudgetLoraError(f"{name}: pruning compares validation outcomes; set data.val_size > 0")
+        bad = [r for r in self.rungs if last is not None and r >= last]
         if bad:
-            raise BudgetLoraError(f"{name}: prune rungs {bad} are not evaluation steps before the last step "
-                                  f"(train.eval_every {every}, train.max_steps {last}); use multiples of {every}")
+            raise BudgetLoraError(f"{name}: prune rungs {bad} are not before the last step (train.max_steps {last})")
 
     def optuna_pruner(self) -> Any:
         import optuna
@@ -85,6 +91,8 @@ def parse_prune(path: Path, raw: Any) -> Optional[PruneSpec]:
     spec.test = test
     for key, low, high in (("alpha", 0.0, 0.5), ("eta", 1.0, 100.0)):
         value = raw.get(key, getattr(spec, key))
+        if value is None and key == "eta":
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
             raise BudgetLoraError(f"{path}: prune.{key} must be a number in ({low:g}, {high:g}]")
         setattr(spec, key, float(value))
@@ -142,15 +150,17 @@ class Decision:
 
 
 def decide(candidate: RungRecord, others: list[RungRecord], spec: PruneSpec) -> Decision:
-    """Prune `candidate` only if it is outside the top 1/eta and significantly behind the leader."""
+    """Prune `candidate` only if it is significantly behind the leader (and, with eta, outside the
+    top 1/eta)."""
     peers = [r for r in others if r.step == candidate.step and r.val_key == candidate.val_key and r.run != candidate.run]
     if len(peers) + 1 < spec.min_trials:
         return Decision(False, f"{len(peers) + 1} trial(s) at step {candidate.step}; fewer than {spec.min_trials}")
     ranked = sorted(peers + [candidate], key=lambda r: -r.accuracy)
-    kept = max(1, math.ceil(len(ranked) / spec.eta))
+    kept = max(1, math.ceil(len(ranked) / spec.eta)) if spec.eta else 1
     leader = ranked[0]
-    if candidate in ranked[:kept]:
-        return Decision(False, f"in the top {kept} of {len(ranked)} at step {candidate.step}", leader.run)
+    if any(candidate is r for r in ranked[:kept]):
+        return Decision(False, f"{'the leader' if kept == 1 else f'in the top {kept} of {len(ranked)}'} at step "
+                               f"{candidate.step}", leader.run)
     test = mcnemar_worse_pvalue if spec.test == "mcnemar" else paired_bootstrap_worse_pvalue
     p = test(candidate.correct, leader.correct)
     level = spec.alpha / max(1, spec.comparisons)
@@ -166,9 +176,26 @@ def _records(study: Any) -> list[RungRecord]:
             for key, value in t.user_attrs.items() if key.startswith("rung:") and isinstance(value, dict)]
 
 
+class RungPause:
+    """The `on_eval` hook of a synchronous rung: at `step`, the run's outcomes go into its
+    directory and the run pauses (RunPaused, after the rung's checkpoint is written)."""
+
+    def __init__(self, run_dir: Path, step: int):
+        self.run_dir, self.step = Path(run_dir), step
+
+    def __call__(self, step: int, correct: np.ndarray, val_key: str) -> None:
+        from budgetlora.artifacts import run_dir as rd
+
+        if step == self.step:
+            record = RungRecord(self.run_dir.name, step, correct, val_key)
+            rd.write_rung(self.run_dir, step, record.to_attr())
+            raise RunPaused(step, record.accuracy)
+
+
 class RungJudge:
-    """The `on_eval` hook of one trial's run: records its outcomes at each rung and stops the run
-    (RunPruned, after the rung's checkpoint is written) when the decision says so."""
+    """The `on_eval` hook of one trial's run in an asynchronous search: records its outcomes at
+    each rung and stops the run (RunPruned, after the rung's checkpoint is written) when the
+    decision says so."""
 
     def __init__(self, spec: PruneSpec, study: Any, trial: Any, run: str, report: bool):
         self.spec, self.study, self.trial, self.run, self.report = spec, study, trial, run, report

@@ -21,6 +21,7 @@ from budgetlora.sweeps.plan import Planned, plan
 from budgetlora.sweeps.prune import ConfirmSpec, PruneSpec
 from budgetlora.sweeps.spec import Point, StudySpec, load_study
 from budgetlora.sweeps.storage import default_storage, open_optuna_study, open_storage
+from budgetlora.sweeps.halving import work_study
 from budgetlora.sweeps.worker import SweepOptions, WorkerStats, work
 
 CONFIRM_DIR, CONFIRM_POINTS = "confirm", "points.json"
@@ -131,7 +132,7 @@ def _phase(request: SweepRequest, spec: StudySpec, opts: SweepOptions, planned: 
     """This process works on the study while N-1 children do the same; returns this process's stats."""
     children = [_spawn_worker(request, opts, i, confirm_phase) for i in range(1, request.workers)]
     try:
-        stats = work(spec, opts, planned)
+        stats = work_study(spec, opts, planned)
     finally:
         for child in children:
             child.wait()
@@ -209,4 +210,4 @@ def run_worker(request: SweepRequest, worker: str, confirm_phase: bool) -> Worke
     if confirm_phase:
         return work(confirm_spec(spec, out), dataclasses.replace(
             opts, out=out / CONFIRM_DIR, study_name=f"{request.study_name or spec.name}-confirm"))
-    return work(spec, opts, _prepare(spec)[0])
+    return work_study(spec, opts, _prepare(spec)[0])

@@ -224,3 +224,14 @@ def fail_stale(study: Any, storage: Any, interval: int | None) -> None:
                     study.enqueue_trial({}, user_attrs={"point": trial.user_attrs["point"],
                                                         "axes": trial.user_attrs.get("axes", {}),
                                                         "retries": retries + 1})
+
+
+def fail_running(study: Any, storage: Any) -> None:
+    """Without heartbeats (a single worker), a RUNNING trial at start is one a killed worker left:
+    failed, so its point is queued again."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

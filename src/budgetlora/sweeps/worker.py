@@ -18,13 +18,13 @@ from typing import Any, Optional
 
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.config import Config
-from budgetlora.errors import BudgetLoraError, OverBudgetError, RunInterrupted, RunPruned
+from budgetlora.errors import BudgetLoraError, OverBudgetError, RunInterrupted, RunPaused, RunPruned
 from budgetlora.progress import Console
 from budgetlora.sweeps.plan import Planned, build_config, check_point, plan
 from budgetlora.sweeps.prune import RungJudge
 from budgetlora.sweeps.spec import StudySpec, name_part
-from budgetlora.sweeps.storage import (enqueue_missing, fail_stale, file_lock, heartbeat_for, is_done_or_live, lock_path,
-                                      open_optuna_study, open_storage)
+from budgetlora.sweeps.storage import (enqueue_missing, fail_running, fail_stale, file_lock, heartbeat_for,
+                                      is_done_or_live, lock_path, open_optuna_study, open_storage)
 
 # keys that may differ between a finished trial and the point without making it another experiment
 REUSE_FREE_KEYS = ("train.device", "train.num_threads", "train.eval_batch_size")
@@ -41,6 +41,7 @@ class SweepOptions:
     worker: str = ""
     trust_pickle: bool = False
     console: Console = Console()
+    pause_at: Optional[int] = None  # a synchronous rung: train each run to this step and pause it there
 
     def say(self, message: str) -> None:
         self.console.say(f"[{self.worker}] {message}" if self.worker else message)
@@ -53,6 +54,10 @@ class WorkerStats:
     failed: int = 0
     skipped: int = 0
     pruned: int = 0
+
+    def add(self, other: "WorkerStats") -> None:
+        for key in ("trained", "reused", "failed", "skipped", "pruned"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
 class Skip(Exception):
@@ -80,9 +85,20 @@ def summary_values(spec: StudySpec, summaries: list[dict[str, Any]]) -> list[flo
     return [values[o] for o in spec.objectives]
 
 
+def _paused(run_dir: Path, step: int, cfg: Config) -> Optional[dict[str, Any]]:
+    """The stand-in summary of a run paused at a synchronous rung, if it got there."""
+    record = rd.read_rungs(run_dir).get(str(step))
+    if not isinstance(record, dict):
+        return None
+    return {"best_val_acc": float(record.get("acc", 0.0)), "paused_at": step,
+            "trainable_params": record.get("trainable_params")}
+
+
 def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any = None) -> tuple[dict[str, Any], bool]:
-    """The run's summary, training it unless `run_dir` already holds the finished run of this config."""
+    """The run's summary, training it unless `run_dir` already holds the finished run of this config
+    (or, at a synchronous rung, the run paused there)."""
     from budgetlora.recipe import resume_run, train_run
+    from budgetlora.sweeps.prune import RungPause
 
     if rd.is_finished(run_dir):
         diff = rd.config_differences(run_dir, cfg, REUSE_FREE_KEYS) if (run_dir / rd.CONFIG).is_file() else []
@@ -90,26 +106,36 @@ def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any 
             raise BudgetLoraError(f"{run_dir} holds a finished run of a different config (differs in "
                                   f"{', '.join(diff[:6])}); delete it or sweep into another --out")
         return rd.read_summary(run_dir), True
-    pruned = rd.read_pruned(run_dir) if on_eval is not None else None
+    pruned = rd.read_pruned(run_dir) if on_eval is not None or opts.pause_at else None
     if pruned is not None:  # settled by an earlier pass of this sweep (its storage may be gone)
         raise RunPruned(int(pruned.get("step", 0)), str(pruned.get("reason", "")), float(pruned.get("val_acc", 0)),
                         run_dir.name)
-    if run_dir.exists():
-        resumable = ((run_dir / rd.CHECKPOINTS).is_dir() and (run_dir / rd.CONFIG).is_file()
-                     and not rd.config_differences(run_dir, cfg, REUSE_FREE_KEYS))
-        if resumable:
-            try:
-                resume_run(run_dir, trust_pickle=opts.trust_pickle, verbose=opts.verbose, on_eval=on_eval)
-                return rd.read_summary(run_dir), False
-            except (RunPruned, RunInterrupted):
-                raise
-            except BudgetLoraError as exc:
-                opts.say(f"cannot resume {run_dir.name} ({str(exc).splitlines()[0]}); training it again")
-        with rd.RunLock(run_dir, "train it again"):  # left by a killed trial: not while another writes it
-            pass
-        shutil.rmtree(run_dir)
-    train_run(cfg, run_dir.parent, trust_pickle=opts.trust_pickle, verbose=opts.verbose, run_dir=run_dir,
-              on_eval=on_eval)
+    if opts.pause_at is not None:
+        paused = _paused(run_dir, opts.pause_at, cfg)
+        if paused is not None:
+            return paused, True
+        on_eval = RungPause(run_dir, opts.pause_at)
+    try:
+        if run_dir.exists():
+            resumable = ((run_dir / rd.CHECKPOINTS).is_dir() and (run_dir / rd.CONFIG).is_file()
+                         and not rd.config_differences(run_dir, cfg, REUSE_FREE_KEYS))
+            if resumable:
+                try:
+                    resume_run(run_dir, trust_pickle=opts.trust_pickle, verbose=opts.verbose, on_eval=on_eval)
+                    return rd.read_summary(run_dir), False
+                except (RunPruned, RunPaused, RunInterrupted):
+                    raise
+                except BudgetLoraError as exc:
+                    opts.say(f"cannot resume {run_dir.name} ({str(exc).splitlines()[0]}); training it again")
+            with rd.RunLock(run_dir, "train it again"):  # left by a killed trial: not while another writes it
+                pass
+            shutil.rmtree(run_dir)
+        train_run(cfg, run_dir.parent, trust_pickle=opts.trust_pickle, verbose=opts.verbose, run_dir=run_dir,
+                  on_eval=on_eval)
+    except RunPaused:
+        paused = _paused(run_dir, opts.pause_at or 0, cfg)
+        assert paused is not None
+        return paused, False
     return rd.read_summary(run_dir), False
 
 
@@ -209,7 +235,8 @@ def _train_jobs(study: Any, trial: Any, spec: StudySpec, jobs: list[tuple[str, C
     with heartbeat_for(storage, trial, opts.heartbeat):
         for name, cfg in jobs:
             opts.say(f"trial {trial.number}: {name}")
-            judge = RungJudge(spec.prune, study, trial, name, report=len(jobs) == 1) if spec.prune else None
+            asynchronous = spec.prune is not None and not (spec.sampler is None and spec.prune.synchronous)
+            judge = RungJudge(spec.prune, study, trial, name, report=len(jobs) == 1) if asynchronous else None
             summary, was_reused = train_or_reuse(cfg, opts.out / name, opts, judge)
             summaries.append(summary)
             reused = reused and was_reused
@@ -240,8 +267,9 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planne
         study.tell(trial, state=TrialState.PRUNED)
     except RunPruned as exc:
         stats.pruned += 1
-        record = {"step": exc.step, "reason": exc.reason, "val_acc": exc.val_acc, "trial": trial.number}
-        rd.write_pruned(opts.out / (exc.run or point), record)
+        if rd.read_pruned(opts.out / (exc.run or point)) is None:
+            record = {"step": exc.step, "reason": exc.reason, "val_acc": exc.val_acc, "trial": trial.number}
+            rd.write_pruned(opts.out / (exc.run or point), record)
         for key, value in (("pruned_at", exc.step), ("pruned_reason", exc.reason), ("val_acc_at_prune", exc.val_acc)):
             trial.set_user_attr(key, value)
         opts.say(f"PRUNE {point} at step {exc.step}: {exc.reason}")
@@ -298,6 +326,8 @@ def work(spec: StudySpec, opts: SweepOptions, planned: Optional[list[Planned]] =
     storage = open_storage(opts.storage_url, opts.heartbeat)
     with file_lock(lock_path(opts.storage_url)):
         study = open_optuna_study(spec, storage, opts.study_name)
+        if not opts.heartbeat:
+            fail_running(study, storage)
         if spec.sampler is None:
             added = enqueue_missing(study, planned)
             if added:

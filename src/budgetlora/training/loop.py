@@ -265,8 +265,9 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
 
         if state.step % cfg.log_every == 0 or state.step == total:
             _log_window(window, progress, stream, log)
-        evaluating = bool(val_data is not None and len(val_data) > 0 and cfg.eval_every
-                          and (state.step % cfg.eval_every == 0 or state.step == total))
+        scheduled = (cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == total)) \
+            or state.step in cfg.eval_at
+        evaluating = bool(val_data is not None and len(val_data) > 0 and scheduled)
         if evaluating:
             window.check_finite(optimizer.param_groups[0]["lr"])
             correct = _evaluate(model, val_data, rt, pad_id, progress, log)

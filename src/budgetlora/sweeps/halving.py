@@ -1,0 +1,95 @@
+"""Synchronous successive halving over a grid's rungs.
+
+Every point trains to the first rung and pauses there (its checkpoint and its per-row validation
+outcomes saved in its run directory); once all have, each is compared with the rung's leader on
+the same validation rows and pruned only when significantly behind (sweeps/prune.decide); the
+survivors resume to the next rung, and after the last rung to full length. Each rung is an Optuna
+study of its own in the sweep's storage (`<study>@<step>`), so any number of workers share it,
+and a killed sweep resumes: a point paused at a rung is not trained again, a pruned one never.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from budgetlora import atomic
+from budgetlora.artifacts import run_dir as rd
+from budgetlora.sweeps.plan import Planned
+from budgetlora.sweeps.prune import RungRecord, decide
+from budgetlora.sweeps.spec import StudySpec
+from budgetlora.sweeps.worker import SweepOptions, WorkerStats, work
+
+RUNGS_FILE = "rungs.json"  # in the sweep folder: every rung's comparisons
+
+
+def rung_study(spec: StudySpec, opts: SweepOptions, step: int) -> tuple[StudySpec, SweepOptions]:
+    name = f"{opts.study_name or spec.name}@{step}"
+    return (dataclasses.replace(spec, name=name, objectives=["val_acc"], confirm=None),
+            dataclasses.replace(opts, study_name=name, pause_at=step))
+
+
+def _record(planned: Planned, opts: SweepOptions, step: int) -> RungRecord | None:
+    data = rd.read_rungs(opts.out / planned.point.name).get(str(step))
+    return RungRecord.from_attr(data) if isinstance(data, dict) else None
+
+
+def decide_rung(spec: StudySpec, opts: SweepOptions, step: int, alive: list[Planned]) -> tuple[list[Planned], int]:
+    """The points that go on from `step`; the others get their pruned.json (the same decision on
+    every worker: it depends only on the records)."""
+    assert spec.prune is not None
+    records = {p.point.name: r for p in alive if (r := _record(p, opts, step)) is not None}
+    survivors, pruned, lines = [], 0, []
+    for planned in alive:
+        name = planned.point.name
+        record = records.get(name)
+        if record is None:  # no outcomes at this rung (e.g. a run finished before pruning was on)
+            survivors.append(planned)
+            continue
+        decision = decide(record, [r for other, r in records.items() if other != name], spec.prune)
+        lines.append({"point": name, "val_acc": record.accuracy, "pruned": decision.prune, "reason": decision.reason,
+                      "p_value": decision.p_value, "leader": decision.leader})
+        if not decision.prune:
+            survivors.append(planned)
+            continue
+        pruned += 1
+        if rd.read_pruned(opts.out / name) is None:
+            rd.write_pruned(opts.out / name, {"step": step, "reason": decision.reason, "val_acc": record.accuracy,
+                                              "leader": decision.leader, "p_value": decision.p_value,
+                                              "trainable_params": planned.trainable})
+            opts.say(f"PRUNE {name} at step {step}: {decision.reason}")
+    _write_summary(opts, step, lines)
+    return survivors, pruned
+
+
+def _write_summary(opts: SweepOptions, step: int, lines: list[dict[str, Any]]) -> None:
+    path = opts.out / RUNGS_FILE
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    summary[str(step)] = lines
+    atomic.write_json(path, summary)
+
+
+def halve(spec: StudySpec, opts: SweepOptions, planned: list[Planned]) -> WorkerStats:
+    """This worker's part of the whole halving: every rung, then the survivors to full length."""
+    assert spec.prune is not None
+    alive = [p for p in planned if rd.read_pruned(opts.out / p.point.name) is None]  # pruned by an earlier pass
+    stats = WorkerStats()
+    for step in spec.prune.rungs:
+        if not alive:
+            break
+        phase_spec, phase_opts = rung_study(spec, opts, step)
+        opts.say(f"rung at step {step}: {len(alive)} point(s)")
+        phase = work(phase_spec, phase_opts, alive)
+        stats.failed += phase.failed
+        alive, pruned = decide_rung(spec, opts, step, alive)
+        stats.pruned += pruned
+    stats.add(work(spec, opts, alive))
+    return stats
+
+
+def work_study(spec: StudySpec, opts: SweepOptions, planned: list[Planned]) -> WorkerStats:
+    """A worker on a whole study: through its rungs first when they are synchronous."""
+    if spec.sampler is None and spec.prune is not None and spec.prune.synchronous:
+        return halve(spec, opts, planned)
+    return work(spec, opts, planned)
