@@ -118,7 +118,7 @@ def test_a_pruned_sweep_stops_the_hopeless_trial_resumes_without_redoing_it_and_
     outcome = _sweep(study({"prune": {"rungs": [25]}}), out)
     assert outcome.stats.trained == 1 and outcome.stats.pruned == 1
     assert list(_trials(out)) == ["lr0.02"]  # the final phase: only the survivor trains to the end
-    (rung,) = json.loads((out / "rungs.json").read_text())["25"][1:]
+    (rung,) = json.loads((out / "rung-decisions.json").read_text())["25"][1:]
     assert rung["point"] == "lr1e_07" and rung["pruned"] and rung["leader"] == "lr0.02" and rung["p_value"] < 0.05
     pruned_run = out / "lr1e_07"
     record = json.loads((pruned_run / "pruned.json").read_text())

@@ -16,12 +16,14 @@ from typing import Any
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.errors import BudgetLoraError
 from budgetlora.sweeps.plan import Planned
 from budgetlora.sweeps.prune import RungRecord, decide
 from budgetlora.sweeps.spec import StudySpec
+from budgetlora.sweeps.storage import file_lock, lock_path
 from budgetlora.sweeps.worker import SweepOptions, WorkerStats, work
 
-RUNGS_FILE = "rungs.json"  # in the sweep folder: every rung's comparisons
+RUNG_DECISIONS = "rung-decisions.json"  # in the sweep folder: every rung's comparisons
 
 
 def rung_study(spec: StudySpec, opts: SweepOptions, step: int) -> tuple[StudySpec, SweepOptions]:
@@ -31,15 +33,20 @@ def rung_study(spec: StudySpec, opts: SweepOptions, step: int) -> tuple[StudySpe
 
 
 def _record(planned: Planned, opts: SweepOptions, step: int) -> RungRecord | None:
-    data = rd.read_rungs(opts.out / planned.point.name).get(str(step))
-    return RungRecord.from_attr(data) if isinstance(data, dict) else None
+    """The point's outcomes at the rung; a missing or damaged record is no evidence (the point goes on)."""
+    try:
+        return RungRecord.read(rd.read_rung_from(opts.out / planned.point.name, step))
+    except BudgetLoraError:
+        return None
 
 
-def decide_rung(spec: StudySpec, opts: SweepOptions, step: int, alive: list[Planned]) -> tuple[list[Planned], int]:
-    """The points that go on from `step`; the others get their pruned.json (the same decision on
-    every worker: it depends only on the records)."""
+def decide_rung(spec: StudySpec, opts: SweepOptions, step: int, alive: list[Planned],
+                population: list[Planned]) -> tuple[list[Planned], int]:
+    """The points of `alive` that go on from `step`; the others get their pruned.json. The
+    decision depends only on the records of the whole `population` at this rung, so every worker,
+    and a rerun after a crash, reaches the same one."""
     assert spec.prune is not None
-    records = {p.point.name: r for p in alive if (r := _record(p, opts, step)) is not None}
+    records = {p.point.name: r for p in population if (r := _record(p, opts, step)) is not None}
     survivors, pruned, lines = [], 0, []
     for planned in alive:
         name = planned.point.name
@@ -64,10 +71,15 @@ def decide_rung(spec: StudySpec, opts: SweepOptions, step: int, alive: list[Plan
 
 
 def _write_summary(opts: SweepOptions, step: int, lines: list[dict[str, Any]]) -> None:
-    path = opts.out / RUNGS_FILE
-    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    summary[str(step)] = lines
-    atomic.write_json(path, summary)
+    path = opts.out / RUNG_DECISIONS
+    with file_lock(lock_path(opts.storage_url)):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, UnicodeDecodeError, ValueError):
+            summary = {}  # a damaged copy is rewritten from the records
+        summary = summary if isinstance(summary, dict) else {}
+        summary[str(step)] = lines
+        atomic.write_json(path, summary)
 
 
 def halve(spec: StudySpec, opts: SweepOptions, planned: list[Planned]) -> WorkerStats:
@@ -80,9 +92,9 @@ def halve(spec: StudySpec, opts: SweepOptions, planned: list[Planned]) -> Worker
             break
         phase_spec, phase_opts = rung_study(spec, opts, step)
         opts.say(f"rung at step {step}: {len(alive)} point(s)")
-        phase = work(phase_spec, phase_opts, alive)
-        stats.failed += phase.failed
-        alive, pruned = decide_rung(spec, opts, step, alive)
+        phase = work(phase_spec, phase_opts, alive)  # its "trained" counts pauses, not finished runs
+        stats.failed, stats.skipped = stats.failed + phase.failed, stats.skipped + phase.skipped
+        alive, pruned = decide_rung(spec, opts, step, alive, planned)
         stats.pruned += pruned
     stats.add(work(spec, opts, alive))
     return stats

@@ -6,9 +6,10 @@ trains to the first rung and pauses there, then all are compared, the survivors 
 rung, and so on. In a search (TPE, random), trials arrive one by one, so each is compared at a
 rung with the trials that reached it before (asynchronous, as ASHA). Either way a trial is pruned
 only when a paired one-sided test (exact McNemar, or a paired bootstrap) against the rung's leader
-on the same validation rows gives p < alpha / m, where m is every comparison the sweep can make
-(points x rungs): Bonferroni, so the chance that any pruned trial was in fact as good as the
-leader at its rung stays below alpha. `eta` additionally keeps the top 1/eta of a rung whatever
+on the same validation rows gives p < alpha / m, m = points x rungs. The leader is chosen from the
+data, so the guarantee is a union bound over every leader a point could face: the truly best point
+(indeed any point that no other beats) is pruned at some rung with probability at most
+rungs x (points - 1) x alpha / m < alpha. `eta` additionally keeps the top 1/eta of a rung whatever
 the test says. Optuna's own pruners (median, successive halving, Hyperband; no statistics) are
 available as `test:` options.
 
@@ -18,6 +19,7 @@ A pruned trial keeps its checkpoint: `budgetlora train --resume RUN` takes it to
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +65,10 @@ class PruneSpec:
         if self.test == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=self.min_trials, n_warmup_steps=0)
         if self.test == "successive_halving":
-            return optuna.pruners.SuccessiveHalvingPruner(min_resource=min(self.rungs), reduction_factor=self.eta)
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=min(self.rungs),
+                                                          reduction_factor=int(self.eta or 3))
         if self.test == "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=min(self.rungs), reduction_factor=self.eta)
+            return optuna.pruners.HyperbandPruner(min_resource=min(self.rungs), reduction_factor=int(self.eta or 3))
         return optuna.pruners.NopPruner()
 
 
@@ -96,6 +99,9 @@ def parse_prune(path: Path, raw: Any) -> Optional[PruneSpec]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
             raise BudgetLoraError(f"{path}: prune.{key} must be a number in ({low:g}, {high:g}]")
         setattr(spec, key, float(value))
+    if test in ("successive_halving", "hyperband") and spec.eta is not None and spec.eta != int(spec.eta):
+        raise BudgetLoraError(f"{path}: prune.eta must be a whole number for Optuna's {test} pruner (its "
+                              "reduction factor), e.g. 3")
     min_trials = raw.get("min_trials", spec.min_trials)
     if isinstance(min_trials, bool) or not isinstance(min_trials, int) or min_trials < 2:
         raise BudgetLoraError(f"{path}: prune.min_trials must be an integer >= 2 (the leader and one more)")
@@ -140,6 +146,17 @@ class RungRecord:
         bits = np.unpackbits(np.frombuffer(base64.b64decode(data["bits"]), dtype=np.uint8))[: int(data["n"])]
         return cls(str(data["run"]), int(data["step"]), bits.astype(bool), str(data["val"]))
 
+    @classmethod
+    def read(cls, data: Any) -> Optional["RungRecord"]:
+        """The record, or None when it is missing or damaged (a damaged one is not evidence)."""
+        if not isinstance(data, dict):
+            return None
+        try:
+            record = cls.from_attr(data)
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            return None
+        return record if len(record.correct) == int(data["n"]) else None
+
 
 @dataclass
 class Decision:
@@ -172,8 +189,9 @@ def decide(candidate: RungRecord, others: list[RungRecord], spec: PruneSpec) -> 
 
 
 def _records(study: Any) -> list[RungRecord]:
-    return [RungRecord.from_attr(value) for t in study.get_trials(deepcopy=False)
-            for key, value in t.user_attrs.items() if key.startswith("rung:") and isinstance(value, dict)]
+    records = (RungRecord.read(value) for t in study.get_trials(deepcopy=False)
+               for key, value in t.user_attrs.items() if key.startswith("rung:"))
+    return [r for r in records if r is not None]
 
 
 class RungPause:
@@ -186,8 +204,9 @@ class RungPause:
     def __call__(self, step: int, correct: np.ndarray, val_key: str) -> None:
         from budgetlora.artifacts import run_dir as rd
 
-        if step == self.step:
-            record = RungRecord(self.run_dir.name, step, correct, val_key)
+        # a run resumed past the rung (trained further before pruning was on) is judged where it stands
+        if step == self.step or (step > self.step and rd.read_rung_from(self.run_dir, self.step) is None):
+            record = RungRecord(self.run_dir.name, self.step, correct, val_key)
             rd.write_rung(self.run_dir, step, record.to_attr())
             raise RunPaused(step, record.accuracy)
 

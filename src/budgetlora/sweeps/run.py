@@ -29,7 +29,7 @@ CONFIRM_DIR, CONFIRM_POINTS = "confirm", "points.json"
 
 @dataclass
 class SweepRequest:
-    """What `budgetlora sweep` (or `budgetlora.sweeps()`) was asked to do."""
+    """What `budgetlora sweep` (or `budgetlora.sweep()`) was asked to do."""
 
     study: str | Path
     out: Optional[Path] = None
@@ -133,6 +133,10 @@ def _phase(request: SweepRequest, spec: StudySpec, opts: SweepOptions, planned: 
     children = [_spawn_worker(request, opts, i, confirm_phase) for i in range(1, request.workers)]
     try:
         stats = work_study(spec, opts, planned)
+    except BaseException:
+        for child in children:  # their trials are re-queued by the next run (heartbeats go stale)
+            child.terminate()
+        raise
     finally:
         for child in children:
             child.wait()
@@ -165,7 +169,13 @@ def _plan_confirmation(spec: StudySpec, opts: SweepOptions) -> Optional[StudySpe
     points = []
     for trial in best:
         name = trial.user_attrs["point"]
-        base = planned[name].point.overrides if name in planned else {**trial.user_attrs.get("overrides", {})}
+        if name in planned:
+            base = planned[name].point.overrides
+        elif isinstance(trial.user_attrs.get("overrides"), dict):
+            base = trial.user_attrs["overrides"]
+        else:
+            raise BudgetLoraError(f"trial {trial.number} ({name}) has no stored search values to confirm (it was "
+                                  "trained by an older budgetlora); rerun the search into a new --out")
         for seed in spec.confirm.seeds:
             points.append({"name": f"{name}-seed{seed}", "overrides": {**base, "train.seed": seed},
                            "axes": {"config": name, "seed": seed}})
@@ -178,8 +188,18 @@ def run_sweep(request: SweepRequest) -> SweepOutcome:
     spec = load_request(request)
     if request.workers < 1:
         raise BudgetLoraError("--workers must be >= 1")
+    if request.workers > 1 and not request.heartbeat:
+        raise BudgetLoraError("--workers > 1 needs heartbeats (--heartbeat N > 0): without them a worker cannot "
+                              "tell another's running trial from one left by a killed worker")
     out = Path(request.out) if request.out is not None else Path("sweeps") / spec.name
-    out.mkdir(parents=True, exist_ok=True)
+    if request.storage:
+        open_storage(request.storage, request.heartbeat)  # a bad --storage fails before anything is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = atomic.file_in_the_way(out / "x")
+        raise BudgetLoraError(f"--out {out}: " + (f"{blocker} is a file, not a folder" if blocker is not None
+                                                   else str(exc.strerror or exc))) from None
     opts = _options(request, out, "w0" if request.workers > 1 else "")
     planned, skipped = _prepare(spec)
     if skipped:

@@ -7,7 +7,7 @@
     seeds: [1, 2, 3]
 
 or a search (`optuna:` = TPE, `random:`) over ranges with `n_trials:`; `prune:` and `confirm:`
-sections configure pruning and confirmation (sweep/prune.py, sweep/run.py).
+sections configure pruning and confirmation (sweeps/prune.py, sweeps/halving.py, sweeps/run.py).
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ class StudySpec:
     n_trials: int | None
     objectives: list[str]
     sampler_seed: int | None = None
-    prune: Any = None  # sweep.prune.PruneSpec, or None: every trial runs to the end
-    confirm: Any = None  # sweep.prune.ConfirmSpec, or None: no confirmation phase
+    prune: Any = None  # sweeps.prune.PruneSpec, or None: every trial runs to the end
+    confirm: Any = None  # sweeps.prune.ConfirmSpec, or None: no confirmation phase
 
     @property
     def directions(self) -> list[str]:

@@ -19,6 +19,7 @@ from budgetlora.errors import BudgetLoraError
 from budgetlora.sweeps.spec import StudySpec
 
 JOURNAL_PREFIX = "journal:"
+SQLITE_BUSY_S = 120  # how long a write waits for another worker's transaction
 
 
 def default_storage(out: Path) -> str:
@@ -72,12 +73,14 @@ def _rdb_storage(url: str, heartbeat: int | None) -> Any:
     path = _sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"timeout": 120}} if path is not None else {}
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_S}} if path is not None else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats and their retry callback are flagged experimental
         kwargs: dict[str, Any] = {}
         if heartbeat:
-            kwargs = {"heartbeat_interval": int(heartbeat), "grace_period": 3 * int(heartbeat),
+            # a beat can wait SQLITE_BUSY_S for the write lock: a live trial must not look dead meanwhile
+            grace = max(3 * int(heartbeat), SQLITE_BUSY_S + 10) if path is not None else 3 * int(heartbeat)
+            kwargs = {"heartbeat_interval": int(heartbeat), "grace_period": grace,
                       "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)

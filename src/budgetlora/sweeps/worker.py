@@ -12,11 +12,12 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.placement import RunLock, check_replaceable
 from budgetlora.config import Config
 from budgetlora.errors import BudgetLoraError, OverBudgetError, RunInterrupted, RunPaused, RunPruned
 from budgetlora.progress import Console
@@ -26,8 +27,6 @@ from budgetlora.sweeps.spec import StudySpec, name_part
 from budgetlora.sweeps.storage import (enqueue_missing, fail_running, fail_stale, file_lock, heartbeat_for,
                                       is_done_or_live, lock_path, open_optuna_study, open_storage)
 
-# keys that may differ between a finished trial and the point without making it another experiment
-REUSE_FREE_KEYS = ("train.device", "train.num_threads", "train.eval_batch_size")
 
 
 @dataclass
@@ -40,7 +39,7 @@ class SweepOptions:
     poll_s: float = 2.0
     worker: str = ""
     trust_pickle: bool = False
-    console: Console = Console()
+    console: Console = field(default_factory=Console)
     pause_at: Optional[int] = None  # a synchronous rung: train each run to this step and pause it there
 
     def say(self, message: str) -> None:
@@ -85,23 +84,47 @@ def summary_values(spec: StudySpec, summaries: list[dict[str, Any]]) -> list[flo
     return [values[o] for o in spec.objectives]
 
 
-def _paused(run_dir: Path, step: int, cfg: Config) -> Optional[dict[str, Any]]:
-    """The stand-in summary of a run paused at a synchronous rung, if it got there."""
-    record = rd.read_rungs(run_dir).get(str(step))
-    if not isinstance(record, dict):
+def _paused(run_dir: Path, step: int) -> Optional[dict[str, Any]]:
+    """The stand-in summary of a run paused at a synchronous rung (or past it), if it got there."""
+    record = rd.read_rung_from(run_dir, step)
+    acc = record.get("acc") if record is not None else None
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool):
         return None
-    return {"best_val_acc": float(record.get("acc", 0.0)), "paused_at": step,
-            "trainable_params": record.get("trainable_params")}
+    return {"best_val_acc": float(acc), "paused_at": record.get("step", step)}
+
+
+def _free_overrides(run_dir: Path, cfg: Config) -> list[str]:
+    """--set items that move a stored run's free keys (device, threads, ...) to this sweep's values."""
+    from budgetlora.config import flatten
+    from budgetlora.recipe import RESUME_FREE_KEYS
+
+    stored, wanted = flatten(rd.read_run_config(run_dir).to_dict()), flatten(cfg.to_dict())
+    return [f"{k}={json.dumps(wanted[k])}" for k in RESUME_FREE_KEYS if k in wanted and stored.get(k) != wanted[k]]
+
+
+def _discard(run_dir: Path) -> None:
+    """Remove an unfinished run left by a killed trial so it can be trained again, never anything
+    that is not a run directory, and never while another process writes it."""
+    check_replaceable(run_dir, "train over")
+    trash = run_dir.with_name(f".{run_dir.name}.discard-{os.getpid()}")
+    with RunLock(run_dir, "train it again"):
+        os.replace(run_dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any = None) -> tuple[dict[str, Any], bool]:
     """The run's summary, training it unless `run_dir` already holds the finished run of this config
     (or, at a synchronous rung, the run paused there)."""
-    from budgetlora.recipe import resume_run, train_run
+    from budgetlora.recipe import RESUME_FREE_KEYS, resume_run, train_run
     from budgetlora.sweeps.prune import RungPause
 
+    if run_dir.is_symlink():
+        raise BudgetLoraError(f"{run_dir} is a symbolic link; a sweep writes its runs only inside --out")
     if rd.is_finished(run_dir):
-        diff = rd.config_differences(run_dir, cfg, REUSE_FREE_KEYS) if (run_dir / rd.CONFIG).is_file() else []
+        if not (run_dir / rd.CONFIG).is_file():
+            raise BudgetLoraError(f"{run_dir} has a {rd.SUMMARY} but no {rd.CONFIG}: not a run this sweep can "
+                                  "reuse; move it away or sweep into another --out")
+        diff = rd.config_differences(run_dir, cfg, RESUME_FREE_KEYS)
         if diff:
             raise BudgetLoraError(f"{run_dir} holds a finished run of a different config (differs in "
                                   f"{', '.join(diff[:6])}); delete it or sweep into another --out")
@@ -111,30 +134,30 @@ def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any 
         raise RunPruned(int(pruned.get("step", 0)), str(pruned.get("reason", "")), float(pruned.get("val_acc", 0)),
                         run_dir.name)
     if opts.pause_at is not None:
-        paused = _paused(run_dir, opts.pause_at, cfg)
+        paused = _paused(run_dir, opts.pause_at)
         if paused is not None:
             return paused, True
         on_eval = RungPause(run_dir, opts.pause_at)
     try:
         if run_dir.exists():
             resumable = ((run_dir / rd.CHECKPOINTS).is_dir() and (run_dir / rd.CONFIG).is_file()
-                         and not rd.config_differences(run_dir, cfg, REUSE_FREE_KEYS))
+                         and not rd.config_differences(run_dir, cfg, RESUME_FREE_KEYS))
             if resumable:
                 try:
-                    resume_run(run_dir, trust_pickle=opts.trust_pickle, verbose=opts.verbose, on_eval=on_eval)
+                    resume_run(run_dir, overrides=_free_overrides(run_dir, cfg), trust_pickle=opts.trust_pickle,
+                               verbose=opts.verbose, on_eval=on_eval)
                     return rd.read_summary(run_dir), False
                 except (RunPruned, RunPaused, RunInterrupted):
                     raise
                 except BudgetLoraError as exc:
                     opts.say(f"cannot resume {run_dir.name} ({str(exc).splitlines()[0]}); training it again")
-            with rd.RunLock(run_dir, "train it again"):  # left by a killed trial: not while another writes it
-                pass
-            shutil.rmtree(run_dir)
+            _discard(run_dir)
         train_run(cfg, run_dir.parent, trust_pickle=opts.trust_pickle, verbose=opts.verbose, run_dir=run_dir,
                   on_eval=on_eval)
     except RunPaused:
-        paused = _paused(run_dir, opts.pause_at or 0, cfg)
-        assert paused is not None
+        paused = _paused(run_dir, opts.pause_at or 0)
+        if paused is None:
+            raise BudgetLoraError(f"{run_dir} paused at a rung but recorded no accuracy there") from None
         return paused, False
     return rd.read_summary(run_dir), False
 
@@ -216,6 +239,7 @@ def _jobs(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned]) 
         over = _suggest(trial, spec)
         point = point or _search_name(trial, spec, over)
         trial.set_user_attr("point", point)
+        trial.set_user_attr("overrides", over)  # what the confirmation phase retrains
         jobs = []
         for seed in spec.seeds or [None]:
             name = point if seed is None else f"{point}-seed{seed}"
@@ -255,42 +279,35 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planne
         summaries, reused = _train_jobs(study, trial, spec, jobs, opts, storage)
         values = summary_values(spec, summaries)
     except Skip as exc:
-        trial.set_user_attr("empty", str(exc))
-        study.tell(trial, state=TrialState.PRUNED)
+        _settle(study, trial, TrialState.PRUNED, {"empty": str(exc)})
     except OverBudgetError as exc:
         stats.skipped += 1
-        trial.set_user_attr("skipped", str(exc).splitlines()[0])
         opts.say(f"skip {point}: {str(exc).splitlines()[0]}")
-        study.tell(trial, state=TrialState.PRUNED)
+        _settle(study, trial, TrialState.PRUNED, {"skipped": str(exc).splitlines()[0]})
     except Duplicate as exc:
-        trial.set_user_attr("duplicate_of", exc.of)
-        study.tell(trial, state=TrialState.PRUNED)
+        _settle(study, trial, TrialState.PRUNED, {"duplicate_of": exc.of})
     except RunPruned as exc:
         stats.pruned += 1
         if rd.read_pruned(opts.out / (exc.run or point)) is None:
             record = {"step": exc.step, "reason": exc.reason, "val_acc": exc.val_acc, "trial": trial.number}
             rd.write_pruned(opts.out / (exc.run or point), record)
-        for key, value in (("pruned_at", exc.step), ("pruned_reason", exc.reason), ("val_acc_at_prune", exc.val_acc)):
-            trial.set_user_attr(key, value)
         opts.say(f"PRUNE {point} at step {exc.step}: {exc.reason}")
-        study.tell(trial, state=TrialState.PRUNED)
+        _settle(study, trial, TrialState.PRUNED, {"pruned_at": exc.step, "pruned_reason": exc.reason,
+                                                  "val_acc_at_prune": exc.val_acc})
     except (RunInterrupted, KeyboardInterrupt):
-        trial.set_user_attr("error", "interrupted")  # a rerun retries (or resumes) the trial
-        study.tell(trial, state=TrialState.FAIL)
+        _settle(study, trial, TrialState.FAIL, {"error": "interrupted"})  # a rerun retries (or resumes) it
         raise
     except Exception as exc:  # a failed trial is recorded, the sweep goes on
         stats.failed += 1
         reason = str(exc) if isinstance(exc, BudgetLoraError) else f"{type(exc).__name__}: {exc}"
-        trial.set_user_attr("error", reason)
-        study.tell(trial, state=TrialState.FAIL)
+        _settle(study, trial, TrialState.FAIL, {"error": reason})
         opts.say(f"FAIL  {point}: {reason.splitlines()[0] if reason else type(exc).__name__}")
     else:
         test = [s["test"]["accuracy"] for s in summaries if isinstance(s.get("test"), dict)]
-        trial.set_user_attr("reused", reused)
-        trial.set_user_attr("trainable_params", summaries[0].get("trainable_params"))
+        attrs = {"reused": reused, "trainable_params": summaries[0].get("trainable_params")}
         if test:
-            trial.set_user_attr("test_acc", sum(test) / len(test))
-        study.tell(trial, values)
+            attrs["test_acc"] = sum(test) / len(test)
+        _settle(study, trial, TrialState.COMPLETE, attrs, values)
         if reused:
             stats.reused += 1
         else:
@@ -298,6 +315,25 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planne
         shown = "  ".join(f"{o} {v:.4g}" for o, v in zip(spec.objectives, values))
         opts.say(f"done  {point}: " + ("already finished, not retrained" if reused else
                                        f"{shown}  ({time.perf_counter() - start:.0f} s)") + _standing(study, spec))
+
+
+def _settle(study: Any, trial: Any, state: Any, attrs: dict[str, Any], values: Optional[list[float]] = None) -> None:
+    """Record the trial's outcome. Another worker may have failed it meanwhile (its heartbeat went
+    stale during a long stall): then the stored outcome stands and its re-queued copy finds this
+    run's directory finished."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    try:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+    except UpdateFinishedTrialError:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skip_if_finished says so when it skips
+        if values is not None:
+            study.tell(trial, values, skip_if_finished=True)
+        else:
+            study.tell(trial, state=state, skip_if_finished=True)
 
 
 def _standing(study: Any, spec: StudySpec) -> str:
@@ -336,7 +372,8 @@ def work(spec: StudySpec, opts: SweepOptions, planned: Optional[list[Planned]] =
     stats = WorkerStats()
     waiting_for: set[int] = set()
     while True:
-        fail_stale(study, storage, opts.heartbeat)
+        with file_lock(lock_path(opts.storage_url)):  # one worker re-queues a dead trial, not each
+            fail_stale(study, storage, opts.heartbeat)
         trial = _claim(study, storage, spec, opts)
         if trial is None:
             running = {t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
