@@ -483,9 +483,9 @@ def test_pickle_refused_without_opt_in_and_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(BudgetLoraError, match=r"evil.pkl is a pickle; .*--trust-pickle"):
+    with pytest.raises(BudgetLoraError, match=r"evil.pkl is read as a pickle .*--trust-pickle"):
         load_text_set(str(path), DataConfig(), ["a", "b"], False)
-    with pytest.raises(BudgetLoraError, match=r"evil.pkl is a pickle"):
+    with pytest.raises(BudgetLoraError, match=r"evil.pkl is read as a pickle"):
         load_text_set(str(path), DataConfig(format="auto"), None, True)
     assert not marker.exists()
     # with the opt-in it is unpickled (and what it holds is then checked like any data)

@@ -162,6 +162,10 @@ CONFIG_CASES = [
     ("lora.layers=[-1]", "'lora.layers[0]': got -1"),
     ("lora.layers=[9]", "'lora.layers': [9] outside 0..1"),
     ("lora.layers=[0, 0]", "'lora.layers': lists a value twice"),
+    ("lora.layers=[]", "'lora.layers': is empty, which adapts no layer"),
+    ("lora.targets=[q", "the value is not valid YAML"),
+    ("model=", "config key 'model' is empty"),
+    ("model=/nonexistent/model", "model path /nonexistent/model does not exist"),
     ("lora.targets=[]", "'lora.targets': must name at least one module"),
     ("lora.targets=[query]", "unknown target(s) ['query']"),
     ("lora.targets=[q, q]", "'lora.targets': lists a value twice"),
@@ -218,10 +222,10 @@ def test_a_run_name_is_one_path_component(sandbox, capsys, name, message):
 
 def test_overwrite_replaces_only_a_run(sandbox, capsys):
     expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "precious", "--overwrite",
-                                     "--quiet"], "{sb}/precious exists and is not a budgetlora run")
+                                     "--quiet"], "{sb}/precious is not a budgetlora run directory; budgetlora will not --overwrite it")
     (sandbox / "afile").write_text("x")
     expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "afile", "--overwrite",
-                                     "--quiet"], "exists and is not a budgetlora run")
+                                     "--quiet"], "afile is not a budgetlora run directory")
 
 
 def test_a_failing_overwrite_leaves_the_old_run_whole(sandbox, capsys):
@@ -268,7 +272,7 @@ CLASSES_CASES = [
     ("/etc/passwd", "classes have no training rows"), ("{sb}/data/binary.txt", "not a UTF-8 text file"),
     ("{sb}/data/one.txt", "expected two or more distinct class names"), ("{sb}/data/dupes.txt", "distinct class names"),
     ("{sb}/data/long.txt", "is not a class name"), ("{sb}/data/huge.txt", "over 1 MiB"),
-    ("{sb}/data/empty.txt", "expected two or more"),
+    ("{sb}/data/empty.txt", "the file is empty (0 bytes)"),
 ]
 
 
@@ -422,7 +426,19 @@ DAMAGE = {
         (run / "config.yaml").read_text().replace("max_length: 64", "max_length: 5000")), "is longer than model"),
     "tokenizer garbage": (lambda run: (run / "tokenizer" / "tokenizer.json").write_text("{"), "cannot load a tokenizer"),
     "adapter of another model": (lambda run: _other_adapter(run), "the weights do not belong to this model"),
+    "adapter values NaN": (lambda run: _nan_adapter(run), "holds NaN or infinite values"),
 }
+
+
+def _nan_adapter(run: Path) -> None:
+    """Still a valid safetensors file: only its values are damaged."""
+    from safetensors.torch import load_file, save_file
+
+    path = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone().fill_(float("nan"))
+    save_file(tensors, str(path))
 
 
 def _other_adapter(run: Path) -> None:
@@ -465,7 +481,7 @@ def test_damaged_checkpoints_and_results_inputs(sandbox, capsys):
     for checkpoint in complete_checkpoints(run):
         (checkpoint / "state.json").write_text("{")
     (run / "summary.json").unlink()
-    expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"], "has no checkpoint to resume from",
+    expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"], "checkpoint(s) loads (each is damaged",
                    allowed=("runs/tiny",))
     (run / "summary.json").write_text("{not json")
     expect_refusal(sandbox, capsys, ["results", "{sb}/runs"], "summary.json: unreadable")
@@ -475,14 +491,14 @@ def test_damaged_checkpoints_and_results_inputs(sandbox, capsys):
 # ----- 7. exports go into new or empty directories, never into or over a run ---------------------------
 
 EXPORT_TARGETS = [
-    (["--merged", "{sb}/runs/tiny"], "is (or is inside, or contains) a run directory"),
-    (["--merged", "{sb}/runs/tiny/adapter"], "is (or is inside, or contains) a run directory"),
-    (["--merged", "{sb}/runs"], "is (or is inside, or contains) a run directory"),
-    (["--merged", "{sb}"], "is (or is inside, or contains) a run directory"),
+    (["--merged", "{sb}/runs/tiny"], "is the run, holds it or is inside a run directory"),
+    (["--merged", "{sb}/runs/tiny/adapter"], "is the run, holds it or is inside a run directory"),
+    (["--merged", "{sb}/runs"], "is the run, holds it or is inside a run directory"),
+    (["--merged", "{sb}"], "is the run, holds it or is inside a run directory"),
     (["--merged", "{sb}/precious"], "is not empty and is not a budgetlora export"),
     (["--merged", "{sb}/precious", "--overwrite"], "is not empty and is not a budgetlora export"),
     (["--merged", "{sb}/precious/notes.txt"], "exists and is not a directory"),
-    (["--onnx", "{sb}/runs/tiny"], "is (or is inside, or contains) a run directory"),
+    (["--onnx", "{sb}/runs/tiny"], "is the run, holds it or is inside a run directory"),
     (["--onnx", "{sb}/precious"], "is not empty and is not a budgetlora export"),
     (["--int8", "--merged", "{sb}/x"], "--int8 applies to --onnx exports"),
 ]
@@ -520,7 +536,7 @@ def test_a_full_disk_during_export_leaves_nothing(sandbox, capsys, monkeypatch):
 # ----- 8. one writer per run --------------------------------------------------------------------------
 
 def test_a_second_writer_fails_at_once_naming_the_holder(sandbox, capsys):
-    from budgetlora.artifacts.run_dir import RunLock
+    from budgetlora.artifacts.placement import RunLock
 
     run = sandbox / "runs" / "tiny"
     (run / "summary.json").unlink()  # resumable again
@@ -564,6 +580,18 @@ OUTPUT_CASES = [
     (["results", "{sb}/precious"], "no runs found"),
     (["compare", "{sb}/runs/tiny"], "compare needs at least two run directories"),
     (["bench", "--steps", "0", "--device", "cpu"], "bench needs --warmup >= 1, --steps >= 1"),
+    (["bench", "--device", "cpu", "--data", "{sb}/precious"], "no train_sample.csv or test.csv there"),
+    (["plan", "--targets", ""], "--targets is empty"),
+    (["plan", "--budget", "10"], "no rank fits"),
+    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/runs/tiny/summary.json"],
+     "would replace a file of the run"),
+    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/data/test.csv"],
+     "is the input data file"),
+    (["eval", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--json", "{sb}/runs/tiny/labels.json"],
+     "would replace a file of the run"),
+    (["compare", "{sb}/runs/tiny", "{sb}/runs/tiny", "--out", "{sb}/runs/tiny"], "is inside the run"),
+    (["predict", "{sb}/runs/tiny", "--data", "/proc/self/status", "--format", "csv", "--out", "{sb}/p.csv"],
+     "the file is empty (0 bytes)"),
 ]
 
 
@@ -646,3 +674,148 @@ def test_every_artifact_follows_the_umask(sandbox, capsys):
         for path in [root, *root.rglob("*")]:
             want = 0o750 if path.is_dir() else 0o640
             assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+# ----- 10. what only looks like a run is never replaced, and nothing is written through a link ------------
+
+def test_a_folder_that_only_looks_like_a_run_is_not_overwritten(sandbox, capsys):
+    project = sandbox / "myproj"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.yaml").write_text("x: 1\n")
+    (project / "train.py").write_text("print('my code')\n")
+    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "myproj", "--overwrite",
+                                     "--quiet"], "has no .budgetlora-run marker")
+
+
+def test_a_symlinked_run_is_not_overwritten(sandbox, capsys):
+    (sandbox / "runs" / "link").symlink_to(sandbox / "runs" / "tiny")
+    expect_refusal(sandbox, capsys, TRAIN + ["--name", "link", "--overwrite"], "link is a symbolic link")
+
+
+def test_the_lock_file_is_never_written_through_a_link(sandbox, capsys):
+    run = sandbox / "runs" / "tiny"
+    (run / "summary.json").unlink()  # resumable again
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").symlink_to(sandbox / "precious" / "notes.txt")
+    expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"], ".lock is a symbolic link")
+    assert (sandbox / "precious" / "notes.txt").read_text() == "a week of experiments\n"
+
+
+def test_a_run_folder_linked_outside_is_refused_on_resume(sandbox, capsys):
+    run = sandbox / "runs" / "tiny"
+    (run / "summary.json").unlink()
+    shutil.move(str(run / "checkpoints"), str(sandbox / "elsewhere"))
+    (run / "checkpoints").symlink_to(sandbox / "elsewhere")
+    expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"], "checkpoints is a symbolic link",
+                   allowed=("runs/tiny/.lock",))
+
+
+def test_a_staged_overwrite_does_not_replace_what_took_the_runs_place(sandbox):
+    from budgetlora.artifacts.placement import place_run
+    from budgetlora.errors import BudgetLoraError
+
+    placement = place_run(sandbox / "runs", "tiny", overwrite=True)
+    (placement.path / "summary.json").write_text("{}")
+    shutil.rmtree(placement.final)  # meanwhile the user put their own folder there
+    placement.final.mkdir()
+    (placement.final / "thesis.tex").write_text("\\section{}")
+    with pytest.raises(BudgetLoraError, match="is not a budgetlora run directory.*the finished run stays in"):
+        placement.commit()
+    assert (placement.final / "thesis.tex").is_file() and (placement.path / "summary.json").is_file()
+
+
+def test_export_overwrite_never_deletes_a_run_put_inside(sandbox, capsys):
+    assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "export")]) == 0
+    capsys.readouterr()
+    shutil.copytree(sandbox / "runs" / "tiny", sandbox / "export" / "inner")
+    expect_refusal(sandbox, capsys, ["export", "{sb}/runs/tiny", "--merged", "{sb}/export", "--overwrite"],
+                   "holds the run {sb}/export/inner")
+    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}/export", "--quiet"],
+                   "is a budgetlora export; put runs in another --out")
+
+
+def test_integer_labels_do_not_silently_index_names_sorted_from_another_file(sandbox, capsys):
+    import csv
+
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    with (sandbox / "data" / "train.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    with (sandbox / "data" / "named.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([rows[0]] + [[text, names[int(label)]] for text, label in rows[1:]])
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", "data.train_file={sb}/data/named.csv"],
+                   "integer label 0 where the classes are names")
+
+
+def test_a_non_finite_validation_loss_stops_the_run(sandbox, capsys, monkeypatch):
+    import numpy as np
+
+    from budgetlora.training import loop
+
+    real = loop.predict_logits
+    monkeypatch.setattr(loop, "predict_logits", lambda *a, **k: real(*a, **k) * np.inf)
+    expect_refusal(sandbox, capsys, TRAIN + ["--name", "overflow"], "the validation loss became NaN or infinite at step 2")
+
+
+def test_an_unreachable_mlflow_store_is_one_error_and_leaves_no_run(sandbox, capsys):
+    pytest.importorskip("mlflow")
+    expect_refusal(sandbox, capsys, TRAIN + ["--name", "tracked", "--set", "train.report_to=[mlflow]", "--set",
+                                             "train.mlflow_tracking_uri=bogus://nowhere"], "MLflow at bogus://nowhere: cannot")
+
+
+def test_damaged_summaries_and_checkpoint_counters_are_one_error(sandbox, capsys):
+    import json
+
+    from budgetlora.errors import BudgetLoraError
+    from budgetlora.training.checkpoint import complete_checkpoints, load_checkpoint
+
+    run = sandbox / "runs" / "tiny"
+    summary = json.loads((run / "summary.json").read_text())
+    summary["test"]["accuracy"] = "high"
+    (run / "summary.json").write_text(json.dumps(summary))
+    for command in (["results", "{sb}/runs"], ["report", "{sb}/runs/tiny"], ["compare", "{sb}/runs/tiny", "{sb}/runs/tiny",
+                                                                              "--out", "{sb}/cmp"]):
+        expect_refusal(sandbox, capsys, command, "test.accuracy is not a number")
+    checkpoint = complete_checkpoints(run)[-1]
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["loop_state"]["step"] = "abc"
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    with pytest.raises(BudgetLoraError, match="damaged checkpoint state.*loop_state.step"):
+        load_checkpoint(checkpoint)
+
+
+def test_a_token_cache_with_ids_outside_the_vocabulary_is_rebuilt(sandbox, monkeypatch, tmp_path):
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BUDGETLORA_CACHE", str(cache))
+    args = ["predict", str(sandbox / "runs" / "tiny"), "--data", str(sandbox / "data" / "test.csv"), "--out"]
+    assert main(args + [str(sandbox / "a.csv"), "--quiet"]) == 0
+    for entry in (cache / "tokens").glob("*.npz"):
+        with np.load(entry) as data:
+            arrays = dict(data)
+        arrays["ids"] = arrays["ids"] + np.int32(10**6)
+        with open(entry, "wb") as handle:
+            np.savez(handle, **arrays)
+    assert main(args + [str(sandbox / "b.csv"), "--quiet"]) == 0
+    assert (sandbox / "a.csv").read_text() == (sandbox / "b.csv").read_text()
+
+
+def test_a_sweep_never_deletes_or_reuses_what_it_did_not_make(sandbox, tmp_path):
+    from budgetlora.config import config_from_dict
+    from budgetlora.errors import BudgetLoraError
+    from budgetlora.sweeps.worker import SweepOptions, train_or_reuse
+
+    cfg = config_from_dict(yaml.safe_load((sandbox / "cfg.yaml").read_text()))
+    opts = SweepOptions(out=sandbox / "sweep", storage_url="")
+    notes = sandbox / "sweep" / "r1" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine\n")
+    with pytest.raises(BudgetLoraError, match="is not a budgetlora run directory"):
+        train_or_reuse(cfg, notes.parent, opts)
+    assert notes.read_text() == "mine\n"
+    (notes.parent / "summary.json").write_text('{"best_val_acc": 0.99, "trainable_params": 1}')
+    with pytest.raises(BudgetLoraError, match="has a summary.json but no config.yaml"):
+        train_or_reuse(cfg, notes.parent, opts)
+    changed = config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "lr": 0.01}})
+    with pytest.raises(BudgetLoraError, match=r"holds a finished run of a different config \(differs in .*train.lr"):
+        train_or_reuse(changed, sandbox / "runs" / "tiny", opts)

@@ -102,7 +102,8 @@ def _loaded(code: str) -> set[str]:
 
 def test_results_and_the_run_directory_schema_load_without_torch():
     loaded = _loaded("import budgetlora.results, budgetlora.results.verdict, budgetlora.artifacts.run_dir, "
-                     "budgetlora.artifacts.model_card, budgetlora.evaluate.stats, budgetlora.config")
+                     "budgetlora.artifacts.placement, budgetlora.artifacts.model_card, budgetlora.evaluate.stats, "
+                     "budgetlora.config")
     assert "torch" not in loaded
 
 

@@ -1,7 +1,7 @@
 """budgetlora: LoRA fine-tuning of frozen encoders under a hard trainable-parameter budget.
 
     import budgetlora
-    run = budgetlora.training("configs/agnews-minilm-offline.yaml")
+    run = budgetlora.train("configs/agnews-minilm-offline.yaml")
     run.predict(["Stocks rally as the Fed holds rates"]).labels
 
 The API is loaded on first use, so `import budgetlora` stays cheap (no torch until needed).

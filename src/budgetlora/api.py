@@ -1,7 +1,7 @@
 """The Python API: what the command line does, for notebooks and scripts.
 
     import budgetlora
-    run = budgetlora.training("configs/agnews-minilm-offline.yaml", train={"max_steps": 200})
+    run = budgetlora.train("configs/agnews-minilm-offline.yaml", train={"max_steps": 200})
     run.evaluate("test.csv")["accuracy"]
     run.predict(["Stocks rally as the Fed holds rates"]).labels
 
@@ -52,6 +52,8 @@ def make_config(config: Union[str, Path, dict, Config], overrides: Optional[dict
         raw = dict(config)
         resolve_paths(raw, Path.cwd())
         return config_from_dict(raw, flatten(raw_overrides))
+    if not isinstance(config, (str, Path)):
+        raise BudgetLoraError(f"config must be a YAML path, a mapping or a Config, not a {type(config).__name__}")
     cfg = load_config(config)
     return config_from_dict(cfg.to_dict(), flatten(raw_overrides)) if raw_overrides else cfg
 
@@ -121,16 +123,17 @@ class Run:
                overwrite: bool = False) -> Path:
         """A merged Transformers model directory (default) or an ONNX model (`onnx`, `int8` for
         dynamic int8 quantization) that loads without budgetlora."""
-        from budgetlora.artifacts.export import export_merged
+        from budgetlora.artifacts.export import check_export_target, export_merged
 
         if self.kind != "run":
             raise BudgetLoraError(f"{self.path} is an export already; export from the run directory")
+        if int8 and not onnx:
+            raise BudgetLoraError("int8 applies to ONNX exports: export(out, onnx=True, int8=True)")
+        check_export_target(Path(out), overwrite, self.path)  # before the model loads (seconds)
         if onnx:
             from budgetlora.artifacts.onnx import export_onnx
 
             return export_onnx(self.trained, Path(out), int8=int8, overwrite=overwrite)
-        if int8:
-            raise BudgetLoraError("int8 applies to ONNX exports: export(out, onnx=True, int8=True)")
         return export_merged(self.trained, Path(out), overwrite=overwrite)
 
 
@@ -211,5 +214,12 @@ def sweep(study: Union[str, Path], out: Union[str, Path, None] = None, *, quiet:
     unknown = sorted(set(options) - known)
     if unknown:
         raise BudgetLoraError(f"sweep() got unknown option(s) {unknown}; valid: {', '.join(sorted(known))}")
+    seeds = options.get("seeds")
+    if seeds is not None and (not isinstance(seeds, (list, tuple)) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise BudgetLoraError(f"sweep(seeds={seeds!r}): expected a list of non-negative integers, e.g. [1, 2, 3]")
+    if "overrides" in options and (not isinstance(options["overrides"], (list, tuple))
+                                   or not all(isinstance(x, str) for x in options["overrides"])):
+        raise BudgetLoraError('sweep(overrides=...): expected a list of "KEY=VALUE" strings')
     return run_sweep(SweepRequest(study=study, out=Path(out) if out is not None else None,
                                   console=Console(not quiet), **options))

@@ -14,11 +14,21 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from budgetlora.errors import WriteError
+from budgetlora.errors import WriteError, first_line
+
+LEFTOVER_MARKERS = (".tmp-", ".old-", ".tmp")  # what a killed writer can leave beside its target
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it (setting and restoring it would briefly give any
+    other thread's new files mode 0666)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the only portable way to read it
     os.umask(mask)
     return mask
 
@@ -46,8 +56,19 @@ def fsync_path(path: Path) -> None:
 
 
 def write_error(path: Path, exc: BaseException) -> WriteError:
-    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200] or type(exc).__name__
+    blocker = file_in_the_way(Path(path))
+    if blocker is not None:  # mkdir says "File exists" (or "Not a directory"), which hides the cause
+        return WriteError(f"cannot write {path}: {blocker} is a file, not a folder", Path(path))
+    reason = getattr(exc, "strerror", None) or first_line(exc)
     return WriteError(f"cannot write {path}: {reason}", Path(path))
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is not a directory (so nothing can be made below it)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def _write_failure(exc: BaseException) -> bool:
@@ -115,6 +136,8 @@ def atomic_dir(path: Path, replace: bool = False) -> Iterator[Path]:
     succeeds. `path` must not exist unless `replace`, in which case the old directory is removed
     only after the new one is complete."""
     path = Path(path)
+    if path.exists() and not replace:
+        raise WriteError(f"cannot write {path}: it exists already", path)
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type when the message is empty), for one-line errors."""
+    lines = str(exc).splitlines()
+    return (lines[0] if lines and lines[0].strip() else type(exc).__name__)[:limit]
+
+
 class BudgetLoraError(Exception):
     """An error caused by user input or the environment: the CLI prints it as one line
     (`budgetlora: error: ...`) and exits 2; the Python API raises it as is."""

@@ -43,8 +43,9 @@ class Predictions:
 
     def to_csv(self, path: Union[str, Path], names: bool = False) -> Path:
         """An `ID,Label` file (class names with `names`, else class indices)."""
-        from budgetlora.artifacts.run_dir import write_predictions_csv
+        from budgetlora.artifacts.run_dir import check_output_file, write_predictions_csv
 
+        check_output_file(Path(path))
         write_predictions_csv(Path(path), self.ids, self.indices, self.label_names if names else None)
         return Path(path)
 
@@ -71,21 +72,31 @@ def _texts(trained: Any, data: Union[str, Path, Sequence[str]], labeled: bool, t
            fmt: Optional[str], text_columns: Optional[Sequence[str]]) -> tuple[Any, bool]:
     """The rows to predict (a TextSet), and whether they came from a file (cacheable tokens)."""
     from budgetlora.data import TextSet, clean_text, load_text_set
+    from budgetlora.data.dataset import indices_mean_names
+    from budgetlora.data.sources import SUFFIX_FORMATS
 
     if isinstance(data, str) and not os.path.isfile(data):
+        looks_like_file = Path(data).suffix.lower() in SUFFIX_FORMATS and not any(c.isspace() for c in data)
+        if looks_like_file or labeled:
+            raise BudgetLoraError(f"data file not found: {data}" + ("" if labeled else " (to classify this string as "
+                                  "text, pass it in a list)"))
         data = [data]
     if isinstance(data, (str, Path)):
         if not Path(data).exists():
             raise BudgetLoraError(f"data file not found: {data}")
+        cfg = trained.cfg.data
+        explicit = cfg.label_names is not None or cfg.classes_file is not None
         texts, _ = load_text_set(str(data), _data_cfg(trained, fmt, text_columns), trained.label_names, labeled,
-                                 trust_pickle)
+                                 trust_pickle, indices_ok=indices_mean_names(trained.label_names, explicit))
         return texts, True
     if labeled:
         raise BudgetLoraError("evaluation needs a labeled data file")
     if not all(isinstance(t, str) for t in data):
         raise BudgetLoraError("texts to classify must be strings")
+    if not data:
+        raise BudgetLoraError("no texts to classify (an empty list)")
     cleaned = [clean_text(t) if trained.cfg.data.clean_text else t.strip() for t in data]
-    if not cleaned or not all(cleaned):
+    if not all(cleaned):
         raise BudgetLoraError("empty text: give the text(s) to classify")
     return TextSet(cleaned, None, [str(i) for i in range(len(cleaned))]), False
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shlex
 import time
 import warnings
@@ -23,6 +24,7 @@ from torch import nn
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.placement import place_exact, place_run, reclaim
 from budgetlora.artifacts.model_card import write_run_card
 from budgetlora.artifacts.trained import save_trained_model
 from budgetlora.config import Config, config_from_dict, flatten, parse_override
@@ -37,9 +39,9 @@ from budgetlora.runtime import Runtime, peak_memory_mb, process_runtime, seed_ev
 from budgetlora.speedups import prepare_for_training
 from budgetlora.tracking import FanOut, MLflowSink, TensorBoardSink, require_trackers
 from budgetlora.training import (Checkpoint, Checkpointer, Resumable, StopFlag, build_optimizer, build_scheduler,
-                              checkpoint_name, fresh_resumable, load_latest_checkpoint, load_trainable_state,
-                              remove_stale_temp, restore_model, restore_rng, stop_on_signals, total_steps_for,
-                              train_loop)
+                              checkpoint_name, complete_checkpoints, fresh_resumable, load_latest_checkpoint,
+                              load_trainable_state, remove_stale_temp, restore_model, restore_rng, stop_on_signals,
+                              total_steps_for, train_loop)
 
 EvalCallback = Callable[[int, np.ndarray, str], None]
 
@@ -151,8 +153,8 @@ def train_run(cfg: Config, out_root: Path | str = "runs", overwrite: bool = Fals
         session = _setup(cfg, rt, trust_pickle, console if rt.dist.is_main else QUIET, Path(out_root), wall_start)
         placement = None
         if rt.dist.is_main:
-            placement = rd.place_run(Path(out_root), cfg.name, overwrite) if run_dir is None else \
-                rd.place_exact(Path(run_dir))
+            placement = place_run(Path(out_root), cfg.name, overwrite) if run_dir is None else \
+                place_exact(Path(run_dir))
         path = broadcast(placement.path if placement else None, rt.dist)  # rank 0 alone picks the directory
         try:
             _train(session, path, None, checkpoints, on_eval=on_eval)
@@ -171,9 +173,15 @@ def _sinks(session: Session, run_dir: Path, progress: Resumable, resumed: bool) 
     resume_step = progress.state.step + 1 if resumed else None
     sinks: list[Any] = [rd.MetricsFile(run_dir), TrainingDisplay(session.console, progress.total_steps,
                                                                  progress.state.step)]
-    if "tensorboard" in cfg.train.report_to:
-        sinks.append(TensorBoardSink(run_dir / rd.TENSORBOARD, resume_step))
-    mlflow = MLflowSink(cfg, run_dir, session.out_root, resume_step) if "mlflow" in cfg.train.report_to else None
+    mlflow = None
+    try:
+        if "tensorboard" in cfg.train.report_to:
+            sinks.append(TensorBoardSink(run_dir / rd.TENSORBOARD, resume_step))
+        if "mlflow" in cfg.train.report_to:
+            mlflow = MLflowSink(cfg, run_dir, session.out_root, resume_step)
+    except BaseException:
+        FanOut(sinks).close()  # the files opened so far, before the error leaves
+        raise
     return FanOut(sinks + ([mlflow] if mlflow else [])), mlflow
 
 
@@ -248,10 +256,13 @@ def _train(session: Session, run_dir: Path, progress: Optional[Resumable], check
         save_trained_model(model, cfg, run_dir, session.names)
     summary = _summarize(session, run_dir, progress)
     if main:
-        rd.write_summary(run_dir, summary)
         write_run_card(run_dir, cfg, summary)
+        rd.write_summary(run_dir, summary)  # last: the run is finished once it exists
         if mlflow is not None:
-            mlflow.finish(run_dir, summary)
+            try:
+                mlflow.finish(run_dir, summary)
+            except BudgetLoraError as exc:  # the run itself is complete; only its copy in MLflow is not
+                session.console.say(f"warning: {exc}")
     barrier(rt.dist)  # no rank returns before the run directory is complete
     test = summary.get("test")
     if test:
@@ -344,7 +355,9 @@ def _restore(session: Session, ckpt: Checkpoint, extend: bool, run_dir: Path) ->
         session.console.say(f"schedule rebuilt for {total} steps (was {ckpt.total_steps}); "
                             f"lr at step {ckpt.step} is now {optimizer.param_groups[0]['lr']:.3g}")
         if rt.dist.is_main:
-            (run_dir / rd.SUMMARY).unlink(missing_ok=True)  # the run is unfinished again
+            # unfinished again, but the result it had stays readable until the extension finishes
+            if (run_dir / rd.SUMMARY).is_file():
+                os.replace(run_dir / rd.SUMMARY, run_dir / rd.PREVIOUS_SUMMARY)
     else:
         if total != ckpt.total_steps:
             raise BudgetLoraError(f"the run now has {total} steps but {ckpt.path.name} was written for "
@@ -377,13 +390,16 @@ def resume_run(run_dir: str | Path, extend: bool = False, overrides: Optional[li
         raise BudgetLoraError(f"run directory not found: {run_dir}")
     cfg = _resume_config(run_dir, overrides)
     main = context_from_env().is_main
-    placement = rd.reclaim(run_dir, "resume it") if main else None
+    placement = reclaim(run_dir, "resume it") if main else None
     try:
         if main:
             remove_stale_temp(run_dir)
         ckpt = load_latest_checkpoint(run_dir, warn=console.say)
         if ckpt is None:
-            raise BudgetLoraError(f"{run_dir} has no checkpoint to resume from (nothing in "
+            found = len(complete_checkpoints(run_dir))
+            raise BudgetLoraError(f"{run_dir}: none of its {found} checkpoint(s) loads (each is damaged, see above); "
+                                  "start the run again" if found else
+                                  f"{run_dir} has no checkpoint to resume from (nothing in "
                                   f"{run_dir / rd.CHECKPOINTS}); start the run again")
         _check_resumable(run_dir, cfg, ckpt, extend)
         require_trackers(cfg)

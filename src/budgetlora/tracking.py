@@ -79,50 +79,81 @@ def mlflow_uri(cfg: Config, out_root: Path) -> str:
             or f"sqlite:///{(Path(out_root) / 'mlflow.db').resolve()}")
 
 
+def _quiet_mlflow() -> None:
+    """An unreachable server fails in seconds rather than minutes of retries (the user's own
+    MLFLOW_HTTP_* settings win), and the store's migration chatter stays off the terminal."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 class MLflowSink:
     """One MLflow run per budgetlora run: the flattened config as params, every record as metrics
     at its step; `finish` adds the summary numbers and the run directory (without checkpoints) as
     artifacts. A resumed run continues the same MLflow run."""
 
     def __init__(self, cfg: Config, run_dir: Path, out_root: Path, resume_step: Optional[int] = None):
+        _quiet_mlflow()
         import mlflow
 
-        self._mlflow = mlflow
-        self._client = mlflow.MlflowClient(tracking_uri=mlflow_uri(cfg, out_root))
-        experiment = self._client.get_experiment_by_name(cfg.train.mlflow_experiment)
-        experiment_id = experiment.experiment_id if experiment else \
-            self._client.create_experiment(cfg.train.mlflow_experiment)
+        self._mlflow, self.uri = mlflow, mlflow_uri(cfg, out_root)
+        self._client = self._call("open the tracking store", lambda: mlflow.MlflowClient(tracking_uri=self.uri))
+        name = cfg.train.mlflow_experiment
+        experiment = self._call("find the experiment", lambda: self._client.get_experiment_by_name(name))
+        # the default store keeps its artifacts beside it, never in whatever the working directory is
+        local = self.uri.startswith("sqlite:///") and not cfg.train.mlflow_tracking_uri \
+            and not os.environ.get("MLFLOW_TRACKING_URI")
+        location = (Path(out_root) / "mlruns").resolve().as_uri() if local else None
+        experiment_id = experiment.experiment_id if experiment else self._call(
+            "create the experiment", lambda: self._client.create_experiment(name, artifact_location=location))
         marker = Path(run_dir) / ".mlflow-run-id"
         run_id = marker.read_text().strip() if resume_step is not None and marker.is_file() else ""
         if not run_id:
-            run = self._client.create_run(experiment_id, run_name=Path(run_dir).name,
-                                          tags={"budgetlora.run_dir": str(Path(run_dir).resolve())})
+            run = self._call("create the run", lambda: self._client.create_run(
+                experiment_id, run_name=Path(run_dir).name, tags={"budgetlora.run_dir": str(Path(run_dir).resolve())}))
             run_id = run.info.run_id
             atomic.write_text(marker, run_id + "\n")
             params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
             for start in range(0, len(params), 100):
-                self._client.log_batch(run_id, params=params[start:start + 100])
+                self._call("log the config", lambda: self._client.log_batch(run_id, params=params[start:start + 100]))
         self.run_id = run_id
+
+    def _call(self, what: str, action: Any) -> Any:
+        """MLflow's many error types (a bad URI, a server that does not answer) as one error line."""
+        try:
+            return action()
+        except BudgetLoraError:
+            raise
+        except Exception as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise BudgetLoraError(f"MLflow at {self.uri}: cannot {what} ({type(exc).__name__}: {detail}); check "
+                                  "train.mlflow_tracking_uri, or remove mlflow from train.report_to") from None
 
     def log(self, record: dict) -> None:
         step = int(record["step"])
         metrics = [self._mlflow.entities.Metric(k, float(v), 0, step) for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float))]
-        self._client.log_batch(self.run_id, metrics=metrics)
+                   if k != "step" and isinstance(v, (int, float)) and v is not None]
+        self._call("log metrics", lambda: self._client.log_batch(self.run_id, metrics=metrics))
 
     def finish(self, run_dir: Path, summary: dict[str, Any]) -> None:
         numbers = {k: v for k, v in flatten(summary).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and "per_class" not in k}
-        self._client.log_batch(self.run_id, metrics=[self._mlflow.entities.Metric(k, float(v), 0, 0)
-                                                     for k, v in numbers.items()])
+        metrics = [self._mlflow.entities.Metric(k, float(v), 0, 0) for k, v in numbers.items()]
+        self._call("log the summary", lambda: self._client.log_batch(self.run_id, metrics=metrics))
+        self._call("tag the run", lambda: self._client.set_tag(self.run_id, "budgetlora.run_dir",
+                                                              str(Path(run_dir).resolve())))
         for item in sorted(Path(run_dir).iterdir()):
             if item.name.startswith(".") or item.name == rd.CHECKPOINTS:
                 continue
             if item.is_dir():
-                self._client.log_artifacts(self.run_id, str(item), artifact_path=item.name)
+                self._call("upload artifacts", lambda: self._client.log_artifacts(self.run_id, str(item),
+                                                                                  artifact_path=item.name))
             else:
-                self._client.log_artifact(self.run_id, str(item))
-        self._client.set_terminated(self.run_id, "FINISHED")
+                self._call("upload artifacts", lambda: self._client.log_artifact(self.run_id, str(item)))
+        self._call("finish the run", lambda: self._client.set_terminated(self.run_id, "FINISHED"))
 
     def close(self) -> None:
         pass

@@ -1,5 +1,6 @@
-"""What a run leaves on disk: the run directory's schema (run_dir, no torch), trained weights
-saved and loaded strictly (trained), merged and ONNX exports (export), model cards (model_card).
+"""What a run leaves on disk: the run directory's schema (run_dir, no torch), where a run lives and
+who may write it (placement, no torch), trained weights saved and loaded strictly (trained), merged
+and ONNX exports (export), model cards (model_card).
 Loaded lazily, so reading a run's files never imports torch."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The run directory: every file name in it, where a run lives, who may write it, and the small
-files (config, labels, summary, metrics, predictions) read and written through one place.
+"""The run directory: every file name in it, and the small files (config, labels, summary, metrics,
+predictions) read and written through one place (placement.py: where a run lives, who may write it).
 docs/run-directory.md describes the same schema for users. No torch here: tables and reports
 read runs on machines that never trained anything.
 """
@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
-import os
-import secrets
-import shutil
-from dataclasses import dataclass, field
+import math
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from budgetlora import atomic
-from budgetlora.config import RUN_NAME_PATTERN, Config, config_from_dict, config_yaml, flatten, read_yaml
+from budgetlora.config import Config, config_from_dict, config_yaml, flatten, read_yaml
 from budgetlora.errors import BudgetLoraError
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"  # written last: a run is finished when it exists
+PREVIOUS_SUMMARY = "summary.previous.json"  # the summary of a finished run while --extend trains it further
 METRICS = "metrics.jsonl"
 LABELS = "labels.json"
 PREDICTIONS = "test_predictions.csv"
@@ -38,6 +35,9 @@ MARKER = ".budgetlora-run"  # identifies a budgetlora run (and, for a staged --o
 LOCK = ".lock"
 EXPORT_META = "budgetlora.json"  # what budgetlora needs to read an export back: config, labels, head
 EXPORT_FORMAT = 1
+# what a run's own files are called (another file may not be written over them)
+RESERVED = frozenset({CONFIG, SUMMARY, PREVIOUS_SUMMARY, METRICS, LABELS, PREDICTIONS, ADAPTER, FULL_MODEL, TOKENIZER, CHECKPOINTS,
+                      TENSORBOARD, MODEL_CARD, MARKER, LOCK})
 # folders inside a run that never hold other runs
 INNER_DIRS = frozenset({ADAPTER, FULL_MODEL, TOKENIZER, CHECKPOINTS, TENSORBOARD, "__pycache__"})
 
@@ -48,6 +48,18 @@ def is_run_dir(path: Path) -> bool:
     if (path / MARKER).is_file():
         return True
     return (path / CONFIG).is_file() and any((path / f).exists() for f in (SUMMARY, LABELS, CHECKPOINTS, ADAPTER))
+
+
+def check_output_file(path: Path, source: Optional[Path] = None) -> None:
+    """A file the user asks for (predictions, metrics) may not replace a run's own file, nor the
+    data it was computed from."""
+    path = Path(path)
+    if source is not None and path.exists() and Path(source).exists() and path.resolve() == Path(source).resolve():
+        raise BudgetLoraError(f"--out {path} is the input data file; write the output to another file")
+    run = inside_run(path.parent)
+    if run is not None and (path.name in RESERVED | {PRUNED, RUNGS, EXPORT_META}
+                            or path.resolve().parent != run.resolve()):
+        raise BudgetLoraError(f"{path} would replace a file of the run {run}; write it to another path")
 
 
 def is_finished(path: Path) -> bool:
@@ -72,163 +84,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise BudgetLoraError(f"{path}: unreadable ({type(exc).__name__}); {what}") from None
 
 
-def read_marker(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / MARKER
-    if not path.is_file():
-        return {}
-    data = _read_json(path, "the run marker is damaged")
-    return data if isinstance(data, dict) else {}
-
-
-# ----- who may write a run ------------------------------------------------------------------
-
-class RunLock:
-    """An exclusive lock on a run directory for one writer (train, resume, overwrite): a second
-    writer fails at once, naming the process that holds it. The lock dies with its process."""
-
-    def __init__(self, run_dir: Path, what: str):
-        self.run_dir, self.what = Path(run_dir), what
-        self._handle: Optional[io.TextIOWrapper] = None
-
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        handle = open(self.run_dir / LOCK, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise BudgetLoraError(f"{self.run_dir} is in use by {holder}; wait for it to finish (or stop it) "
-                                  f"before you {self.what}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
-        handle.flush()
-        self._handle = handle
-        return self
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing the file drops the flock
-            self._handle = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-# ----- where a run lives ---------------------------------------------------------------------
-
-def check_run_name(name: str) -> None:
-    import re
-
-    if not re.fullmatch(RUN_NAME_PATTERN, name) or name in (".", ".."):
-        raise BudgetLoraError(f"run name {name!r}: one path component of letters, digits, '.', '_', '-' "
-                              "(the run lives directly under --out)")
-
-
-@dataclass
-class Placement:
-    """Where a new run is written (`path`) and where it ends up (`final`): the same directory, or,
-    when it replaces an earlier run (--overwrite), a hidden sibling swapped in once it finished."""
-
-    path: Path
-    final: Path
-    locks: list[RunLock] = field(default_factory=list)
-
-    @property
-    def replaces(self) -> bool:
-        return self.path != self.final
-
-    def commit(self) -> None:
-        """The run finished: a staged run takes the place of the one it replaces."""
-        if self.replaces:
-            atomic.swap_into_place(self.path, self.final, replace=True)
-        self.release()
-
-    def abandon(self, resumable: bool = True) -> None:
-        """The run failed: it is deleted unless a checkpoint makes it `resumable`."""
-        if not resumable or not (self.path / CHECKPOINTS).is_dir():
-            shutil.rmtree(self.path, ignore_errors=True)
-        self.release()
-
-    def release(self) -> None:
-        for lock in self.locks:
-            lock.release()
-        self.locks.clear()
-
-
-def _new_run_dir(path: Path, replaces: Optional[str]) -> RunLock:
-    path.mkdir(mode=0o777)  # raises FileExistsError: another process took the name first
-    atomic.write_json(path / MARKER, {"format": 1, "replaces": replaces})
-    return RunLock(path, "train into it").acquire()
-
-
-def place_run(out_root: Path, name: str, overwrite: bool) -> Placement:
-    """Create the directory of a new run under `out_root`: `name`, or `name-2`, ... so a rerun never
-    clobbers an earlier result; with `overwrite`, a staged sibling that replaces the run `name`
-    (only a budgetlora run, and only once the new one has finished)."""
-    check_run_name(name)
-    out_root = Path(out_root)
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        final = out_root / name
-        if overwrite and final.exists():
-            if not final.is_dir() or not is_run_dir(final):
-                raise BudgetLoraError(f"{final} exists and is not a budgetlora run; --overwrite replaces only "
-                                      "runs: choose another --name or --out")
-            held = RunLock(final, "replace it").acquire()  # no resume or second overwrite meanwhile
-            staging = out_root / f".{name}.new-{secrets.token_hex(4)}"
-            try:
-                return Placement(staging, final, [held, _new_run_dir(staging, name)])
-            except BaseException:
-                held.release()
-                raise
-        for candidate in (out_root / n for n in itertools.chain([name], (f"{name}-{i}" for i in itertools.count(2)))):
-            if not candidate.exists():
-                try:
-                    return Placement(candidate, candidate, [_new_run_dir(candidate, None)])
-                except FileExistsError:
-                    pass  # taken between the check and the mkdir: try the next name
-        raise AssertionError("unreachable")
-    except OSError as exc:
-        raise BudgetLoraError(f"cannot create the run directory under {out_root}: {exc.strerror or exc}") from None
-
-
-def place_exact(path: Path) -> Placement:
-    """A new run at exactly `path` (a sweep names its trials' directories itself)."""
-    check_run_name(Path(path).name)
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return Placement(Path(path), Path(path), [_new_run_dir(Path(path), None)])
-    except FileExistsError:
-        raise BudgetLoraError(f"{path} exists already; a new run needs a new directory") from None
-    except OSError as exc:
-        raise BudgetLoraError(f"cannot create the run directory {path}: {exc.strerror or exc}") from None
-
-
-def reclaim(run_dir: Path, what: str) -> Placement:
-    """An existing run for a writer that continues it (resume): locked, and if it was staged to
-    replace another run, swapped into that place when it finishes."""
-    run_dir = Path(run_dir)
-    locks = [RunLock(run_dir, what).acquire()]
-    replaces = read_marker(run_dir).get("replaces")
-    if isinstance(replaces, str) and replaces and run_dir.name.startswith(f".{replaces}.new-"):
-        final = run_dir.parent / replaces
-        if final.exists():
-            try:
-                locks.append(RunLock(final, "replace it").acquire())
-            except BudgetLoraError:
-                locks[0].release()
-                raise
-        return Placement(run_dir, final, locks)
-    return Placement(run_dir, run_dir, locks)
-
-
 # ----- the small files -------------------------------------------------------------------------
 
 def write_config(cfg: Config, run_dir: Path) -> None:
@@ -242,6 +97,8 @@ def read_run_config(run_dir: Path) -> Config:
     try:
         return config_from_dict(read_yaml(path))
     except BudgetLoraError as exc:
+        if str(exc).startswith(str(path)):
+            raise
         raise BudgetLoraError(f"{path}: {exc}") from None
 
 
@@ -256,11 +113,15 @@ def write_labels(run_dir: Path, names: Sequence[str]) -> None:
     atomic.write_json(Path(run_dir) / LABELS, {"names": list(names)})
 
 
+def valid_names(names: Any) -> bool:
+    return (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names)
+            and len(set(names)) == len(names))
+
+
 def read_labels(run_dir: Path) -> list[str]:
     data = _read_json(Path(run_dir) / LABELS, "the run did not finish or its labels file is damaged")
     names = data.get("names") if isinstance(data, dict) else None
-    if (not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n for n in names)
-            or len(set(names)) != len(names)):
+    if not valid_names(names):
         raise BudgetLoraError(f"{Path(run_dir) / LABELS}: expected {{\"names\": [two or more distinct class names]}}")
     return names
 
@@ -269,10 +130,30 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     atomic.write_json(Path(run_dir) / SUMMARY, summary)
 
 
+SUMMARY_NUMBERS = ("best_val_acc", "trainable_params", "total_params", "steps", "best_step", "wall_time_s")
+SPLIT_NUMBERS = ("accuracy", "ci_low", "ci_high", "macro_f1", "n", "loss")
+METRIC_NUMBERS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "samples_per_s", "epoch")
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    data = _read_json(Path(run_dir) / SUMMARY, "the run did not finish")
+    path = Path(run_dir) / SUMMARY
+    data = _read_json(path, "the run did not finish")
     if not isinstance(data, dict):
-        raise BudgetLoraError(f"{Path(run_dir) / SUMMARY} does not hold a JSON object")
+        raise BudgetLoraError(f"{path} does not hold a JSON object; the file is damaged")
+    bad = [k for k in SUMMARY_NUMBERS if not _is_number(data.get(k))]
+    for split in ("val", "test"):
+        part = data.get(split)
+        if part is not None and not isinstance(part, dict):
+            bad.append(split)
+        elif isinstance(part, dict):
+            bad += [f"{split}.{k}" for k in SPLIT_NUMBERS if not _is_number(part.get(k))]
+    if bad:
+        raise BudgetLoraError(f"{path}: {bad[0]} is not a number; the file is damaged (train the run again, "
+                              "or restore the file)")
     return data
 
 
@@ -302,6 +183,14 @@ def read_rungs(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def read_rung_from(run_dir: Path, step: int) -> Optional[dict[str, Any]]:
+    """The run's first rung record at `step` or later (a run resumed past a rung records where it
+    stands), or None."""
+    rungs = read_rungs(run_dir)
+    reached = sorted(int(k) for k, v in rungs.items() if str(k).isdigit() and int(k) >= step and isinstance(v, dict))
+    return rungs[str(reached[0])] if reached else None
+
+
 class MetricsFile:
     """The metrics sink every run has: one JSON object per line, flushed so a crash loses nothing."""
 
@@ -309,7 +198,9 @@ class MetricsFile:
         self._handle = open(Path(run_dir) / METRICS, "a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
-        self._handle.write(json.dumps(record, allow_nan=False) + "\n")
+        # an overflowing evaluation (fp16) can give an infinite loss: null in the log, not a crash
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._handle.write(json.dumps(clean, allow_nan=False) + "\n")
         self._handle.flush()
 
     def close(self) -> None:
@@ -327,7 +218,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        if (isinstance(record, dict) and isinstance(record.get("step"), int)
+                and all(_is_number(record.get(k)) for k in METRIC_NUMBERS)):
             records.append(record)
     return records
 
@@ -336,7 +228,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop the lines logged after `step` (and a line torn by a kill), so a resumed run appends
     to a log without duplicates."""
     if Path(path).is_file():
-        kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step]
+        kept = [json.dumps(r, allow_nan=False) + "\n" for r in read_metrics(path) if r["step"] <= step]
         atomic.write_text(Path(path), "".join(kept))
 
 
@@ -383,7 +275,6 @@ def export_config(meta: dict[str, Any], where: Path) -> Config:
 
 def labels_of(meta: dict[str, Any], where: Path) -> list[str]:
     names = meta.get("label_names")
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n for n in names) \
-            or len(set(names)) != len(names):
+    if not valid_names(names):
         raise BudgetLoraError(f"{where / EXPORT_META}: label_names must list two or more distinct class names")
     return names

@@ -107,14 +107,19 @@ def _tensor_file(path: Path) -> dict[str, torch.Tensor]:
                                   f"({path.name}), because unpickling can run code")
         raise BudgetLoraError(f"{path} is missing; the run did not finish or its weights were removed")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BudgetLoraError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # a damaged file would give NaN probabilities and label 0 for every row
+        raise BudgetLoraError(f"{path}: tensor {bad} holds NaN or infinite values; the file is damaged "
+                              "(or its run diverged): train the run again")
+    return tensors
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], expected: set[str], where: Path) -> None:
-    """Copy `state` into `model`; every key of `expected` must be present with the model's shape
-    and nothing else may be there, or the weights on disk are not this model's."""
+def check_keys(model: nn.Module, state: dict[str, torch.Tensor], expected: set[str], where: Path) -> None:
+    """Before `state` is copied into `model`: every key of `expected` must be present with the
+    model's shape and nothing else may be there, or the weights on disk are not this model's."""
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise BudgetLoraError(f"{where}: the weights do not belong to this model ({len(missing)} missing, e.g. "
@@ -134,7 +139,7 @@ def _load_adapter(base: nn.Module, cfg: Config, run: Path) -> nn.Module:
     adapter_dir = run / rd.ADAPTER
     model = wrap_with_lora(base, cfg)
     state = _tensor_file(adapter_dir / ADAPTER_WEIGHTS)
-    load_strict(model, state, set(get_peft_model_state_dict(model)), adapter_dir / ADAPTER_WEIGHTS)
+    check_keys(model, state, set(get_peft_model_state_dict(model)), adapter_dir / ADAPTER_WEIGHTS)
     _copying(lambda: set_peft_model_state_dict(model, state), adapter_dir / ADAPTER_WEIGHTS)
     return model
 
@@ -167,7 +172,7 @@ def load_run_model(run: Path, device: torch.device) -> TrainedModel:
     else:
         weights = run / rd.FULL_MODEL / MODEL_WEIGHTS
         state = _tensor_file(weights)
-        load_strict(base, state, set(base.state_dict()), weights)
+        check_keys(base, state, set(base.state_dict()), weights)
         _copying(lambda: base.load_state_dict(state), weights)
         model = base
     tokenizer_dir = run / rd.TOKENIZER

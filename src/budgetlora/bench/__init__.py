@@ -97,6 +97,11 @@ def _spec(options: BenchOptions, device: torch.device) -> tuple[BenchSpec, int, 
         raise BudgetLoraError("bench needs --lora-dropout in [0, 1) and --max-length in [8, 512]")
     if options.threads is not None and options.threads < 1:
         raise BudgetLoraError("--threads must be >= 1")
+    if options.data is not None and not options.synthetic:
+        missing = [f for f in ("train_sample.csv", "test.csv") if not (Path(options.data) / f).is_file()]
+        if missing:  # a typo must not quietly turn the bench into one on synthetic ids
+            raise BudgetLoraError(f"--data {options.data}: no {' or '.join(missing)} there; give the AG News "
+                                  "directory, or pass --synthetic")
     return spec, repeats, batches
 
 

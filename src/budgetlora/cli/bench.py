@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from budgetlora.errors import BudgetLoraError
+
 
 def _batches(text: str) -> list[int]:
     try:
@@ -51,6 +53,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from budgetlora import atomic
     from budgetlora.bench import BenchOptions, run_bench
 
+    if args.json and (Path(args.json).is_dir() or (Path(args.json).parent.exists()
+                                                    and not Path(args.json).parent.is_dir())):
+        raise BudgetLoraError(f"--json {args.json}: not a file path that can be written")
     options = BenchOptions(device=args.device, model=args.model, data=Path(args.data) if args.data else None,
                            synthetic=args.synthetic,
                            steps=args.steps, warmup=args.warmup, predict_rows=args.predict_rows,

@@ -121,14 +121,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from budgetlora.config import parse_override
 
     overrides = dict(parse_override(o) for o in args.set or [])
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    targets = None
+    if args.targets is not None:
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        if not targets:
+            raise BudgetLoraError("--targets is empty; give module names, e.g. --targets q,v")
     result = plan(args.model, args.budget, targets, args.num_labels, args.config, **overrides)
     cfg = result.config
     shown = ",".join(cfg.lora.targets + cfg.lora.target_modules)
     if result.rank == 0:
-        print(f"no rank fits: r=1 on {shown} already needs {result.trainable:,} trainable parameters "
-              f"(budget {result.budget:,})")
-        return 1
+        raise BudgetLoraError(f"no rank fits: r=1 on {shown} already needs {result.trainable:,} trainable "
+                              f"parameters (budget {result.budget:,}); adapt fewer modules or raise --budget")
     print(f"model {cfg.model}, targets {shown}, budget {result.budget:,}: largest rank r={result.rank} -> "
           f"{result.trainable:,} trainable ({result.budget - result.trainable:,} to spare)")
     print(result.table())
@@ -152,9 +155,12 @@ def _columns(args: argparse.Namespace) -> list[str] | None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from budgetlora import atomic
+    from budgetlora.artifacts.run_dir import check_output_file
     from budgetlora.distributed import context_from_env
     from budgetlora.evaluate.metrics import format_metrics
 
+    if args.json:
+        check_output_file(Path(args.json), Path(args.data))
     run = _load(args, Path(args.data))
     metrics = run.evaluate(Path(args.data), trust_pickle=args.trust_pickle, format=args.format,
                            text_columns=_columns(args), quiet=args.quiet)
@@ -170,9 +176,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from budgetlora.distributed import context_from_env
 
+    from budgetlora.artifacts.run_dir import check_output_file
+
     out = Path(args.out)
     if out.is_dir():
         raise BudgetLoraError(f"--out {out} is a directory; give the predictions CSV file to write")
+    check_output_file(out, Path(args.data))
     run = _load(args, Path(args.data))
     predictions = run.predict(Path(args.data), trust_pickle=args.trust_pickle, format=args.format,
                               text_columns=_columns(args), quiet=args.quiet)

@@ -163,6 +163,8 @@ def check_values(cfg: Config) -> None:
                         ("lora.layers", lora.layers or []), ("data.text_columns", data.text_columns)):
         need(len(set(values)) == len(values), key, f"lists a value twice: {values}")
     need(all(m.strip() for m in lora.target_modules), "lora.target_modules", "holds an empty module path")
+    need(lora.layers is None or len(lora.layers) > 0, "lora.layers",
+         "is empty, which adapts no layer; leave it out (null) to adapt every layer")
     need(not (lora.use_dora and lora.dropout_position == "lowrank"), "lora.dropout_position",
          "lowrank is not available with lora.use_dora (DoRA reuses the dropped input); use input or auto")
     need(train.max_steps is not None or train.epochs is not None, "train.max_steps", "set max_steps or epochs")
@@ -201,7 +203,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, text = item.split("=", 1)
     try:
         value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if text.lstrip().startswith(("[", "{", '"', "'")):  # meant as a list, mapping or quoted string
+            raise BudgetLoraError(f"--set {item!r}: the value is not valid YAML "
+                                  f"({getattr(exc, 'problem', None) or 'parse error'}); e.g. --set lora.targets=[q,v]") from None
         value = text
     if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; users mean a number
         try:
@@ -243,8 +248,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BudgetLoraError(f"{path} is not a regular file; expected a YAML config file")
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if path.stat().st_size == 0:  # an empty file, or a /proc file that may block on read
+            data = b""
+        else:
+            with path.open("rb") as handle:
+                data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise BudgetLoraError(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_CONFIG_BYTES:

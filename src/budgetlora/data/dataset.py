@@ -110,9 +110,17 @@ def _raw_label(row: Row, column: str) -> Any:
     return value
 
 
-def map_labels(rows: list[Row], column: str, names: Optional[list[str]]) -> tuple[np.ndarray, list[str]]:
-    """Class indices for `rows`. With known names, ints must be in range and strings must be names;
-    without, names are inferred (ints 0..max, or the sorted distinct strings)."""
+def indices_mean_names(names: Sequence[str], explicit: bool) -> bool:
+    """Whether an integer label may stand for names[i]: only when the order of the names is the
+    user's (label_names, classes_file, AG News) or the names are the indices themselves. Names
+    inferred from strings are sorted, so an integer in another file has no defined meaning."""
+    return explicit or list(names) == [str(i) for i in range(len(names))] or tuple(names) == AGNEWS_NAMES
+
+
+def map_labels(rows: list[Row], column: str, names: Optional[list[str]],
+               indices_ok: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Class indices for `rows`. With known names, ints must be in range (and `indices_ok`) and
+    strings must be names; without, names are inferred (ints 0..max, or the sorted distinct strings)."""
     raw = [_raw_label(row, column) for row in rows]
     if names is None:
         ints = [v for v in raw if isinstance(v, int)]
@@ -138,6 +146,10 @@ def map_labels(rows: list[Row], column: str, names: Optional[list[str]]) -> tupl
     labels = np.empty(len(raw), dtype=np.int64)
     for i, value in enumerate(raw):
         if isinstance(value, int):
+            if not indices_ok:
+                raise BudgetLoraError(f"{rows[i].where}: integer label {value} where the classes are names "
+                                      f"({brief_names(names)}, sorted from the training labels); use the names, "
+                                      "or fix their order with data.label_names")
             if not 0 <= value < len(names):
                 hint = " (1-based labels? use 0..C-1, or data.format: agnews for the original AG News CSV)" \
                     if value == len(names) else ""
@@ -177,7 +189,8 @@ def check_trust(path: str, cfg: DataConfig, trust_pickle: bool) -> None:
 
 
 def load_text_set(path: str, cfg: DataConfig, names: Optional[list[str]], labeled: bool,
-                  trust_pickle: bool = False, limit: Optional[int] = None) -> tuple[TextSet, list[str]]:
+                  trust_pickle: bool = False, limit: Optional[int] = None,
+                  indices_ok: bool = True) -> tuple[TextSet, list[str]]:
     """Read one local file; returns the set and the label names (inferred if not given)."""
     fmt, rows = read_rows(Path(path), cfg.format, trust_pickle)
     if limit is not None:
@@ -191,7 +204,8 @@ def load_text_set(path: str, cfg: DataConfig, names: Optional[list[str]], labele
     labels = None
     has_label = cfg.label_column in rows[0].fields or fmt == "agnews"
     if labeled or has_label:
-        labels, names = map_labels(rows, "label" if fmt == "agnews" else cfg.label_column, names)
+        labels, names = map_labels(rows, "label" if fmt == "agnews" else cfg.label_column, names,
+                                   indices_ok or fmt == "agnews")
     return TextSet(texts, labels, _ids(rows)), names or []
 
 
@@ -274,9 +288,11 @@ def load_splits(cfg: DataConfig, seed: int, trust_pickle: bool = False) -> Split
         source = f"hub dataset '{cfg.dataset}' split '{cfg.train_split}'"
     assert train.labels is not None
     require_every_class(train.labels, names, source)
+    explicit = cfg.label_names is not None or cfg.classes_file is not None
     test = None
     if cfg.test_file:
-        test, _ = load_text_set(cfg.test_file, cfg, names, True, trust_pickle, cfg.max_test_rows)
+        test, _ = load_text_set(cfg.test_file, cfg, names, True, trust_pickle, cfg.max_test_rows,
+                                indices_mean_names(names, explicit))
     elif cfg.dataset and cfg.test_split:
         test, _ = _hub_set(cfg, cfg.test_split, names, cfg.max_test_rows)
     elif cfg.test_size:

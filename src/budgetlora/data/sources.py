@@ -78,6 +78,8 @@ def check_data_file(path: Path) -> Path:
         raise BudgetLoraError(f"{path} is a directory, expected a data file")
     if not stat.S_ISREG(info.st_mode):
         raise BudgetLoraError(f"{path} is not a regular file (a device, pipe or socket); give a data file")
+    if info.st_size == 0:  # also what /proc and /sys files report, some of which block on read
+        raise BudgetLoraError(f"{path}: the file is empty (0 bytes); give a data file with rows")
     if info.st_size > MAX_DATA_BYTES:
         raise BudgetLoraError(f"{path}: {info.st_size / 2**30:.1f} GiB is more than one data file may hold "
                               f"({MAX_DATA_BYTES / 2**30:.0f} GiB); split it or raise BUDGETLORA_MAX_DATA_BYTES")
@@ -258,7 +260,7 @@ def read_pickle(path: Path, trust_pickle: bool) -> list[Row]:
 
 def refuse_untrusted_pickle(path: Path, trust_pickle: bool) -> None:
     if not trust_pickle:
-        raise BudgetLoraError(f"{path} is a pickle; loading it can run arbitrary code. If you trust its "
+        raise BudgetLoraError(f"{path} is read as a pickle (its suffix, or data.format: pickle); loading it can run arbitrary code. If you trust its "
                               "source, pass --trust-pickle (trust comes from the command line or the "
                               "trust_pickle argument only, never from a config file)")
 

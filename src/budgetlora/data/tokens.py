@@ -107,7 +107,8 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048,
     return ids, offsets, np.asarray(full, dtype=np.int64)
 
 
-def _load_cached(path: Path, rows: int, max_length: int) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _load_cached(path: Path, rows: int, max_length: int,
+                 vocab_size: int) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The cached arrays if the entry is whole and consistent; None means rebuild it (a truncated or
     garbled file must cost one re-tokenization, never a failed run)."""
     try:
@@ -117,7 +118,8 @@ def _load_cached(path: Path, rows: int, max_length: int) -> Optional[tuple[np.nd
         return None
     lengths = np.diff(offsets) if offsets.ndim == 1 and len(offsets) == rows + 1 else None
     if (lengths is None or ids.ndim != 1 or ids.dtype != np.int32 or offsets[0] != 0 or offsets[-1] != len(ids)
-            or (lengths < 0).any() or (lengths > max_length).any() or full.shape != (rows,)):
+            or (lengths < 0).any() or (lengths > max_length).any() or full.shape != (rows,)
+            or (len(ids) and (ids.min() < 0 or ids.max() >= vocab_size))):
         return None
     return ids, offsets, full
 
@@ -127,7 +129,8 @@ def tokenize(tokenizer, texts: list[str], labels: Optional[np.ndarray], max_leng
     """Token ids for `texts`, from the disk cache when the same tokenizer saw the same texts.
     `progress(n)` is called as rows are tokenized (not for a cache hit)."""
     path = cache_dir() / f"{_cache_key(tokenizer, texts, max_length)}.npz"
-    cached = _load_cached(path, len(texts), max_length) if use_cache and path.is_file() else None
+    vocab_size = len(tokenizer)
+    cached = _load_cached(path, len(texts), max_length, vocab_size) if use_cache and path.is_file() else None
     if cached is not None:
         return TokenizedSet(cached[0], cached[1], labels, cached[2])
     ids, offsets, full = _tokenize(tokenizer, texts, max_length, progress=progress)

@@ -17,9 +17,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels].mean())
+    """Mean cross-entropy; NaN when the logits are not finite (the caller decides what that means)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, names: Sequence[str],

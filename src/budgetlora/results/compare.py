@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from budgetlora import atomic
+from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results.plots import bar_chart
 from budgetlora.results.runs import RunRecord, read_run
@@ -99,8 +100,12 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> pd.Data
     if not run_dirs:
         raise BudgetLoraError("compare needs at least one run directory")
     paths = [Path(p) for p in run_dirs]
-    runs = [read_run(p, label) for p, label in zip(paths, unique_labels(paths), strict=True)]
     out = Path(out_dir)
+    inside = rd.inside_run(out)
+    if inside is not None:
+        raise BudgetLoraError(f"compare --out {out} is inside the run {inside}; a comparison is not part of one "
+                              "run: write it to another folder")
+    runs = [read_run(p, label) for p, label in zip(paths, unique_labels(paths), strict=True)]
     marks = mark_ties(runs)
     table = pd.DataFrame([_compare_row(run, marks) for run in runs])
     charts = _compare_charts(table, out)

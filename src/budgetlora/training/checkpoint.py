@@ -271,17 +271,45 @@ def load_checkpoint(path: Path) -> Checkpoint:
     state_tensors = tensors("state.safetensors") or {}
     try:
         decoded = {k: _decode(meta[k], state_tensors) for k in ("optimizer", "scheduler", "scaler", "rng")}
-        known = {f.name for f in dataclasses.fields(LoopState)}
-        loop_state = LoopState(**{k: v for k, v in meta["loop_state"].items() if k in known})
-    except (KeyError, TypeError) as exc:
+        loop_state = _loop_state(meta["loop_state"])
+        return Checkpoint(path=path, step=_count(meta["step"]), reason=str(meta.get("reason", "")),
+                          total_steps=_count(meta["total_steps"]), state=loop_state,
+                          trainable=tensors("trainable.safetensors") or {},
+                          best_trainable=tensors("best.safetensors", required=False),
+                          optimizer=decoded["optimizer"], scheduler=decoded["scheduler"], scaler=decoded["scaler"],
+                          rng=decoded["rng"], history=list(meta.get("history") or []),
+                          config=dict(meta.get("config") or {}), data_fingerprint=str(meta.get("data_fingerprint", "")))
+    except KeyError as exc:
         raise BudgetLoraError(f"{meta_file}: incomplete checkpoint state (missing {exc})") from None
-    return Checkpoint(path=path, step=int(meta["step"]), reason=str(meta.get("reason", "")),
-                      total_steps=int(meta["total_steps"]), state=loop_state,
-                      trainable=tensors("trainable.safetensors") or {},
-                      best_trainable=tensors("best.safetensors", required=False),
-                      optimizer=decoded["optimizer"], scheduler=decoded["scheduler"], scaler=decoded["scaler"],
-                      rng=decoded["rng"], history=list(meta.get("history") or []),
-                      config=dict(meta.get("config") or {}), data_fingerprint=str(meta.get("data_fingerprint", "")))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BudgetLoraError(f"{meta_file}: damaged checkpoint state ({str(exc)[:120]})") from None
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a step count")
+    return value
+
+
+def _loop_state(raw: Any) -> LoopState:
+    """The loop's counters, each of its declared type (a damaged file must not resume as garbage)."""
+    if not isinstance(raw, dict):
+        raise TypeError("loop_state is not a mapping")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(LoopState):
+        if f.name not in raw:
+            continue
+        value, default = raw[f.name], f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:  # floats, and the optional losses
+            ok = (value is None and default is None) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"loop_state.{f.name} is {value!r}")
+        values[f.name] = value
+    return LoopState(**values)
 
 
 def load_latest_checkpoint(run_dir: Path,

@@ -184,6 +184,10 @@ def _evaluate(model: nn.Module, val_data: TokenizedSet, rt: Runtime, pad_id: int
     correct = logits.argmax(1) == val_data.labels
     acc = float(correct.mean())
     state.last_eval_loss = cross_entropy(logits, val_data.labels)
+    if not math.isfinite(state.last_eval_loss):  # the model's outputs overflowed: its accuracy means nothing
+        raise RunDiverged(f"the validation loss became NaN or infinite at step {state.step} (lr "
+                          f"{progress.optimizer.param_groups[0]['lr']:.3g}); the run is removed: lower train.lr, "
+                          "keep train.grad_clip on, or use bf16/fp32 instead of fp16")
     record = {"step": state.step, "eval_loss": state.last_eval_loss, "eval_acc": acc}
     progress.history.append(record)
     log(record)
