@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,7 +38,7 @@ def check_export_target(out: Path, overwrite: bool, source: Path) -> None:
     inside one, never a directory that holds the source run."""
     out, source = Path(out).resolve(), Path(source).resolve()
     if out == source or source.is_relative_to(out) or rd.inside_run(out) is not None:
-        raise BudgetLoraError(f"export target {out} is (or is inside, or contains) a run directory; "
+        raise BudgetLoraError(f"export target {out} is the run, holds it or is inside a run directory; "
                               "export into a new or empty directory")
     if out.exists():
         if not out.is_dir():
@@ -48,6 +49,11 @@ def check_export_target(out: Path, overwrite: bool, source: Path) -> None:
                                       "export into a new or empty directory")
             if not overwrite:
                 raise BudgetLoraError(f"export target {out} holds an earlier export; pass --overwrite to replace it")
+            inner = next((m.parent for m in out.rglob(rd.MARKER)), None) or next(
+                (d for d in out.rglob("*") if d.is_dir() and rd.is_run_dir(d)), None)
+            if inner is not None:
+                raise BudgetLoraError(f"export target {out} holds the run {inner}; --overwrite replaces only the "
+                                      "export: move the run out first")
 
 
 def merged_model(trained: TrainedModel) -> nn.Module:
@@ -105,10 +111,18 @@ def load_plain(path: Path, pooled: bool) -> nn.Module:
     return model.eval()
 
 
-def _verify(tmp: Path, reference: nn.Module, tokenizer: Any, pooled: bool) -> float:
-    batch = probe_batch(tokenizer)
+def run_logits(trained: TrainedModel, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """The trained model's own (unmerged) logits for `batch` in fp32: what an export must reproduce,
+    so an error in merging shows as well as one in saving."""
+    device = next(trained.model.parameters()).device
     with torch.inference_mode():
-        expected = reference(**batch).logits
+        return trained.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+
+
+def _verify(tmp: Path, trained: TrainedModel, pooled: bool) -> float:
+    batch = probe_batch(trained.tokenizer)
+    expected = torch.from_numpy(run_logits(trained, batch))
+    with torch.inference_mode():
         got = load_plain(tmp, pooled)(**batch).logits
     diff = float((expected - got).abs().max())
     if not diff <= RELOAD_TOLERANCE or not torch.equal(expected.argmax(-1), got.argmax(-1)):
@@ -132,7 +146,7 @@ def export_merged(trained: TrainedModel, out: Path, overwrite: bool = False) -> 
     with atomic.atomic_dir(out, replace=True) as tmp:
         (_save_pooled if pooled else _save_auto)(model, tmp, trained.label_names)
         trained.tokenizer.save_pretrained(str(tmp))
-        diff = _verify(tmp, model, trained.tokenizer, pooled)
+        diff = _verify(tmp, trained, pooled)
         atomic.write_json(tmp / EXPORT_META, export_meta(trained, "merged", reload_max_logit_diff=diff))
         write_export_card(tmp, trained, "merged")
     return out

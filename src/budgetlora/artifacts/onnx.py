@@ -22,7 +22,8 @@ from budgetlora.artifacts.trained import TrainedModel
 from budgetlora.errors import BudgetLoraError
 
 ONNX_FILE = "model.onnx"
-OPSET = 18
+TRACED_OPSET = 17  # the TorchScript exporter's
+DYNAMO_OPSET = 18  # the dynamo exporter's lowest
 
 
 def require_onnx() -> None:
@@ -52,15 +53,20 @@ def write_onnx(model: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's and the legacy exporter's deprecation notes
         try:
-            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17,
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=TRACED_OPSET,
                               dynamic_axes={"input_ids": {0: "batch", 1: "length"},
                                             "attention_mask": {0: "batch", 1: "length"}, "logits": {0: "batch"}},
                               **names)
-        except Exception:
+        except Exception as traced:
             batch_dim, length = torch.export.Dim("batch"), torch.export.Dim("length")
-            torch.onnx.export(wrapper, args, str(path), dynamo=True, opset_version=OPSET, external_data=False,
-                              dynamic_shapes={"input_ids": {0: batch_dim, 1: length},
-                                              "attention_mask": {0: batch_dim, 1: length}}, **names)
+            try:
+                torch.onnx.export(wrapper, args, str(path), dynamo=True, opset_version=DYNAMO_OPSET,
+                                  external_data=False, dynamic_shapes={"input_ids": {0: batch_dim, 1: length},
+                                                                       "attention_mask": {0: batch_dim, 1: length}},
+                                  **names)
+            except Exception as exc:
+                raise BudgetLoraError(f"ONNX export failed for this model (tracing: {type(traced).__name__}: "
+                                      f"{str(traced)[:120]}; dynamo: {type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def quantize_int8(source: Path, target: Path) -> None:
@@ -73,11 +79,17 @@ def quantize_int8(source: Path, target: Path) -> None:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
 
 
+def _omp_threads() -> int:
+    """OMP_NUM_THREADS as a count (it may also be a list like "4,2", of which the first counts)."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
 def session(path: Path, threads: Optional[int] = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or _omp_threads() or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
@@ -88,7 +100,7 @@ def session(path: Path, threads: Optional[int] = None) -> Any:
 
 def export_onnx(trained: TrainedModel, out: Path, int8: bool = False, overwrite: bool = False) -> Path:
     """Write the ONNX export to `out` (built in a temp directory, checked against the run, renamed)."""
-    from budgetlora.artifacts.export import check_export_target, export_meta, merged_model, probe_batch
+    from budgetlora.artifacts.export import check_export_target, export_meta, merged_model, probe_batch, run_logits
 
     require_onnx()
     check_export_target(out, overwrite, trained.source)
@@ -102,15 +114,16 @@ def export_onnx(trained: TrainedModel, out: Path, int8: bool = False, overwrite:
             else:
                 os.replace(fp32, tmp / ONNX_FILE)
         batch = probe_batch(trained.tokenizer)
-        with torch.inference_mode():
-            expected = model(**batch).logits.numpy()
+        expected = run_logits(trained, batch)  # the run as trained (unmerged): a merge error shows too
         got = session(tmp / ONNX_FILE).run(["logits"], {k: v.numpy() for k, v in batch.items()})[0]
         diff = float(np.abs(expected - got).max())
-        if not np.isfinite(got).all() or (not int8 and diff > 1e-3):
-            raise BudgetLoraError(f"the ONNX model does not predict like the run (max logit difference {diff:.3g}); "
-                                  "nothing was written")
+        agree = float((expected.argmax(1) == got.argmax(1)).mean())
+        if not np.isfinite(got).all() or (not int8 and diff > 1e-3) or agree < 0.8:
+            raise BudgetLoraError(f"the ONNX model does not predict like the run (max logit difference {diff:.3g}, "
+                                  f"{100 * agree:.0f}% of probe rows agree); nothing was written")
         trained.tokenizer.save_pretrained(str(tmp))
-        atomic.write_json(tmp / EXPORT_META, export_meta(trained, "onnx", int8=int8, probe_max_logit_diff=diff))
+        atomic.write_json(tmp / EXPORT_META, export_meta(trained, "onnx", int8=int8, probe_max_logit_diff=diff,
+                                                         probe_argmax_agreement=agree))
         write_export_card(tmp, trained, "onnx", int8=int8)
     return out
 
@@ -121,8 +134,14 @@ def load_onnx(path: Path) -> TrainedModel:
     require_onnx()
     meta = read_export_meta(path)
     cfg = export_config(meta, path)
-    return TrainedModel(cfg, session(Path(path) / ONNX_FILE), load_tokenizer(str(path)), labels_of(meta, path),
-                        Path(path), "onnx")
+    names = labels_of(meta, path)
+    sess = session(Path(path) / ONNX_FILE)
+    outputs = {o.name: o.shape for o in sess.get_outputs()}
+    width = outputs.get("logits", [None])[-1] if "logits" in outputs else None
+    if "logits" not in outputs or (isinstance(width, int) and width != len(names)):
+        raise BudgetLoraError(f"{Path(path) / ONNX_FILE}: expected a 'logits' output of {len(names)} classes (as "
+                              f"{EXPORT_META} lists), found {outputs}; the export is damaged or mixed up")
+    return TrainedModel(cfg, sess, load_tokenizer(str(path)), names, Path(path), "onnx")
 
 
 def onnx_logits(sess: Any, data: Any, pad_id: int, batch_tokens: int = 4096,
