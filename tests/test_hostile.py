@@ -819,3 +819,107 @@ def test_a_sweep_never_deletes_or_reuses_what_it_did_not_make(sandbox, tmp_path)
     changed = config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "lr": 0.01}})
     with pytest.raises(BudgetLoraError, match=r"holds a finished run of a different config \(differs in .*train.lr"):
         train_or_reuse(changed, sandbox / "runs" / "tiny", opts)
+
+
+# ----- 11. faults while a sweep resumes, lock and marker damage, outputs into exports -------------------
+
+def _unfinished_copy(sandbox: Path, name: str) -> Path:
+    run = sandbox / "sweep" / name
+    shutil.copytree(sandbox / "runs" / "tiny", run)
+    (run / "summary.json").unlink()
+    return run
+
+
+def test_a_sweep_keeps_the_checkpoints_of_a_trial_that_fails_for_a_passing_reason(sandbox, monkeypatch):
+    from budgetlora import recipe
+    from budgetlora.errors import NotResumable, WriteError
+    from budgetlora.artifacts.run_dir import read_run_config
+    from budgetlora.sweeps.worker import SweepOptions, train_or_reuse
+
+    run = _unfinished_copy(sandbox, "r1")
+    cfg = read_run_config(run)
+    opts = SweepOptions(out=sandbox / "sweep", storage_url="")
+
+    def disk_full(*args, **kwargs):
+        raise WriteError("cannot write: no space left on device")
+
+    monkeypatch.setattr(recipe, "resume_run", disk_full)
+    with pytest.raises(WriteError, match="no space left"):
+        train_or_reuse(cfg, run, opts)
+    assert (run / "checkpoints").is_dir()  # a full disk is no reason to throw away the trial's progress
+
+    def not_resumable(*args, **kwargs):
+        raise NotResumable("none of its 2 checkpoint(s) loads")
+
+    trained = []
+    monkeypatch.setattr(recipe, "resume_run", not_resumable)
+    monkeypatch.setattr(recipe, "train_run", lambda *a, **k: trained.append(k["run_dir"]) or
+                        shutil.copytree(sandbox / "runs" / "tiny", k["run_dir"]))
+    train_or_reuse(cfg, run, opts)
+    assert trained == [run] and (run / "summary.json").is_file()
+
+
+def test_a_discard_keeps_a_run_another_worker_finished_meanwhile(sandbox):
+    from budgetlora.sweeps.worker import _discard
+
+    run = _unfinished_copy(sandbox, "r2")
+    (run / "summary.json").write_text((sandbox / "runs" / "tiny" / "summary.json").read_text())
+    _discard(run)
+    assert (run / "summary.json").is_file() and (run / "checkpoints").is_dir()
+
+
+def test_a_damaged_lock_file_still_gives_one_error(sandbox):
+    from budgetlora.artifacts.placement import RunLock
+    from budgetlora.errors import RunBusy
+
+    run = sandbox / "runs" / "tiny"
+    with RunLock(run, "train into it"):
+        (run / ".lock").write_bytes(b"\xff\xfe\x00 not text")
+        with pytest.raises(RunBusy, match="is in use by another process"):
+            RunLock(run, "resume it").acquire()
+
+
+def test_a_damaged_marker_never_points_a_resume_outside_its_folder(sandbox):
+    import json
+
+    from budgetlora.artifacts.placement import reclaim
+
+    run = _unfinished_copy(sandbox, ".x.new-1")
+    (run / ".budgetlora-run").write_text(json.dumps({"format": 1, "replaces": ".."}))
+    placement = reclaim(run, "resume it")
+    try:
+        assert placement.final == run
+    finally:
+        placement.release()
+
+
+def test_outputs_never_write_into_an_export(sandbox, capsys):
+    assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "export")]) == 0
+    capsys.readouterr()
+    expect_refusal(sandbox, capsys, ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out",
+                                     "{sb}/export/budgetlora.json"], "would write into the export {sb}/export")
+
+
+def test_rung_decisions_keep_the_points_an_earlier_pass_pruned(tmp_path):
+    import json
+
+    from budgetlora.sweeps.halving import RUNG_DECISIONS, _write_summary
+    from budgetlora.sweeps.worker import SweepOptions
+
+    opts = SweepOptions(out=tmp_path, storage_url=f"sqlite:///{tmp_path}/study.db")
+    _write_summary(opts, 30, [{"point": "a", "pruned": True}, {"point": "b", "pruned": False}])
+    _write_summary(opts, 30, [{"point": "b", "pruned": False, "again": True}])  # a rerun: only b is alive
+    lines = json.loads((tmp_path / RUNG_DECISIONS).read_text())["30"]
+    assert [(line["point"], line.get("again", False)) for line in lines] == [("a", False), ("b", True)]
+
+
+def test_failing_a_stale_trial_that_its_worker_just_settled_is_no_error(tmp_path):
+    optuna = pytest.importorskip("optuna")
+
+    from budgetlora.sweeps.storage import _fail
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
+    trial = study.ask()
+    study.tell(trial, 0.5)
+    frozen = study.get_trials(deepcopy=False)[0]
+    assert _fail(study._storage, frozen) is False

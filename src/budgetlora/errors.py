@@ -30,6 +30,15 @@ class RunDiverged(BudgetLoraError):
     """The training loss became NaN or infinite: the run is not resumable (it would diverge again)."""
 
 
+class NotResumable(BudgetLoraError):
+    """The run cannot continue from its checkpoints (none loads, or its data or config changed since
+    they were written): training it again from the start loses nothing that could be kept."""
+
+
+class RunBusy(BudgetLoraError):
+    """Another process holds the run directory's lock."""
+
+
 class WriteError(BudgetLoraError):
     """A file or directory could not be written (disk full, no permission); the previous
     version of `path`, if any, is intact."""

@@ -30,7 +30,7 @@ from budgetlora.artifacts.trained import save_trained_model
 from budgetlora.config import Config, config_from_dict, flatten, parse_override
 from budgetlora.data import Splits, TokenizedSet, bucketed_batches, load_splits, tokenize
 from budgetlora.distributed import barrier, broadcast, context_from_env
-from budgetlora.errors import BudgetLoraError, RunDiverged, RunInterrupted
+from budgetlora.errors import BudgetLoraError, NotResumable, RunDiverged, RunInterrupted
 from budgetlora.evaluate.predict import evaluate_split
 from budgetlora.model import (BudgetReport, build_model, check_budget, count_trainable, load_tokenizer, pad_token_id,
                               precheck_budget)
@@ -121,7 +121,7 @@ def _setup(cfg: Config, rt: Runtime, trust_pickle: bool, console: Console, out_r
            checkpoint: Optional[Checkpoint] = None) -> Session:
     prepared = prepare_data(cfg, trust_pickle, console)
     if checkpoint is not None and checkpoint.data_fingerprint and data_fingerprint(prepared) != checkpoint.data_fingerprint:
-        raise BudgetLoraError(f"the training data ({cfg.data.train_file or cfg.data.dataset}) changed since "
+        raise NotResumable(f"the training data ({cfg.data.train_file or cfg.data.dataset}) changed since "
                               f"{checkpoint.path.name}; resuming would not continue the same run")
     names = prepared.splits.label_names
     seed_everything(cfg.train.seed)
@@ -155,8 +155,8 @@ def train_run(cfg: Config, out_root: Path | str = "runs", overwrite: bool = Fals
         if rt.dist.is_main:
             placement = place_run(Path(out_root), cfg.name, overwrite) if run_dir is None else \
                 place_exact(Path(run_dir))
-        path = broadcast(placement.path if placement else None, rt.dist)  # rank 0 alone picks the directory
         try:
+            path = broadcast(placement.path if placement else None, rt.dist)  # rank 0 alone picks the directory
             _train(session, path, None, checkpoints, on_eval=on_eval)
         except BaseException as exc:
             if placement is not None:
@@ -318,7 +318,7 @@ def _check_resumable(run_dir: Path, cfg: Config, ckpt: Checkpoint, extend: bool)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS]
     other = [k for k in changed if k not in RESUME_EXTEND_KEYS]
     if other:
-        raise BudgetLoraError(f"{run_dir / rd.CONFIG}: {other[0]} is {new.get(other[0])!r} but was "
+        raise NotResumable(f"{run_dir / rd.CONFIG}: {other[0]} is {new.get(other[0])!r} but was "
                               f"{old.get(other[0])!r} at {ckpt.path.name}; a resume continues the same run, "
                               "start a new run to change it")
     if rd.is_finished(run_dir) and not extend:
@@ -397,7 +397,7 @@ def resume_run(run_dir: str | Path, extend: bool = False, overrides: Optional[li
         ckpt = load_latest_checkpoint(run_dir, warn=console.say)
         if ckpt is None:
             found = len(complete_checkpoints(run_dir))
-            raise BudgetLoraError(f"{run_dir}: none of its {found} checkpoint(s) loads (each is damaged, see above); "
+            raise NotResumable(f"{run_dir}: none of its {found} checkpoint(s) loads (each is damaged, see above); "
                                   "start the run again" if found else
                                   f"{run_dir} has no checkpoint to resume from (nothing in "
                                   f"{run_dir / rd.CHECKPOINTS}); start the run again")

@@ -109,7 +109,7 @@ class MLflowSink:
         location = (Path(out_root) / "mlruns").resolve().as_uri() if local else None
         experiment_id = experiment.experiment_id if experiment else self._call(
             "create the experiment", lambda: self._client.create_experiment(name, artifact_location=location))
-        marker = Path(run_dir) / ".mlflow-run-id"
+        marker = Path(run_dir) / rd.MLFLOW_RUN_ID
         run_id = marker.read_text().strip() if resume_step is not None and marker.is_file() else ""
         if not run_id:
             run = self._call("create the run", lambda: self._client.create_run(

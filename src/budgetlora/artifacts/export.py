@@ -114,9 +114,12 @@ def load_plain(path: Path, pooled: bool) -> nn.Module:
 def run_logits(trained: TrainedModel, batch: dict[str, torch.Tensor]) -> np.ndarray:
     """The trained model's own (unmerged) logits for `batch` in fp32: what an export must reproduce,
     so an error in merging shows as well as one in saving."""
-    device = next(trained.model.parameters()).device
+    model = trained.model
+    first = next(model.parameters())
+    if first.device.type != "cpu" or first.dtype != torch.float32:  # the reload runs on CPU in fp32: compare like with like
+        model = copy.deepcopy(model).to("cpu").float().eval()
     with torch.inference_mode():
-        return trained.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+        return model(**batch).logits.float().numpy()
 
 
 def _verify(tmp: Path, trained: TrainedModel, pooled: bool) -> float:

@@ -137,7 +137,8 @@ def load_onnx(path: Path) -> TrainedModel:
     names = labels_of(meta, path)
     sess = session(Path(path) / ONNX_FILE)
     outputs = {o.name: o.shape for o in sess.get_outputs()}
-    width = outputs.get("logits", [None])[-1] if "logits" in outputs else None
+    shape = outputs.get("logits") or [None]
+    width = shape[-1]
     if "logits" not in outputs or (isinstance(width, int) and width != len(names)):
         raise BudgetLoraError(f"{Path(path) / ONNX_FILE}: expected a 'logits' output of {len(names)} classes (as "
                               f"{EXPORT_META} lists), found {outputs}; the export is damaged or mixed up")

@@ -17,7 +17,7 @@ from budgetlora import atomic
 from budgetlora.artifacts.run_dir import (ADAPTER, CHECKPOINTS, EXPORT_META, FULL_MODEL, LOCK, MARKER, TENSORBOARD,
                                           TOKENIZER, _read_json, is_run_dir)
 from budgetlora.config import RUN_NAME_PATTERN
-from budgetlora.errors import BudgetLoraError
+from budgetlora.errors import BudgetLoraError, RunBusy, WriteError
 
 def owned_run(path: Path) -> bool:
     """A run directory budgetlora created, by its marker: the only kind it ever replaces or deletes
@@ -82,10 +82,14 @@ class RunLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise BudgetLoraError(f"{self.run_dir} is in use by {holder}; wait for it to finish (or stop it) "
+            try:
+                handle.seek(0)
+                holder = handle.read(200).strip() or "another process"
+            except (OSError, UnicodeDecodeError):
+                holder = "another process"
+            finally:
+                handle.close()
+            raise RunBusy(f"{self.run_dir} is in use by {holder}; wait for it to finish (or stop it) "
                                   f"before you {self.what}") from None
         except OSError as exc:  # no locks on this file system (some NFS setups)
             handle.close()
@@ -111,10 +115,14 @@ class RunLock:
 
 # ----- where a run lives ---------------------------------------------------------------------
 
-def check_run_name(name: str) -> None:
+def _valid_run_name(name: str) -> bool:
     import re
 
-    if not re.fullmatch(RUN_NAME_PATTERN, name) or name in (".", ".."):
+    return bool(re.fullmatch(RUN_NAME_PATTERN, name)) and name not in (".", "..")
+
+
+def check_run_name(name: str) -> None:
+    if not _valid_run_name(name):
         raise BudgetLoraError(f"run name {name!r}: one path component of letters, digits, '.', '_', '-' "
                               "(the run lives directly under --out)")
 
@@ -135,15 +143,20 @@ class Placement:
     def commit(self) -> None:
         """The run finished: a staged run takes the place of the one it replaces (checked again now:
         what stands there may have changed while the run trained)."""
-        if self.replaces:
-            if self.final.exists() or self.final.is_symlink():
+        try:
+            if self.replaces:
+                if self.final.exists() or self.final.is_symlink():
+                    try:
+                        check_replaceable(self.final, "replace")
+                    except BudgetLoraError as exc:
+                        raise BudgetLoraError(f"{exc}; the finished run stays in {self.path}") from None
                 try:
-                    check_replaceable(self.final, "replace")
-                except BudgetLoraError as exc:
-                    self.release()
-                    raise BudgetLoraError(f"{exc}; the finished run stays in {self.path}") from None
-            atomic.swap_into_place(self.path, self.final, replace=True)
-        self.release()
+                    atomic.swap_into_place(self.path, self.final, replace=True)
+                except OSError as exc:
+                    raise WriteError(f"cannot move the finished run {self.path} to {self.final}: "
+                                     f"{exc.strerror or exc}; it stays in {self.path}", self.final) from None
+        finally:
+            self.release()
 
     def abandon(self, resumable: bool = True) -> None:
         """The run failed: it is deleted unless a checkpoint makes it `resumable`."""
@@ -159,8 +172,17 @@ class Placement:
 
 def _new_run_dir(path: Path, replaces: Optional[str]) -> RunLock:
     path.mkdir(mode=0o777)  # raises FileExistsError: another process took the name first
-    atomic.write_json(path / MARKER, {"format": 1, "replaces": replaces})
-    return RunLock(path, "train into it").acquire()
+    try:  # locked before the marker makes it replaceable: no other process may take it in between
+        lock = RunLock(path, "train into it").acquire()
+        try:
+            atomic.write_json(path / MARKER, {"format": 1, "replaces": replaces})
+        except BaseException:
+            lock.release()
+            raise
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return lock
 
 
 def place_run(out_root: Path, name: str, overwrite: bool) -> Placement:
@@ -217,6 +239,8 @@ def reclaim(run_dir: Path, what: str) -> Placement:
     placement = Placement(run_dir, run_dir, [RunLock(run_dir, what).acquire()])
     try:
         replaces = read_marker(run_dir).get("replaces")
+        if isinstance(replaces, str) and not _valid_run_name(replaces):
+            replaces = None  # a damaged marker never points outside the run's folder
         check_inner_dirs(run_dir)
         if isinstance(replaces, str) and replaces and run_dir.name.startswith(f".{replaces}.new-"):
             placement.final = run_dir.parent / replaces

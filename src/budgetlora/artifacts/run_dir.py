@@ -33,11 +33,12 @@ PRUNED = "pruned.json"  # a sweep's pruner stopped the run at a rung: step, reas
 RUNGS = "rungs.json"  # a sweep's rung evaluations: per step, the per-row validation outcomes
 MARKER = ".budgetlora-run"  # identifies a budgetlora run (and, for a staged --overwrite, what it replaces)
 LOCK = ".lock"
+MLFLOW_RUN_ID = ".mlflow-run-id"  # the MLflow run a resume continues
 EXPORT_META = "budgetlora.json"  # what budgetlora needs to read an export back: config, labels, head
 EXPORT_FORMAT = 1
 # what a run's own files are called (another file may not be written over them)
 RESERVED = frozenset({CONFIG, SUMMARY, PREVIOUS_SUMMARY, METRICS, LABELS, PREDICTIONS, ADAPTER, FULL_MODEL, TOKENIZER, CHECKPOINTS,
-                      TENSORBOARD, MODEL_CARD, MARKER, LOCK})
+                      TENSORBOARD, MODEL_CARD, MARKER, LOCK, MLFLOW_RUN_ID})
 # folders inside a run that never hold other runs
 INNER_DIRS = frozenset({ADAPTER, FULL_MODEL, TOKENIZER, CHECKPOINTS, TENSORBOARD, "__pycache__"})
 
@@ -56,6 +57,9 @@ def check_output_file(path: Path, source: Optional[Path] = None) -> None:
     path = Path(path)
     if source is not None and path.exists() and Path(source).exists() and path.resolve() == Path(source).resolve():
         raise BudgetLoraError(f"--out {path} is the input data file; write the output to another file")
+    for holder in (path.parent, *path.parent.resolve().parents):
+        if (holder / EXPORT_META).is_file():
+            raise BudgetLoraError(f"{path} would write into the export {holder}; write it to another path")
     run = inside_run(path.parent)
     if run is not None and (path.name in RESERVED | {PRUNED, RUNGS, EXPORT_META}
                             or path.resolve().parent != run.resolve()):

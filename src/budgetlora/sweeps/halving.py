@@ -78,7 +78,9 @@ def _write_summary(opts: SweepOptions, step: int, lines: list[dict[str, Any]]) -
         except (OSError, UnicodeDecodeError, ValueError):
             summary = {}  # a damaged copy is rewritten from the records
         summary = summary if isinstance(summary, dict) else {}
-        summary[str(step)] = lines
+        earlier = summary.get(str(step)) if isinstance(summary.get(str(step)), list) else []
+        fresh = {line["point"] for line in lines}  # a rerun decides only the points still alive: keep the rest
+        summary[str(step)] = [e for e in earlier if isinstance(e, dict) and e.get("point") not in fresh] + lines
         atomic.write_json(path, summary)
 
 

@@ -221,7 +221,7 @@ def fail_stale(study: Any, storage: Any, interval: int | None) -> None:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.user_attrs.get("heartbeat_at")
         if isinstance(beat, (int, float)) and now - beat > 3 * interval:
-            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            if _fail(storage, trial):
                 retries = int(trial.user_attrs.get("retries", 0))
                 if retries < 2 and "point" in trial.user_attrs:
                     study.enqueue_trial({}, user_attrs={"point": trial.user_attrs["point"],
@@ -235,6 +235,17 @@ def fail_running(study: Any, storage: Any) -> None:
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        _fail(storage, trial)
+
+
+def _fail(storage: Any, trial: Any) -> bool:
+    """Mark a RUNNING trial failed; False when its worker settled it in the meantime."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            return bool(storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
+    except UpdateFinishedTrialError:
+        return False

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.artifacts.placement import RunLock, check_replaceable
 from budgetlora.config import Config
-from budgetlora.errors import BudgetLoraError, OverBudgetError, RunInterrupted, RunPaused, RunPruned
+from budgetlora.errors import BudgetLoraError, NotResumable, OverBudgetError, RunInterrupted, RunPaused, RunPruned
 from budgetlora.progress import Console
 from budgetlora.sweeps.plan import Planned, build_config, check_point, plan
 from budgetlora.sweeps.prune import RungJudge
@@ -108,6 +108,8 @@ def _discard(run_dir: Path) -> None:
     check_replaceable(run_dir, "train over")
     trash = run_dir.with_name(f".{run_dir.name}.discard-{os.getpid()}")
     with RunLock(run_dir, "train it again"):
+        if rd.is_finished(run_dir):  # another worker finished it meanwhile: keep it
+            return
         os.replace(run_dir, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -147,11 +149,11 @@ def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any 
                     resume_run(run_dir, overrides=_free_overrides(run_dir, cfg), trust_pickle=opts.trust_pickle,
                                verbose=opts.verbose, on_eval=on_eval)
                     return rd.read_summary(run_dir), False
-                except (RunPruned, RunPaused, RunInterrupted):
-                    raise
-                except BudgetLoraError as exc:
+                except NotResumable as exc:  # anything else (disk full, busy, tracker down) is the trial's fate
                     opts.say(f"cannot resume {run_dir.name} ({str(exc).splitlines()[0]}); training it again")
             _discard(run_dir)
+            if rd.is_finished(run_dir):
+                return rd.read_summary(run_dir), True
         train_run(cfg, run_dir.parent, trust_pickle=opts.trust_pickle, verbose=opts.verbose, run_dir=run_dir,
                   on_eval=on_eval)
     except RunPaused:
