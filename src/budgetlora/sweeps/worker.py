@@ -80,8 +80,9 @@ def summary_values(spec: StudySpec, summaries: list[dict[str, Any]]) -> list[flo
         if acc is None:
             raise BudgetLoraError("the run has no validation accuracy to optimize (data.val_size: 0?)")
         accs.append(float(acc))
-    values = {"val_acc": sum(accs) / len(accs), "trainable_params": float(summaries[0]["trainable_params"])}
-    return [values[o] for o in spec.objectives]
+    values = {"val_acc": lambda: sum(accs) / len(accs),  # a run paused at a rung has only its accuracy
+              "trainable_params": lambda: float(summaries[0]["trainable_params"])}
+    return [values[o]() for o in spec.objectives]
 
 
 def _paused(run_dir: Path, step: int) -> Optional[dict[str, Any]]:
