@@ -179,3 +179,14 @@ def test_optuna_pruners_are_options(study, tmp_path):
     outcome = _sweep(study({"prune": {"rungs": [25], "test": "median"}}), out)
     assert outcome.stats.trained + outcome.stats.pruned == 2
     assert all(t["state"] in ("COMPLETE", "PRUNED") for t in _trials(out).values())
+
+
+def test_a_trial_paused_at_a_rung_reports_its_accuracy_without_a_trainable_count():
+    from types import SimpleNamespace
+
+    from budgetlora.sweeps.worker import summary_values
+
+    paused = {"best_val_acc": 0.75, "paused_at": 30}  # the stand-in summary of a run paused at a rung
+    assert summary_values(SimpleNamespace(objectives=["val_acc"]), [paused]) == [0.75]
+    finished = {"best_val_acc": 0.8, "trainable_params": 1234}
+    assert summary_values(SimpleNamespace(objectives=["val_acc", "trainable_params"]), [finished]) == [0.8, 1234.0]
