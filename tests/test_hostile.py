@@ -650,14 +650,19 @@ def test_outputs_are_csv_quoted_and_follow_the_umask(sandbox, capsys):
     assert stat.S_IMODE((run / "summary.json").stat().st_mode) & 0o044 == 0o044  # built under umask 022
 
 
-def test_a_truncated_token_cache_is_rebuilt(sandbox, monkeypatch, tmp_path):
+def _predict_around_damaged_token_cache(sandbox: Path, monkeypatch, tmp_path: Path, damage) -> None:
+    """Predict into a.csv, `damage` every cached token file, predict again into b.csv."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("BUDGETLORA_CACHE", str(cache))
     args = ["predict", str(sandbox / "runs" / "tiny"), "--data", str(sandbox / "data" / "test.csv"), "--out"]
     assert main(args + [str(sandbox / "a.csv"), "--quiet"]) == 0
     for entry in (cache / "tokens").glob("*.npz"):
-        _truncate(entry)
+        damage(entry)
     assert main(args + [str(sandbox / "b.csv"), "--quiet"]) == 0
+
+
+def test_a_truncated_token_cache_is_rebuilt(sandbox, monkeypatch, tmp_path):
+    _predict_around_damaged_token_cache(sandbox, monkeypatch, tmp_path, _truncate)
     assert (sandbox / "a.csv").read_text() == (sandbox / "b.csv").read_text()
 
 
@@ -786,17 +791,14 @@ def test_damaged_summaries_and_checkpoint_counters_are_one_error(sandbox, capsys
 def test_a_token_cache_with_ids_outside_the_vocabulary_is_rebuilt(sandbox, monkeypatch, tmp_path):
     import numpy as np
 
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("BUDGETLORA_CACHE", str(cache))
-    args = ["predict", str(sandbox / "runs" / "tiny"), "--data", str(sandbox / "data" / "test.csv"), "--out"]
-    assert main(args + [str(sandbox / "a.csv"), "--quiet"]) == 0
-    for entry in (cache / "tokens").glob("*.npz"):
+    def ids_past_the_vocabulary(entry: Path) -> None:
         with np.load(entry) as data:
             arrays = dict(data)
         arrays["ids"] = arrays["ids"] + np.int32(10**6)
         with open(entry, "wb") as handle:
             np.savez(handle, **arrays)
-    assert main(args + [str(sandbox / "b.csv"), "--quiet"]) == 0
+
+    _predict_around_damaged_token_cache(sandbox, monkeypatch, tmp_path, ids_past_the_vocabulary)
     assert (sandbox / "a.csv").read_text() == (sandbox / "b.csv").read_text()
 
 

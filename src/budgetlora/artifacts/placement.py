@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from budgetlora import atomic
 from budgetlora.artifacts.run_dir import (ADAPTER, CHECKPOINTS, EXPORT_META, FULL_MODEL, LOCK, MARKER, TENSORBOARD,
-                                          TOKENIZER, _read_json, is_run_dir)
+                                          TOKENIZER, is_run_dir, read_mapping)
 from budgetlora.config import RUN_NAME_PATTERN
 from budgetlora.errors import BudgetLoraError, RunBusy, WriteError
 
@@ -51,11 +51,7 @@ def check_inner_dirs(run_dir: Path) -> None:
 
 
 def read_marker(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / MARKER
-    if not path.is_file():
-        return {}
-    data = _read_json(path, "the run marker is damaged")
-    return data if isinstance(data, dict) else {}
+    return read_mapping(Path(run_dir) / MARKER, "the run marker is damaged")
 
 
 # ----- who may write a run ------------------------------------------------------------------

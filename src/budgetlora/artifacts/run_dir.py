@@ -179,12 +179,16 @@ def write_rung(run_dir: Path, step: int, record: dict[str, Any]) -> None:
     atomic.write_json(Path(run_dir) / RUNGS, rungs)
 
 
-def read_rungs(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / RUNGS
-    if not path.is_file():
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A small JSON object file of the run; {} when it is absent or not an object."""
+    if not Path(path).is_file():
         return {}
-    data = _read_json(path, "the rung records are damaged")
+    data = _read_json(Path(path), what)
     return data if isinstance(data, dict) else {}
+
+
+def read_rungs(run_dir: Path) -> dict[str, Any]:
+    return read_mapping(Path(run_dir) / RUNGS, "the rung records are damaged")
 
 
 def read_rung_from(run_dir: Path, step: int) -> Optional[dict[str, Any]]:
