@@ -5,7 +5,9 @@ packaged MiniLM: the MiniLM weights and the AG News files come from folders give
 
     PYTHONPATH=src python3 scripts/gpu_check.py OUT --minilm .gpu/minilm --agnews .gpu/ag_news
 
-(a) `pytest -m cuda`; (b) `budgetlora bench --device cuda` at the hub preset's batch size and
+(a) `pytest -m cuda tests/test_gpu_recipe.py` (the GPU recipe's tests on the GPU: fullgraph capture
+per encoder family, a forced-recipe run with zero recompiles after warm-up, precisions against fp32,
+merged bf16 prediction, kill -9 + resume); (b) `budgetlora bench --device cuda` at the hub preset's batch size and
 at larger ones; (c) the offline preset end to end; (d) one epoch of 120,000 synthetic rows of AG
 News' lengths on the roberta-base architecture. `--smoke` runs every part tiny, on the CPU, to
 test this script without a GPU.
@@ -40,10 +42,26 @@ def run(command: list[str], out: Path, name: str, timeout: int) -> dict:
 
 
 def cuda_tests(out: Path, args: argparse.Namespace) -> dict:
-    marker = [] if args.smoke else ["-m", "cuda"]
-    target = ["tests/test_cuda.py", "tests/test_fast.py"] if args.smoke else ["tests/test_cuda.py"]
-    return run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *marker, *target,
-                f"--junitxml={out / 'cuda-tests.xml'}"], out, "a-cuda-tests", 900)
+    select = ["-k", "captured_whole and cpu and roberta"] if args.smoke else ["-m", "cuda"]
+    junit = out / "cuda-tests.xml"
+    result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select, "tests/test_gpu_recipe.py",
+                  f"--junitxml={junit}"], out, "a-cuda-tests", 900)
+    result["tests"] = junit_outcomes(junit)
+    return result
+
+
+def junit_outcomes(path: Path) -> dict[str, str]:
+    """test id -> passed / failed / skipped, from pytest's junit XML."""
+    import xml.etree.ElementTree as ET
+
+    if not path.is_file():
+        return {}
+    outcomes = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        kinds = {child.tag for child in case}
+        outcomes[case.get("name", "?")] = ("failed" if kinds & {"failure", "error"} else
+                                           "skipped" if "skipped" in kinds else "passed")
+    return outcomes
 
 
 def bench(out: Path, args: argparse.Namespace) -> dict:
@@ -74,7 +92,8 @@ def offline_preset(out: Path, args: argparse.Namespace) -> dict:
     if summary.is_file():
         s = json.loads(summary.read_text())
         result["summary"] = {k: s.get(k) for k in ("trainable_params", "steps", "train_time_s", "wall_time_s",
-                                                   "samples_per_s", "peak_memory_mb", "device", "precision")}
+                                                   "samples_per_s", "peak_memory_mb", "device", "precision",
+                                                   "compile")}
         result["summary"]["test"] = {k: s["test"][k] for k in ("accuracy", "ci_low", "ci_high", "n", "macro_f1")}
     return result
 
@@ -88,6 +107,7 @@ from budgetlora.model import build_model, load_model_config
 from budgetlora.runtime import Runtime, resolve_precision
 from budgetlora.speedups import prepare_for_training
 from budgetlora.training import train_loop
+from budgetlora.training.step import step_runner
 smoke = {bool(args.smoke)}
 device = torch.device("cpu" if smoke else "cuda")
 model_name, rows, batch = ({str(args.tiny)!r}, 256, 32) if smoke else ("roberta-base", 120_000, {args.epoch_batch})
@@ -100,14 +120,16 @@ vocab = load_model_config(model_name, 4).vocab_size
 data = synthetic_set(rows, 0, cfg.data.max_length, vocab)
 model = build_model(cfg, 4, weights=True).to(device)
 start = time.perf_counter()
-fast = prepare_for_training(model, cfg, device, rt.precision, 1, 4)
+fast = prepare_for_training(model, cfg, device, rt.precision, 1)
+runner = step_runner(model, cfg.train, rt, data, 1, fast.pad_to if fast.compiled else None)
 compiled = time.perf_counter()
-train_loop(model, data, None, cfg.train, rt, 1, lambda record: None, pad_to=fast.pad_to)
+train_loop(model, data, None, cfg.train, rt, 1, lambda record: None, runner=runner)
 if device.type == "cuda":
     torch.cuda.synchronize()
 end = time.perf_counter()
 print(json.dumps({{"rows": rows, "batch": batch, "steps": cfg.train.max_steps, "warm_up_s": compiled - start,
-                  "epoch_s": end - compiled, "samples_per_s": rows / (end - compiled), "fast_path": fast.describe()}}))
+                  "epoch_s": end - compiled, "samples_per_s": rows / (end - compiled), "fast_path": fast.describe(),
+                  "compile": runner.report.as_dict() if runner.report else None}}))
 """
     result = run([sys.executable, "-c", code], out, "d-one-epoch", 900)
     try:
@@ -122,6 +144,16 @@ def report_markdown(report: dict) -> str:
     for key, title in (("a", "(a) CUDA tests"), ("b", "(b) bench"), ("c", "(c) offline preset"), ("d", "(d) one epoch")):
         part = report.get(key, {})
         lines += [f"## {title}: exit {part.get('exit_code')}, {part.get('wall_s')} s", ""]
+        if key == "a" and part.get("tests"):
+            capture = {name: outcome for name, outcome in part["tests"].items() if "captured_whole" in name}
+            lines.append(f"fullgraph capture per family: {sum(o == 'passed' for o in capture.values())} of "
+                         f"{len(capture)} passed" + "".join(f"\n- {n}: {o}" for n, o in capture.items() if o != "passed"))
+            lines.append(f"all: {sum(o == 'passed' for o in part['tests'].values())} passed, "
+                         f"{sum(o == 'failed' for o in part['tests'].values())} failed")
+        if key == "c" and part.get("summary", {}).get("compile"):
+            c = part["summary"]["compile"]
+            lines.append(f"compile: {c['graphs']} graph(s) for widths {c['widths']} in {c['seconds']:.0f} s, "
+                         f"{c['recompiles']} recompile(s) after warm-up" + (f", failure: {c['failure']}" if c["failure"] else ""))
         if key == "c" and "summary" in part:
             t = part["summary"]["test"]
             lines.append(f"test accuracy {100 * t['accuracy']:.2f}% (95% CI {100 * t['ci_low']:.2f}-"
@@ -131,6 +163,9 @@ def report_markdown(report: dict) -> str:
             n = part["numbers"]
             lines.append(f"{n['rows']:,} rows, batch {n['batch']}: epoch {n['epoch_s']:.1f} s "
                          f"({n['samples_per_s']:,.0f} samples/s) after {n['warm_up_s']:.0f} s of compile warm-up")
+            if n.get("compile"):
+                lines.append(f"compile: {n['compile']['graphs']} graph(s), {n['compile']['recompiles']} recompile(s) "
+                             "after warm-up")
         lines += ["```", part.get("tail", ""), "```", ""]
     return "\n".join(lines)
 

@@ -141,7 +141,7 @@ def test_attention_with_packed_dropout_is_sdpa_when_nothing_is_dropped():
 
 def test_cpu_training_preparation_uses_packed_masks_and_keeps_peft_input_dropout(tiny_config):
     cfg, model = _model(tiny_config, dropout=0.1)
-    fast = prepare_for_training(model, cfg, CPU, "fp32", pad_id=1, num_labels=4)
+    fast = prepare_for_training(model, cfg, CPU, "fp32", pad_id=1)
     assert fast.packed_dropout > 0 and fast.dropout_position == "input" and not fast.compiled
     assert "packed dropout masks" in fast.describe()
     lora_dropouts = [m for name, m in model.named_modules() if ".lora_dropout." in name]

@@ -613,16 +613,16 @@ def test_an_unreachable_hub_model_fails_fast_and_quietly(sandbox, capsys):
 def test_a_non_finite_loss_stops_the_run_naming_the_step(sandbox, capsys, monkeypatch):
     import torch
 
-    from budgetlora.training import loop
+    from budgetlora.training.step import TrainStep
 
-    real, calls = loop.forward_logits, {"n": 0}
+    real, calls = TrainStep.forward, {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(self, input_ids, attention_mask, labels):
         calls["n"] += 1
-        logits = real(model, batch)
-        return logits * float("nan") if calls["n"] >= 3 else logits
+        loss, logits = real(self, input_ids, attention_mask, labels)
+        return (loss * float("nan"), logits) if calls["n"] >= 3 else (loss, logits)
 
-    monkeypatch.setattr(loop, "forward_logits", poisoned)
+    monkeypatch.setattr(TrainStep, "forward", poisoned)
     expect_refusal(sandbox, capsys, TRAIN + ["--name", "diverged"], "the training loss became NaN or infinite at step 3")
     assert torch.isfinite(torch.tensor(1.0))
 

@@ -36,12 +36,13 @@ from budgetlora.model import (BudgetReport, build_model, check_budget, count_tra
                               precheck_budget)
 from budgetlora.progress import QUIET, Console, TrainingDisplay
 from budgetlora.runtime import Runtime, peak_memory_mb, process_runtime, seed_everything
-from budgetlora.speedups import prepare_for_training
+from budgetlora.speedups import CompileReport, prepare_for_training
 from budgetlora.tracking import FanOut, MLflowSink, TensorBoardSink, require_trackers
 from budgetlora.training import (Checkpoint, Checkpointer, Resumable, StopFlag, build_optimizer, build_scheduler,
                               checkpoint_name, complete_checkpoints, fresh_resumable, load_latest_checkpoint,
                               load_trainable_state, remove_stale_temp, restore_model, restore_rng, stop_on_signals,
                               total_steps_for, train_loop)
+from budgetlora.training.step import step_runner
 
 EvalCallback = Callable[[int, np.ndarray, str], None]
 
@@ -222,9 +223,13 @@ def _train(session: Session, run_dir: Path, progress: Optional[Resumable], check
             rd.write_labels(run_dir, session.names)
             with atomic.atomic_dir(run_dir / rd.TOKENIZER, replace=True) as tmp:
                 prepared.tokenizer.save_pretrained(str(tmp))
-    # before the RNG restore below: compile warm-up on CUDA draws dropout masks
-    fast = prepare_for_training(model, cfg, rt.device, rt.precision, session.pad_id, len(session.names))
+    fast = prepare_for_training(model, cfg, rt.device, rt.precision, session.pad_id)
     _describe(session, run_dir, fast.describe(), resumed)
+    if fast.compiled:
+        session.console.say(f"compiling the training step for widths {'/'.join(map(str, fast.pad_to or ()))} ...")
+    runner = step_runner(model, cfg.train, rt, prepared.train, session.pad_id, fast.pad_to if fast.compiled else None)
+    if runner.report is not None:
+        session.console.say(runner.report.describe())
     progress = progress or fresh_resumable(model, prepared.train, cfg.train, rt)
     sinks, mlflow = _sinks(session, run_dir, progress, resumed is not None) if main else (FanOut([]), None)
     checkpointer = Checkpointer(run_dir, model, cfg.to_dict(), data_fingerprint(prepared), cfg.train.keep_checkpoints,
@@ -236,7 +241,7 @@ def _train(session: Session, run_dir: Path, progress: Optional[Resumable], check
         signals = stop_on_signals() if checkpointer or rt.dist.enabled else contextlib.nullcontext(StopFlag())
         with signals as stop:
             progress = train_loop(model, prepared.train, prepared.val, cfg.train, rt, session.pad_id, sinks,
-                                  resume=progress, on_checkpoint=checkpointer, should_stop=stop, pad_to=fast.pad_to,
+                                  resume=progress, on_checkpoint=checkpointer, should_stop=stop, runner=runner,
                                   on_eval=_eval_hook(session, on_eval))
     finally:
         sinks.close()
@@ -254,7 +259,9 @@ def _train(session: Session, run_dir: Path, progress: Optional[Resumable], check
         load_trainable_state(model, progress.best_trainable)
     if main:
         save_trained_model(model, cfg, run_dir, session.names)
-    summary = _summarize(session, run_dir, progress)
+    if runner.report is not None and runner.report.recompiles:
+        session.console.say(runner.report.describe())
+    summary = _summarize(session, run_dir, progress, runner.report)
     if main:
         write_run_card(run_dir, cfg, summary)
         rd.write_summary(run_dir, summary)  # last: the run is finished once it exists
@@ -270,7 +277,7 @@ def _train(session: Session, run_dir: Path, progress: Optional[Resumable], check
                             f"{100 * test['ci_high']:.2f}, n={test['n']:,}); macro-F1 {100 * test['macro_f1']:.2f}")
 
 
-def _summarize(session: Session, run_dir: Path, progress: Resumable) -> dict:
+def _summarize(session: Session, run_dir: Path, progress: Resumable, compiled: Optional[CompileReport]) -> dict:
     cfg, rt, prepared, state = session.cfg, session.rt, session.prepared, progress.state
     batch_tokens = cfg.train.eval_batch_size * cfg.data.max_length
     splits = {}
@@ -289,6 +296,7 @@ def _summarize(session: Session, run_dir: Path, progress: Resumable) -> dict:
         "train_time_s": state.train_time_s, "samples_per_s": state.samples_seen / max(state.train_time_s, 1e-9),
         "peak_memory_mb": peak_memory_mb(rt.device), "device": str(rt.device), "precision": rt.precision,
         "processes": rt.dist.world_size, "label_names": session.names,
+        "compile": compiled.as_dict() if compiled is not None else None,
         "truncation": {name: part.truncation(cfg.data.max_length)
                        for name, part in (("train", prepared.train), ("test", prepared.test)) if part is not None},
     }
@@ -338,7 +346,7 @@ def _restore(session: Session, ckpt: Checkpoint, extend: bool, run_dir: Path) ->
     cfg, rt, model = session.cfg, session.rt, session.model
     batches_per_epoch = len(bucketed_batches(session.prepared.train.lengths, cfg.train.batch_size, cfg.train.seed, 0))
     total = total_steps_for(cfg.train, batches_per_epoch)
-    optimizer = build_optimizer(model, cfg.train, fused=rt.device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.train, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     if ckpt.scaler:
         scaler.load_state_dict(ckpt.scaler)

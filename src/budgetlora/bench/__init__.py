@@ -21,9 +21,11 @@ from typing import Any, Optional
 
 import torch
 
-from budgetlora.bench.data import DEFAULT_DATA, NUM_LABELS, BenchData, forward_flops_per_row, load_bench_data
+from budgetlora.bench.data import (DEFAULT_DATA, NUM_LABELS, BenchData, forward_flops_per_row, load_bench_data,
+                                   recipe_bench_data)
 from budgetlora.bench.stacks import (REF_BATCH, BenchSpec, Measured, _free, matmul_peak_tflops, measure_fast,
                                      measure_reference)
+from budgetlora.config import Config, load_config
 from budgetlora.errors import BudgetLoraError
 from budgetlora.model import MINILM_ALIAS, load_model_config
 from budgetlora.runtime import quiet_transformers
@@ -39,13 +41,23 @@ def _defaults(device: torch.device) -> dict:
 
 
 def format_table(ref: Measured, fast: dict[int, Measured], flops_train: float, flops_predict: float,
-                 peak_tflops: float) -> str:
+                 peaks: dict[str, float]) -> tuple[str, bool]:
+    """The table, each row's TFLOP/s against the measured peak of the dtype it computes in; a share
+    above 100% would mean the peak was under-measured, so it is left out (the bool says so)."""
+    over = False
+
+    def share(tflops: float, precision: str) -> str:
+        nonlocal over
+        value = 100 * tflops / peaks[precision]
+        over |= value > 100
+        return f"{value:>7.1f}%" if value <= 100 else f"{'-':>8}"
+
     def row(name: str, m: Measured) -> str:
         t_tflops = m.train_samples_per_s * flops_train / 1e12
         p_tflops = m.predict_samples_per_s * flops_predict / 1e12
         return (f"{name:<18}{m.train_samples_per_s:>11.1f}{m.predict_samples_per_s:>11.1f}"
-                f"{t_tflops:>9.3f}{100 * t_tflops / peak_tflops:>7.1f}%"
-                f"{p_tflops:>9.3f}{100 * p_tflops / peak_tflops:>7.1f}%"
+                f"{t_tflops:>9.3f}{share(t_tflops, m.precision)}"
+                f"{p_tflops:>9.3f}{share(p_tflops, m.precision)}"
                 f"{m.train_peak_mb:>10.0f}{m.predict_peak_mb:>10.0f}")
 
     head = (f"{'':<18}{'train/s':>11}{'predict/s':>11}{'train TF':>9}{'%peak':>8}{'pred TF':>9}{'%peak':>8}"
@@ -57,7 +69,7 @@ def format_table(ref: Measured, fast: dict[int, Measured], flops_train: float, f
         lines.append(f"{'ratio b/a' + (f' bs {batch}' if len(fast) > 1 else ''):<18}"
                      f"{m.train_samples_per_s / ref.train_samples_per_s:>10.2f}x"
                      f"{m.predict_samples_per_s / ref.predict_samples_per_s:>10.2f}x")
-    return "\n".join(lines)
+    return "\n".join(lines), over
 
 
 @dataclass
@@ -75,6 +87,20 @@ class BenchOptions:
     repeats: Optional[int] = None
     threads: Optional[int] = None
     onnx: bool = False
+    config: Optional[Path] = None  # measure this recipe (its model, data, adapters, batch) against the reference
+
+
+def _recipe(options: BenchOptions) -> Optional[Config]:
+    if options.config is None:
+        return None
+    clashing = [flag for flag, value in (("--model", options.model), ("--data", options.data),
+                                         ("--synthetic", options.synthetic)) if value]
+    if clashing or options.lora_dropout != BenchOptions.lora_dropout or options.max_length != BenchOptions.max_length:
+        flag = clashing[0] if clashing else ("--lora-dropout" if options.lora_dropout != BenchOptions.lora_dropout
+                                             else "--max-length")
+        raise BudgetLoraError(f"{flag} cannot be combined with --config: the config gives the model, data, adapters "
+                              "and max_length; change them in the config (or a copy of it)")
+    return load_config(options.config)
 
 
 def _spec(options: BenchOptions, device: torch.device) -> tuple[BenchSpec, int, list[int]]:
@@ -83,12 +109,15 @@ def _spec(options: BenchOptions, device: torch.device) -> tuple[BenchSpec, int, 
     def pick(value: Optional[int], key: str) -> int:
         return d[key] if value is None else value
 
-    model = options.model or d["model"]
-    weights = model == MINILM_ALIAS or Path(model).expanduser().exists()
-    batches = options.fast_batches or [d["fast_batch"]]
+    recipe = _recipe(options)
+    model = recipe.model if recipe is not None else options.model or d["model"]
+    weights = recipe.model_init == "pretrained" if recipe is not None else \
+        model == MINILM_ALIAS or Path(model).expanduser().exists()
+    batches = options.fast_batches or [recipe.train.batch_size if recipe is not None else d["fast_batch"]]
     spec = BenchSpec(model=model, device=device, weights=weights, steps=pick(options.steps, "steps"),
                      warmup=pick(options.warmup, "warmup"), predict_rows=pick(options.predict_rows, "predict_rows"),
-                     fast_batch=batches[0], lora_dropout=options.lora_dropout, max_length=options.max_length)
+                     fast_batch=batches[0], lora_dropout=recipe.lora.dropout if recipe else options.lora_dropout,
+                     max_length=recipe.data.max_length if recipe else options.max_length, recipe=recipe)
     repeats = pick(options.repeats, "repeats")
     if spec.warmup < 1 or spec.steps < 1 or repeats < 1 or spec.predict_rows < 1 or any(b < 1 for b in batches):
         raise BudgetLoraError("bench needs --warmup >= 1, --steps >= 1, --repeats >= 1, --predict-rows >= 1 and "
@@ -142,9 +171,13 @@ def run_bench(options: BenchOptions, say: Any = print) -> dict[str, Any]:
     # budgetlora sets glibc's malloc thresholds for CPU runs, process-wide: set them before either
     # stack runs, so both are measured under the same allocator (the reference gains from it too)
     kept = device.type == "cpu" and keep_freed_memory()
-    config = load_model_config(spec.model, NUM_LABELS)
-    data = load_bench_data(spec.model, None if options.synthetic else Path(options.data or DEFAULT_DATA).expanduser(),
-                           config.vocab_size, spec.max_length, synthetic=options.synthetic)
+    if spec.recipe is not None:
+        data = recipe_bench_data(spec.recipe)
+        config = load_model_config(spec.model, data.num_labels)
+    else:
+        config = load_model_config(spec.model, NUM_LABELS)
+        data = load_bench_data(spec.model, None if options.synthetic else Path(options.data or DEFAULT_DATA).expanduser(),
+                               config.vocab_size, spec.max_length, synthetic=options.synthetic)
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                            else f" ({torch.get_num_threads()} threads)")
     say(f"device {where}; model {spec.model} ({'pretrained' if spec.weights else 'random weights, same FLOPs'}); "
@@ -171,15 +204,20 @@ def run_bench(options: BenchOptions, say: Any = print) -> dict[str, Any]:
     flops_predict = forward_flops_per_row(config, data.test.lengths)
     # frozen base: the backward pass computes input gradients only, about one more forward
     flops_train = 2 * forward_flops_per_row(config, data.train.lengths)
-    peak, peak_name = matmul_peak_tflops(device)
+    peaks = {name: matmul_peak_tflops(device, name) for name in sorted({"fp32"} | {m.precision for m in fitted.values()})}
     say(f"(a) {ref.detail}; {ref.trainable:,} trainable")
     for batch, m in fitted.items():
         say(f"(b) {m.detail}; {m.trainable:,} trainable")
     say(f"samples/s; TFLOP/s = model FLOPs of the real tokens (train = 2x forward: frozen base; every layer at "
-        f"every token, though budgetlora's last layer computes the head's position only); peak = measured "
-        f"{peak_name} matmul {peak:.3f} TFLOP/s; memory = "
-        f"{'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'} (MB)")
-    say(format_table(ref, fitted, flops_train, flops_predict, peak))
+        f"every token, though budgetlora's last layer computes the head's position only); %peak = of the measured "
+        f"matmul peak in the row's own precision (F.linear: "
+        + ", ".join(f"{name} {value:.3f} TFLOP/s" for name, value in peaks.items())
+        + f"); memory = {'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'} (MB)")
+    table, over_peak = format_table(ref, fitted, flops_train, flops_predict, peaks)
+    say(table)
+    if over_peak:
+        say("a share above 100% of the measured peak is left out ('-'): the peak measurement fell short of what "
+            "the path reached on this machine")
     best = max(fitted.values(), key=lambda m: m.train_samples_per_s)
     train_x = best.train_samples_per_s / ref.train_samples_per_s
     ours = max(m.predict_samples_per_s for m in fitted.values())
@@ -187,6 +225,7 @@ def run_bench(options: BenchOptions, say: Any = print) -> dict[str, Any]:
     onnx = _onnx(spec, data, ours, say) if options.onnx else None
     return {"onnx": onnx,"device": where, "model": spec.model, "data": data.note,
             "spec": {k: str(v) for k, v in asdict(spec).items()}, "reference": asdict(ref),
-            "fast": {str(b): asdict(m) for b, m in fitted.items()}, "peak_tflops": peak, "peak_dtype": peak_name,
+            "fast": {str(b): asdict(m) for b, m in fitted.items()}, "peak_tflops": peaks,
+            "recipe": str(options.config) if options.config else None,
             "train_flops_per_sample": flops_train, "predict_flops_per_sample": flops_predict,
             "train_speedup": train_x, "predict_speedup": predict_x}

@@ -26,6 +26,7 @@ class BenchData:
     pad_id: int
     tokenizer: object  # for DataCollatorWithPadding
     note: str
+    num_labels: int = NUM_LABELS
 
 
 def _bench_tokenizer(model: str) -> tuple[object, str]:
@@ -93,3 +94,21 @@ def forward_flops_per_row(config, lengths: np.ndarray) -> float:
     t = lengths.astype(np.float64)
     per_layer = 2 * (4 * d * d + 2 * d * ff) * t + 4 * t * t * d
     return float((layers * per_layer).mean())
+
+
+def recipe_bench_data(cfg) -> BenchData:
+    """A config's own data (`bench --config`): its training rows to train on, its test rows (else
+    its validation rows) to predict, tokenized by its model's tokenizer."""
+    from budgetlora.data import load_splits
+
+    splits = load_splits(cfg.data, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    rows = splits.test if splits.test is not None and len(splits.test) else splits.val
+    if rows is None or not len(rows):
+        raise BudgetLoraError("bench --config needs rows to predict: the config has neither a test split nor a "
+                              "validation split")
+    train = tokenize(tokenizer, splits.train.texts, splits.train.labels, cfg.data.max_length)
+    test = tokenize(tokenizer, rows.texts, rows.labels, cfg.data.max_length)
+    source = cfg.data.train_file or cfg.data.dataset
+    return BenchData(train, test, pad_token_id(tokenizer), tokenizer, f"the config's data ({source})",
+                     len(splits.label_names))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from budgetlora.bench.data import NUM_LABELS, BenchData
+from budgetlora.bench.data import BenchData
 from budgetlora.bench.stacks import BenchSpec, fast_config
 from budgetlora.data.tokens import collate
 from budgetlora.model import build_model
@@ -22,7 +22,7 @@ def measure_onnx(spec: BenchSpec, data: BenchData) -> dict[str, float]:
     from budgetlora.artifacts.onnx import onnx_logits, quantize_int8, session, write_onnx
 
     torch.manual_seed(spec.seed)
-    model = merged_copy(build_model(fast_config(spec), NUM_LABELS, weights=True)).float().eval()
+    model = merged_copy(build_model(fast_config(spec), data.num_labels, weights=True)).float().eval()
     rows = data.test.first(spec.predict_rows)
     example = collate(rows, np.arange(min(8, len(rows))), data.pad_id, 1)
     out: dict[str, float] = {}

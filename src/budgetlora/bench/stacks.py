@@ -5,23 +5,26 @@ own training loop and prediction, exactly as `budgetlora train` runs them on the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
-from budgetlora.bench.data import NUM_LABELS, BenchData
-from budgetlora.config import config_from_dict
+from budgetlora.bench.data import BenchData
+from budgetlora.config import Config, config_from_dict
 from budgetlora.data import TokenizedSet
 from budgetlora.evaluate.predict import predict_logits
-from budgetlora.model import build_model, count_trainable, load_model_config, resolve_model_path
+from budgetlora.model import build_model, count_trainable, load_model_config, resolve_model_path, target_module_paths
 from budgetlora.runtime import Runtime, peak_memory_mb, quiet_transformers, reset_peak_memory, resolve_precision
 from budgetlora.speedups import prepare_for_training
 from budgetlora.training import train_loop
+from budgetlora.training.step import step_runner
 
 REF_BATCH = 16
 LORA_R, LORA_ALPHA = 2, 16
@@ -38,34 +41,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_tflops(device: torch.device, seconds: float = 2.0) -> tuple[float, str]:
-    """Measured dense matmul throughput: bf16 on CUDA; on CPU bf16 only where the CPU has native
-    bf16 (AVX512-BF16/AMX), else fp32, which is what the CPU path computes in."""
-    if device.type == "cuda":
-        dtype, n = torch.bfloat16, 8192
-    else:
-        native = False
-        try:
-            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # older torch: treat as no native bf16
-            native = False
-        dtype, n = (torch.bfloat16 if native else torch.float32), 1536
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def matmul_peak_tflops(device: torch.device, precision: str = "fp32", seconds: float = 2.0) -> float:
+    """Measured dense matmul throughput in the dtype a path computes in, through the op its linear
+    layers use: `F.linear`, under autocast for bf16/fp16 (on CPU a plain bf16 `a @ b` may miss
+    the AMX/AVX512-BF16 kernels that autocast's linear reaches, and under-state the peak)."""
+    n = 8192 if device.type == "cuda" else 1536
+    x = torch.randn(n, n, device=device)
+    w = torch.randn(n, n, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def linear() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            torch.nn.functional.linear(x, w)
+
     for _ in range(2):
-        a @ b
+        linear()
     _sync(device)
     iters, start = 0, time.perf_counter()
     while True:
         for _ in range(5 if device.type == "cpu" else 50):
-            a @ b
+            linear()
             iters += 1
         _sync(device)
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             break
-    name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    return 2 * n ** 3 * iters / elapsed / 1e12, name
+    return 2 * n ** 3 * iters / elapsed / 1e12
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Measured:
     predict_peak_mb: float = 0.0
     trainable: int = 0
     train_batch: int = 0
+    precision: str = "fp32"
     detail: str = ""
     runs: list = field(default_factory=list)
 
@@ -86,7 +88,7 @@ class Measured:
         self.predict_samples_per_s = max(self.predict_samples_per_s, other.predict_samples_per_s)
         self.train_peak_mb = max(self.train_peak_mb, other.train_peak_mb)
         self.predict_peak_mb = max(self.predict_peak_mb, other.predict_peak_mb)
-        self.trainable, self.train_batch = other.trainable, other.train_batch
+        self.trainable, self.train_batch, self.precision = other.trainable, other.train_batch, other.precision
         self.detail = other.detail
 
 
@@ -103,21 +105,35 @@ class BenchSpec:
     lora_dropout: float = 0.1
     max_length: int = 128
     seed: int = 0
+    recipe: Optional[Config] = None  # bench --config: the user's recipe instead of r=2 on q,v
 
 
-def _reference_model(spec: BenchSpec):
-    from peft import LoraConfig, get_peft_model
+def _reference_lora(spec: BenchSpec, model: torch.nn.Module) -> Any:
+    """PEFT's LoraConfig of the reference: r=2 on query,value, or the recipe's adapters on the same
+    exact module paths of the model's own classification model."""
+    from peft import LoraConfig
+
+    if spec.recipe is None:
+        return LoraConfig(task_type="SEQ_CLS", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=spec.lora_dropout,
+                          target_modules=["query", "value"])
+    lora = spec.recipe.lora
+    auto_head = dataclasses.replace(spec.recipe, head=dataclasses.replace(spec.recipe.head, type="auto"))
+    return LoraConfig(task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=sorted(target_module_paths(model, auto_head)), bias=lora.bias,
+                      use_rslora=lora.use_rslora, use_dora=lora.use_dora)
+
+
+def _reference_model(spec: BenchSpec, num_labels: int):
+    from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    config = load_model_config(spec.model, NUM_LABELS)
+    config = load_model_config(spec.model, num_labels)
     torch.manual_seed(spec.seed)
     if spec.weights:
         model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(spec.model), config=config)
     else:
         model = AutoModelForSequenceClassification.from_config(config)
-    lora = LoraConfig(task_type="SEQ_CLS", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=spec.lora_dropout,
-                      target_modules=["query", "value"])
-    return get_peft_model(model, lora)
+    return get_peft_model(model, _reference_lora(spec, model))
 
 
 class _Rows:
@@ -142,7 +158,7 @@ def measure_reference(spec: BenchSpec, data: BenchData) -> Measured:
 
     quiet_transformers()
     device = spec.device
-    model = _reference_model(spec).to(device)
+    model = _reference_model(spec, data.num_labels).to(device)
     trainable = count_trainable(model).trainable
     collator = DataCollatorWithPadding(data.tokenizer) if data.tokenizer is not None else _PadCollator(data.pad_id)
     marks: dict[int, float] = {}
@@ -153,8 +169,9 @@ def measure_reference(spec: BenchSpec, data: BenchData) -> Measured:
                 _sync(device)
                 marks[state.global_step] = time.perf_counter()
 
+    adapters = f"r={LORA_R} q,v" if spec.recipe is None else f"the config's adapters (r={spec.recipe.lora.r})"
     out = Measured(trainable=trainable, train_batch=REF_BATCH,
-                   detail=f"Trainer+PEFT r={LORA_R} q,v+head, fp32, batch {REF_BATCH}, pad to longest")
+                   detail=f"Trainer+PEFT {adapters}+head, fp32, batch {REF_BATCH}, pad to longest")
     with tempfile.TemporaryDirectory(prefix="budgetlora-bench-") as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=REF_BATCH, per_device_eval_batch_size=REF_BATCH,
@@ -209,9 +226,16 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def fast_config(spec: BenchSpec):
-    """The budgetlora config that matches the reference: same model, rank, targets, dropout, head;
-    everything else (precision, compile, dropout position) at its default for the device."""
+def fast_config(spec: BenchSpec) -> Config:
+    """The budgetlora config measured: with `spec.recipe`, that recipe as `budgetlora train` runs
+    it, cut to the measured steps; otherwise the one that matches the reference (same model, rank,
+    targets, dropout, head), with precision, compile and dropout position at their device defaults."""
+    length = {"max_steps": spec.warmup + spec.steps, "log_every": max(1, spec.warmup), "eval_every": None,
+              "device": spec.device.type}
+    if spec.recipe is not None:
+        train = dataclasses.replace(spec.recipe.train, batch_size=spec.fast_batch, eval_at=[], save_every=None,
+                                    early_stopping_patience=None, report_to=[], **length)
+        return dataclasses.replace(spec.recipe, train=train)
     return config_from_dict({
         "name": "bench", "model": spec.model, "budget": None,
         "model_init": "pretrained" if spec.weights else "random",
@@ -219,8 +243,7 @@ def fast_config(spec: BenchSpec):
         "head": {"type": "auto"},
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": spec.lora_dropout, "targets": ["q", "v"]},
         "train": {"lr": sqrt_scaled_lr(spec.lr, spec.fast_batch, REF_BATCH), "batch_size": spec.fast_batch,
-                  "max_steps": spec.warmup + spec.steps, "log_every": max(1, spec.warmup),
-                  "eval_every": None, "seed": spec.seed, "device": spec.device.type},
+                  "seed": spec.seed, **length},
     })
 
 
@@ -230,18 +253,19 @@ def measure_fast(spec: BenchSpec, data: BenchData) -> Measured:
     precision = resolve_precision(cfg.train.precision, device)
     rt = Runtime(device, precision)
     torch.manual_seed(spec.seed)
-    model = build_model(cfg, NUM_LABELS, weights=True).to(device)
+    model = build_model(cfg, data.num_labels, weights=True).to(device)
     trainable = count_trainable(model).trainable
     reset_peak_memory(device)
-    fast = prepare_for_training(model, cfg, device, precision, data.pad_id, NUM_LABELS)
+    fast = prepare_for_training(model, cfg, device, precision, data.pad_id)
+    runner = step_runner(model, cfg.train, rt, data.train, data.pad_id, fast.pad_to if fast.compiled else None)
     marks: dict[int, float] = {}
 
     def log(record: dict) -> None:  # train_loop syncs (float of the loss) before each log call
         if record.get("step") in (spec.warmup, spec.warmup + spec.steps):
             marks[record["step"]] = time.perf_counter()
 
-    train_loop(model, data.train, None, cfg.train, rt, data.pad_id, log, pad_to=fast.pad_to)
-    out = Measured(trainable=trainable, train_batch=cfg.train.batch_size,
+    train_loop(model, data.train, None, cfg.train, rt, data.pad_id, log, runner=runner)
+    out = Measured(trainable=trainable, train_batch=cfg.train.batch_size, precision=precision,
                    detail=f"budgetlora {precision}, batch {cfg.train.batch_size}, bucketed, {fast.describe()}")
     out.train_peak_mb = peak_memory_mb(device)
     out.train_samples_per_s = spec.steps * cfg.train.batch_size / (marks[spec.warmup + spec.steps] - marks[spec.warmup])

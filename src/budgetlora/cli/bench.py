@@ -23,6 +23,8 @@ Training and prediction throughput, in one process, of (a) the reference stack u
 (Transformers Trainer + PEFT LoRA r=2 on query,value + head, fp32, batch 16, padded to the longest
 row of a random batch) and (b) budgetlora's own training and prediction on the same model, adapters
 and AG News texts: samples/s, TFLOP/s, % of the measured matmul peak, peak memory and the ratios.
+With --config, (b) is that config as `budgetlora train` runs it, on its own data, and (a) trains
+the same adapters (rank, alpha, dropout, modules) with Trainer + PEFT.
 The last line is `train_speedup=<x> predict_speedup=<y>` (b over a)."""
 
 
@@ -45,6 +47,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, help="alternating repeats, best of each (cpu 2, cuda 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--onnx", action="store_true", help="also measure prediction through ONNX Runtime (fp32 and int8)")
+    p.add_argument("--config", help="measure this training config (its model, data, adapters, batch, precision, "
+                                    "compile) against Trainer+PEFT with the same adapters; instead of --model, "
+                                    "--data, --synthetic, --lora-dropout, --max-length")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_bench)
 
@@ -60,7 +65,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            synthetic=args.synthetic,
                            steps=args.steps, warmup=args.warmup, predict_rows=args.predict_rows,
                            fast_batches=args.fast_batch_size, lora_dropout=args.lora_dropout,
-                           max_length=args.max_length, repeats=args.repeats, threads=args.threads, onnx=args.onnx)
+                           max_length=args.max_length, repeats=args.repeats, threads=args.threads, onnx=args.onnx,
+                           config=Path(args.config) if args.config else None)
     result = run_bench(options, say=lambda line: print(line, flush=True))
     if args.json:
         atomic.write_json(Path(args.json), result)

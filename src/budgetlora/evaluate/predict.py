@@ -15,7 +15,6 @@ from budgetlora.evaluate.metrics import classification_metrics
 from budgetlora.model import forward_logits
 from budgetlora.runtime import Runtime, autocast
 from budgetlora.speedups import inference_dtype, keep_freed_memory, merged_copy
-from budgetlora.speedups.compile import eager
 
 # a few thousand tokens already keep CPU matmuls efficient; bigger sorted batches only add padding
 # and fall out of cache (docs/speed.md)
@@ -28,8 +27,8 @@ def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: in
     """Logits for every row of `data`, in the original row order (batches are length-sorted).
 
     With `merge`, a LoRA model predicts through a copy with the adapters folded into the base
-    weights (bf16 weights on CUDA bf16); `model` itself is not changed. A compiled model runs eager
-    here: prediction batches have free shapes. Under `rt.dist` each rank predicts every
+    weights (bf16 weights under bf16); `model` itself is not changed. Prediction runs eagerly (only
+    the training step is compiled): its batches have free shapes. Under `rt.dist` each rank predicts every
     world_size-th batch and all ranks get every row back in order. `progress(n)` is called as
     batches finish."""
     device, dist = rt.device, rt.dist
@@ -40,18 +39,17 @@ def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: in
     model.eval()
     assert len(data) > 0, "predict_logits needs at least one row"
     indices, outputs = [np.zeros(0, dtype=np.int64)], [np.zeros((0, 0), dtype=np.float32)]
-    with eager(model):
-        net = merged_copy(model, inference_dtype(device, rt.precision)) if merge else model
-        with torch.inference_mode():
-            batches = sorted_batches(data.lengths, batch_tokens, max_batch)
-            for index in batches[dist.rank::dist.world_size]:
-                batch = collate(data, index, pad_id, pad_multiple_for(device))
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
-                with autocast(device, rt.precision):
-                    indices.append(index)
-                    outputs.append(forward_logits(net, batch).float().cpu().numpy())
-                if progress is not None:
-                    progress(len(index) * dist.world_size)
+    net = merged_copy(model, inference_dtype(device, rt.precision)) if merge else model
+    with torch.inference_mode():
+        batches = sorted_batches(data.lengths, batch_tokens, max_batch)
+        for index in batches[dist.rank::dist.world_size]:
+            batch = collate(data, index, pad_id, pad_multiple_for(device))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+            with autocast(device, rt.precision):
+                indices.append(index)
+                outputs.append(forward_logits(net, batch).float().cpu().numpy())
+            if progress is not None:
+                progress(len(index) * dist.world_size)
     del net
     model.train(was_training)
     rows = np.concatenate(outputs[1:]) if len(outputs) > 1 else outputs[0]

@@ -2,27 +2,28 @@
 fixed widths, low-rank LoRA dropout, merged prediction, packed CPU dropout masks, a last layer
 that computes only the position the head reads, and glibc allocator thresholds.
 
-On CUDA the defaults are bf16 autocast, fused AdamW, compile, low-rank dropout and merged bf16
-prediction; on CPU the training math is PEFT's and the gain comes from the packed masks, the
-first-token layer, the allocator, tight padding (data/tokens.py) and merged prediction.
+On CUDA the defaults are bf16 autocast, fused AdamW, a compiled training step, low-rank dropout
+and merged bf16 prediction. On CPU: fused AdamW, low-rank dropout, bf16 only where the CPU has
+native bf16 matmuls (runtime.resolve_precision), no compile, and the gains of the packed masks, the
+first-token layer, the allocator, tight padding (data/tokens.py) and merged prediction
+(docs/speed.md has the measurements behind each choice).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from budgetlora.speedups.allocator import keep_freed_memory
-from budgetlora.speedups.compile import compile_model, compile_widths, resolve_compile, uncompile, warm_up
+from budgetlora.speedups.compile import CompiledStep, CompileReport, compile_widths, resolve_compile
 from budgetlora.speedups.first_token import reads_first_token_only, use_first_token_last_layer
 from budgetlora.speedups.lowrank_dropout import resolve_dropout_position, use_lowrank_dropout
 from budgetlora.speedups.merge import inference_dtype, is_peft_lora, merged_copy
 from budgetlora.speedups.packed_dropout import use_packed_dropout
 
-__all__ = ["FastPath", "inference_dtype", "is_peft_lora", "keep_freed_memory", "merged_copy",
+__all__ = ["CompileReport", "CompiledStep", "FastPath", "inference_dtype", "is_peft_lora", "keep_freed_memory", "merged_copy",
            "prepare_for_training", "resolve_fast_path"]
 
 
@@ -62,27 +63,15 @@ def resolve_fast_path(cfg, device: torch.device) -> FastPath:
 
 
 def prepare_for_training(model: nn.Module, cfg, device: torch.device, precision: str,
-                         pad_id: int = 0, num_labels: int | None = None, warm: bool = True) -> FastPath:
-    """Apply the fast path to a model already on `device`; returns what was applied.
-
-    With compile on, every padded width is compiled before the first step (`warm`), so the step
-    times that follow are steady; if compiling fails the model stays eager, with a warning."""
+                         pad_id: int = 0) -> FastPath:
+    """Apply the fast path's model changes to a model already on `device`; returns what was
+    applied. Compiling is the training step's (training.step.step_runner, for `pad_to`)."""
     fast = resolve_fast_path(cfg, device)
     if fast.dropout_position == "lowrank":
         fast.lowrank_adapters = use_lowrank_dropout(model)
-    if device.type == "cpu":
+    if device.type == "cpu" and not fast.compiled:  # a compiled graph draws its own random numbers
         fast.packed_dropout = use_packed_dropout(model)
         fast.kept_memory = keep_freed_memory()
     if reads_first_token_only(cfg):
         fast.first_token_last_layer = use_first_token_last_layer(model, pad_id)
-    if fast.compiled:
-        compile_model(model, fast.pad_to or ())
-        if warm:
-            try:
-                warm_up(model, fast.pad_to or (cfg.data.max_length,), cfg.train.batch_size, device,
-                        precision, pad_id, num_labels or getattr(model.config, "num_labels", 2))
-            except Exception as exc:  # an unsupported platform must not cost the run
-                uncompile(model)
-                fast.compiled, fast.pad_to = False, None
-                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); training eagerly")
     return fast

@@ -8,7 +8,6 @@ import copy
 import torch
 from torch import nn
 
-from budgetlora.speedups.compile import eager, uncompile
 from budgetlora.speedups.first_token import use_first_token_last_layer
 
 
@@ -22,9 +21,7 @@ def merged_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     computes only the position the head reads where that is exact (speedups.first_token)."""
     if not is_peft_lora(model):
         return model
-    with eager(model):  # the copy must not inherit compiled calls bound to the original
-        clone = copy.deepcopy(model)
-    uncompile(clone)
+    clone = copy.deepcopy(model)
     with torch.no_grad():
         merged = clone.merge_and_unload()
     use_first_token_last_layer(merged)  # checks itself: kept only where the logits are unchanged
@@ -34,8 +31,9 @@ def merged_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 
 
 def inference_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """Weights for prediction: bf16 on CUDA when running bf16 (half the memory traffic, no per-batch
-    weight casts under autocast); CPU keeps fp32 weights."""
-    if device.type == "cuda" and precision == "bf16":
+    """Weights for prediction: bf16 when the run computes in bf16 (half the memory traffic, no
+    per-batch weight casts under autocast; on CPU only where bf16 was chosen or asked for), else
+    the fp32 master weights."""
+    if precision == "bf16" and device.type in ("cuda", "cpu"):
         return torch.bfloat16
     return None

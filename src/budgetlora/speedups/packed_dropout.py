@@ -13,7 +13,9 @@ dropout and PEFT's `lora_dropout`), the low-rank dropout of `speedups.lowrank_dr
 attention probabilities, which transformers passes into `scaled_dot_product_attention`. The last
 is reached through a registered attention implementation that, in training on CPU, computes
 softmax(QK^T) with this mask, and otherwise hands over to transformers' own SDPA function.
-CUDA keeps torch's dropout everywhere: its Philox generator is parallel and cheap.
+CUDA keeps torch's dropout everywhere: its Philox generator is parallel and cheap. Inside a
+compiled graph torch's dropout is used too: the compiler generates its own random numbers, and an
+autograd Function drawing from the global generator would break the graph.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ class _PackedDropout(torch.autograd.Function):
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """`F.dropout`, with packed masks for CPU tensors."""
-    if not training or p == 0.0 or x.device.type != "cpu" or x.numel() == 0:
+    """`F.dropout`, with packed masks for CPU tensors in eager mode."""
+    if not training or p == 0.0 or x.device.type != "cpu" or x.numel() == 0 or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
     return _PackedDropout.apply(x, p)
 
@@ -86,7 +88,8 @@ def _sdpa_with_packed_dropout(module: nn.Module, query: torch.Tensor, key: torch
                               attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1]:
+    if (dropout == 0.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1]
+            or torch.compiler.is_compiling()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     # what SDPA's math kernel computes in training, with the mask drawn here

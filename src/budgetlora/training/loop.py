@@ -10,7 +10,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,9 +22,9 @@ from budgetlora.distributed import all_reduce_sum, local_slice, wrap_model
 from budgetlora.errors import BudgetLoraError, RunDiverged
 from budgetlora.evaluate.metrics import cross_entropy
 from budgetlora.evaluate.predict import predict_logits
-from budgetlora.model import forward_logits
 from budgetlora.runtime import Runtime, autocast
 from budgetlora.training.optim import build_optimizer, build_scheduler
+from budgetlora.training.step import StepRunner, TrainStep, loss_function
 
 
 @dataclass
@@ -94,7 +94,7 @@ def fresh_resumable(model: nn.Module, train_data: TokenizedSet, cfg: TrainConfig
     """The starting point of a new run: step 0, a new optimizer, schedule and grad scaler."""
     batches = len(bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, 0))
     total = total_steps_for(cfg, batches)
-    optimizer = build_optimizer(model, cfg, fused=rt.device.type == "cuda")
+    optimizer = build_optimizer(model, cfg, rt.device)
     return Resumable(LoopState(), optimizer, build_scheduler(optimizer, cfg, total),
                      torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16"), total)
 
@@ -199,14 +199,13 @@ def _evaluate(model: nn.Module, val_data: TokenizedSet, rt: Runtime, pad_id: int
     return correct
 
 
-def _backward(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runtime, loss_fn: nn.Module,
+def _backward(module: nn.Module, runner: StepRunner, batch: dict[str, torch.Tensor], rt: Runtime,
               scaler: torch.amp.GradScaler, grad_accum: int, sync: bool, window: _Window, step: int) -> None:
     """Forward and backward of one micro-batch; its loss and accuracy go into the window."""
     batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-    with contextlib.nullcontext() if sync else model.no_sync():
+    with contextlib.nullcontext() if sync else module.no_sync():
         with autocast(rt.device, rt.precision):
-            logits = forward_logits(model, batch)
-        loss = loss_fn(logits.float(), batch["labels"])
+            loss, logits = runner(module, batch)
         scaler.scale(loss / grad_accum).backward()
     window.add(loss, logits, batch["labels"], step)
 
@@ -214,19 +213,20 @@ def _backward(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runtime, los
 def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[TokenizedSet], cfg: TrainConfig,
                rt: Runtime, pad_id: int, log: Sink, resume: Optional[Resumable] = None,
                on_checkpoint: Optional[Hook] = None, should_stop: Callable[[], bool] = lambda: False,
-               pad_to: Optional[Sequence[int]] = None, on_eval: Optional[EvalHook] = None) -> Resumable:
+               runner: Optional[StepRunner] = None, on_eval: Optional[EvalHook] = None) -> Resumable:
     """Train until the last step (or early stopping); evaluate on `val_data` every `eval_every` steps.
 
     `on_checkpoint(reason, progress)` is called at save/eval points and when `should_stop()` turns
     true (a signal); the loop then returns. `on_eval(step, correct)` sees each evaluation's per-row
     outcomes after its checkpoint (a pruner may raise there). `resume` continues a checkpointed run
-    exactly. Under
+    exactly. `runner` runs the step (`training.step.step_runner`: compiled for fixed widths, or
+    eagerly, the default). Under
     `rt.dist`, every rank draws the same global batches and trains on its slice of each; logged
     metrics and checkpointed sums are global, so a checkpoint resumes on any number of processes."""
     progress = resume or fresh_resumable(model, train_data, cfg, rt)
     state, total, dist = progress.state, progress.total_steps, rt.dist
     stream = BatchStream(train_data, cfg.batch_size, cfg.seed, state.epoch, state.position)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    runner = runner or StepRunner(TrainStep(model, loss_function(cfg)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     window = _Window(state, rt)
     checkpointing = on_checkpoint is not None or dist.enabled  # non-main ranks join the collectives
@@ -241,7 +241,7 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
         # ranks must agree on where to stop, or the others would wait forever in the next all-reduce
         return bool(all_reduce_sum([float(should_stop())], dist, rt.device)[0]) if dist.enabled else should_stop()
 
-    forward_model = wrap_model(model, dist, rt.device)
+    forward_module = wrap_model(runner.step, dist, rt.device)
     pad_multiple = pad_multiple_for(rt.device)
     batches = iter(stream)
     optimizer, scaler = progress.optimizer, progress.scaler
@@ -249,10 +249,10 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
     while state.step < total:
         step_start = time.perf_counter()
         for micro in range(cfg.grad_accum):
-            batch = collate(train_data, local_slice(next(batches), dist), pad_id, pad_multiple, pad_to)
+            batch = collate(train_data, local_slice(next(batches), dist), pad_id, pad_multiple, runner.pad_to)
             # gradients are all-reduced once per optimizer step, on the last micro-batch
             sync = not dist.enabled or micro == cfg.grad_accum - 1
-            _backward(forward_model, batch, rt, loss_fn, scaler, cfg.grad_accum, sync, window, state.step + 1)
+            _backward(forward_module, runner, batch, rt, scaler, cfg.grad_accum, sync, window, state.step + 1)
         if state.step == 0:
             check_gradients_flow(model)
         if cfg.grad_clip:

@@ -76,8 +76,21 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             for (role, decay, muon), params in sorted(groups.items())]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+def fused_available(device: torch.device) -> bool:
+    """Whether torch has a fused (one kernel for every tensor) AdamW for `device`: CUDA, and CPU
+    since torch 2.4, where it is several times faster than the per-tensor loop."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return device.type == "cuda"
+    return device.type in _get_fused_kernels_supported_devices()
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable parameters; AdamW fused where torch offers it on
+    `device` (the parameters' device)."""
     groups = param_groups(model, cfg)
+    fused = device is not None and fused_available(device)
     if cfg.optimizer == "muon":
         return MuonWithAdamW([g for g in groups if g["muon"]], [g for g in groups if not g["muon"]],
                              momentum=cfg.momentum, fused=fused)
