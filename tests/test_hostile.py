@@ -410,7 +410,7 @@ DAMAGE = {
     "truncated adapter": (lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"), "not a readable safetensors"),
     "garbage adapter": (lambda run: _garble(run / "adapter" / "adapter_model.safetensors"), "not a readable safetensors"),
     "no adapter weights": (lambda run: (run / "adapter" / "adapter_model.safetensors").unlink(), "is missing"),
-    "labels not json": (lambda run: (run / "labels.json").write_text("{names"), "labels.json: unreadable"),
+    "labels not json": (lambda run: (run / "labels.json").write_text("{names"), "labels.json: not valid JSON"),
     "labels wrong shape": (lambda run: (run / "labels.json").write_text('{"names": "World"}'), "expected {\"names\""),
     "labels one name": (lambda run: (run / "labels.json").write_text('{"names": ["a"]}'), "two or more distinct"),
     "labels duplicate": (lambda run: (run / "labels.json").write_text('{"names": ["a", "a", "b", "c"]}'),
@@ -484,8 +484,8 @@ def test_damaged_checkpoints_and_results_inputs(sandbox, capsys):
     expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"], "checkpoint(s) loads (each is damaged",
                    allowed=("runs/tiny",))
     (run / "summary.json").write_text("{not json")
-    expect_refusal(sandbox, capsys, ["results", "{sb}/runs"], "summary.json: unreadable")
-    expect_refusal(sandbox, capsys, ["report", "{sb}/runs"], "summary.json: unreadable")
+    expect_refusal(sandbox, capsys, ["results", "{sb}/runs"], "summary.json: not valid JSON")
+    expect_refusal(sandbox, capsys, ["report", "{sb}/runs"], "summary.json: not valid JSON")
 
 
 # ----- 7. exports go into new or empty directories, never into or over a run ---------------------------
@@ -574,7 +574,7 @@ OUTPUT_CASES = [
     (["train", "--resume", "{sb}/runs/tiny"], "already finished"),
     (["train", "{sb}/cfg.yaml", "--extend"], "--extend only applies to --resume"),
     (["plan", "--budget", "0"], "'budget': got 0"),
-    (["plan", "--num-labels", "1"], "num_labels must be an integer >= 2"),
+    (["plan", "--num-labels", "1"], "num_labels must be an integer in [2, 100,000]"),
     (["sweep", "{sb}/missing.yaml"], "config file not found"),
     (["sweep", "{sb}/cfg.yaml", "--workers", "0"], "--workers must be >= 1"),
     (["results", "{sb}/precious"], "no runs found"),
@@ -779,7 +779,7 @@ def test_damaged_summaries_and_checkpoint_counters_are_one_error(sandbox, capsys
     (run / "summary.json").write_text(json.dumps(summary))
     for command in (["results", "{sb}/runs"], ["report", "{sb}/runs/tiny"], ["compare", "{sb}/runs/tiny", "{sb}/runs/tiny",
                                                                               "--out", "{sb}/cmp"]):
-        expect_refusal(sandbox, capsys, command, "test.accuracy is not a number")
+        expect_refusal(sandbox, capsys, command, "test.accuracy is not a number in its range")
     checkpoint = complete_checkpoints(run)[-1]
     state = json.loads((checkpoint / "state.json").read_text())
     state["loop_state"]["step"] = "abc"
@@ -925,3 +925,501 @@ def test_failing_a_stale_trial_that_its_worker_just_settled_is_no_error(tmp_path
     study.tell(trial, 0.5)
     frozen = study.get_trials(deepcopy=False)[0]
     assert _fail(study._storage, frozen) is False
+
+
+# =====================================================================================================
+# Round two: the surfaces added last (exports, the Python API, study files, results, stores), and the
+# paths by which code could run from a run, an export or the working directory.
+# =====================================================================================================
+
+MARKER_CODE = "import pathlib, os; pathlib.Path(os.environ['BUDGETLORA_TEST_MARKER']).write_text('ran')\n"
+
+
+@pytest.fixture(scope="module")
+def base_exports(base_sandbox, tmp_path_factory) -> dict[str, Path]:
+    """A merged and an ONNX export of the sandbox run, and a run with a mean-pooled linear head."""
+    from budgetlora.config import config_from_dict
+    from budgetlora.recipe import train_run
+
+    root = tmp_path_factory.mktemp("exports")
+    run = base_sandbox / "runs" / "tiny"
+    assert main(["export", str(run), "--merged", str(root / "merged")]) == 0
+    assert main(["export", str(run), "--onnx", str(root / "onnx")]) == 0
+    raw = yaml.safe_load((base_sandbox / "cfg.yaml").read_text())
+    raw.update(name="pooled", head={"type": "linear", "pooling": "mean"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.mktemp("pooled-cache")))
+        pooled = train_run(config_from_dict(raw), root / "runs", verbose=False)
+    assert main(["export", str(pooled), "--merged", str(root / "pooled-merged")]) == 0
+    return {"merged": root / "merged", "onnx": root / "onnx", "pooled": pooled, "pooled-merged": root / "pooled-merged"}
+
+
+@pytest.fixture()
+def exports(base_exports, sandbox) -> dict[str, Path]:
+    """Copies inside the sandbox, free to damage."""
+    out = {}
+    for name, path in base_exports.items():
+        shutil.copytree(path, sandbox / "exports" / name, symlinks=True)
+        out[name] = sandbox / "exports" / name
+    return out
+
+
+@pytest.fixture()
+def marker(tmp_path, monkeypatch) -> Path:
+    """A file that planted code writes when it runs; the tests assert it never appears."""
+    path = tmp_path / "code-ran"
+    monkeypatch.setenv("BUDGETLORA_TEST_MARKER", str(path))
+    return path
+
+
+# ----- code execution: nothing from the working directory, a run or an export ever runs -------------
+
+def test_budgetlora_processes_never_import_from_the_working_directory(tmp_path, marker):
+    import subprocess
+    import sys
+
+    from budgetlora.launch import python_command
+
+    (tmp_path / "yaml.py").write_text(MARKER_CODE)
+    (tmp_path / "torch.py").write_text(MARKER_CODE)
+    for command in (python_command("--version"), [sys.executable, "-m", "budgetlora", "plan", "--model", "roberta-base",
+                                                  "--targets", "q,v"]):
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not marker.exists(), command
+
+
+def test_sweep_workers_start_isolated_from_the_working_directory(sandbox, monkeypatch):
+    import subprocess
+
+    from budgetlora.sweeps import run as sweep_run
+
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: started.append(argv))
+    request = sweep_run.SweepRequest(study=sandbox / "study.yaml", workers=2)
+    sweep_run._spawn_worker(request, sweep_run._options(request, sandbox / "out", "w0"), 1, False)
+    argv = started[0]
+    assert argv[1] == "-c" and "sys.path[:]" in argv[2] and "-m" not in argv[:3]
+
+
+@pytest.mark.parametrize("planted", ["auto_map", "model_type", "tokenizer"])
+def test_code_shipped_in_a_run_or_an_export_never_runs(sandbox, exports, capsys, marker, monkeypatch, planted):
+    import io
+    import json
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\ny\n"))  # a script that answers every prompt
+    if planted == "tokenizer":
+        target = sandbox / "runs" / "tiny" / "tokenizer"
+        config = json.loads((target / "tokenizer_config.json").read_text())
+        config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+        (target / "tokenizer_config.json").write_text(json.dumps(config))
+        (target / "evil.py").write_text(MARKER_CODE)
+        where, allowed = "{sb}/runs/tiny", ("runs/tiny",)
+    else:
+        target = exports["merged"]
+        config = json.loads((target / "config.json").read_text())
+        if planted == "auto_map":
+            config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
+                                  "AutoModelForSequenceClassification": "evil.EvilModel"}
+        else:
+            config["model_type"] = "evil-net"
+        (target / "config.json").write_text(json.dumps(config))
+        (target / "evil.py").write_text(MARKER_CODE)
+        where, allowed = "{sb}/exports/merged", ("exports",)
+    for command in (["classify", where, "match goal", "--json"],
+                    ["predict", where, "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"]):
+        expect_refusal(sandbox, capsys, command, "", allowed=allowed)
+        assert not marker.exists()
+    assert "[y/N]" not in capsys.readouterr().out
+
+
+def test_an_edited_modeling_file_in_an_export_never_runs(sandbox, exports, capsys, marker):
+    modeling = exports["pooled-merged"] / "modeling_budgetlora.py"
+    modeling.write_text(MARKER_CODE + modeling.read_text())
+    assert main(["classify", str(exports["pooled-merged"]), "match goal team"]) == 0
+    assert not marker.exists()
+
+
+# ----- data loss: outputs never replace what is not a file, nor files budgetlora did not write ------
+
+def test_outputs_write_through_devices_fifos_and_stdout_links(sandbox, capsys):
+    import threading
+
+    run, data = str(sandbox / "runs" / "tiny"), str(sandbox / "data" / "test.csv")
+    (sandbox / "to-null").symlink_to("/dev/null")
+    (sandbox / "to-stdout").symlink_to("/proc/self/fd/1")
+    assert main(["predict", run, "--data", data, "--out", str(sandbox / "to-null"), "--quiet"]) == 0
+    assert (sandbox / "to-null").is_symlink() and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert main(["eval", run, "--data", data, "--json", str(sandbox / "to-null"), "--quiet"]) == 0
+    assert main(["predict", run, "--data", data, "--out", str(sandbox / "to-stdout"), "--quiet"]) == 0
+    assert (sandbox / "to-stdout").is_symlink()
+    fifo = sandbox / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    assert main(["predict", run, "--data", data, "--out", str(fifo), "--quiet"]) == 0
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and received[0].startswith("ID,Label\n")
+    real = sandbox / "precious" / "real.csv"
+    real.write_text("old\n")
+    (sandbox / "link.csv").symlink_to(real)
+    assert main(["predict", run, "--data", data, "--out", str(sandbox / "link.csv"), "--quiet"]) == 0
+    assert (sandbox / "link.csv").is_symlink() and real.read_text().startswith("ID,Label")
+    (sandbox / "dangling.csv").symlink_to(sandbox / "nowhere" / "x.csv")
+    expect_refusal(sandbox, capsys, ["predict", run, "--data", data, "--out", "{sb}/dangling.csv"],
+                   "symbolic link to nothing")
+
+
+@pytest.mark.parametrize("command, names", [
+    (["results", "{sb}/runs"], ["results.md", "results.csv"]),
+    (["report", "{sb}/runs"], ["report.md", "report.html", "results.md"]),
+    (["compare", "{sb}/runs/tiny", "{sb}/runs/tiny", "--out", "{sb}/precious"], ["compare.md", "compare.csv"]),
+])
+def test_outputs_never_replace_a_users_files_of_the_same_name(sandbox, capsys, command, names):
+    folder = sandbox / ("precious" if command[0] == "compare" else "runs")
+    for name in names:
+        (folder / name).write_text("my own notes\n")
+    expect_refusal(sandbox, capsys, command, "budgetlora did not write it (or it changed since); pass --overwrite")
+    assert main([a.replace("{sb}", str(sandbox)) for a in command]) == 2
+    capsys.readouterr()
+    assert main([a.replace("{sb}", str(sandbox)) for a in command] + ["--overwrite"]) == 0
+    assert all((folder / n).read_text() != "my own notes\n" for n in names)
+    assert main([a.replace("{sb}", str(sandbox)) for a in command]) == 0  # its own files: replaced freely
+    (folder / names[0]).unlink()
+    (folder / names[0]).mkdir()
+    expect_refusal(sandbox, capsys, command + ["--overwrite"], "exists and is not a regular file")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "...", "a/b"])
+def test_a_study_cannot_name_its_folder_outside_sweeps(sandbox, capsys, name):
+    (sandbox / "study.yaml").write_text(yaml.safe_dump({"name": name, "base": "cfg.yaml", "grid": {"lora.r": [2]}}))
+    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--dry-run"], "'name' must be a plain word")
+
+
+def test_a_sweep_into_a_folder_with_the_users_results_is_refused_before_training(sandbox, capsys):
+    (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "grid": {"lora.r": [2]}}))
+    (sandbox / "precious" / "results.md").write_text("mine\n")
+    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--out", "{sb}/precious"],
+                   "results.md exists and budgetlora did not write it")
+
+
+def test_out_paths_expand_the_home_directory(sandbox, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(sandbox / "home"))
+    monkeypatch.chdir(sandbox)
+    assert main([a.replace("{sb}", str(sandbox)) for a in TRAIN[:3]] + ["~/runs", "--quiet"]) == 0
+    assert (sandbox / "home" / "runs" / "tiny" / "summary.json").is_file() and not (sandbox / "~").exists()
+    assert main(["predict", "~/runs/tiny", "--data", str(sandbox / "data" / "test.csv"), "--out", "~/p.csv"]) == 0
+    assert (sandbox / "home" / "p.csv").is_file() and not (sandbox / "~").exists()
+
+
+# ----- stores: never inside a run or an export, never into a user's own database or file ------------
+
+def test_optuna_storage_never_joins_a_foreign_file_or_lands_inside_a_run(sandbox, capsys):
+    import sqlite3
+
+    (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "grid": {"lora.r": [2]}}))
+    users = sandbox / "precious" / "users.db"
+    with sqlite3.connect(users) as db:
+        db.execute("CREATE TABLE customers (name TEXT)")
+    (sandbox / "precious" / "notes.jsonl").write_text('{"note": "mine"}\n')
+    base = ["sweep", "{sb}/study.yaml", "--out", "{sb}/sw"]
+    expect_refusal(sandbox, capsys, base + ["--storage", f"sqlite:///{users}"], "a SQLite database of something else")
+    expect_refusal(sandbox, capsys, base + ["--storage", "journal:{sb}/precious/notes.txt"], "not an Optuna journal")
+    expect_refusal(sandbox, capsys, base + ["--storage", "journal:{sb}/precious/notes.jsonl"], "not an Optuna journal")
+    expect_refusal(sandbox, capsys, base + ["--storage", "sqlite:///{sb}/runs/tiny/study.db"], "inside the run")
+    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--out", "{sb}/runs/tiny/sw"], "inside the run")
+
+
+def test_mlflow_never_writes_into_a_users_database_or_the_working_directory(sandbox, capsys, monkeypatch):
+    import sqlite3
+
+    pytest.importorskip("mlflow")
+    users = sandbox / "precious" / "users.db"
+    with sqlite3.connect(users) as db:
+        db.execute("CREATE TABLE customers (name TEXT)")
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", "train.report_to=[mlflow]", "--set",
+                                             f"train.mlflow_tracking_uri=sqlite:///{users}"],
+                   "a SQLite database of something else")
+    monkeypatch.chdir(sandbox / "precious")
+    store = sandbox / "stores" / "ml.db"
+    assert main([a.replace("{sb}", str(sandbox)) for a in TRAIN] + [
+        "--set", "train.report_to=[mlflow]", "--set", f"train.mlflow_tracking_uri=sqlite:///{store}",
+        "--name", "tracked"]) == 0
+    assert not (sandbox / "precious" / "mlruns").exists() and (sandbox / "stores" / "mlruns").is_dir()
+
+
+# ----- exports held to the rules of runs -------------------------------------------------------------
+
+def _refuse_export(sandbox, capsys, export: Path, message: str) -> None:
+    for command in (["classify", str(export), "match goal"],
+                    ["predict", str(export), "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"]):
+        expect_refusal(sandbox, capsys, command, message)
+
+
+def test_damaged_merged_exports_are_one_error(sandbox, exports, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    merged = exports["merged"]
+    weights = merged / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    _refuse_export(sandbox, capsys, merged, "not a loadable export")
+    tensors = load_file(str(sandbox / "runs" / "tiny" / "adapter" / "adapter_model.safetensors"))
+    weights.write_bytes(good)
+    state = load_file(str(weights))
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = torch.full_like(state[first], float("nan"))
+    save_file(state, str(weights), metadata={"format": "pt"})
+    _refuse_export(sandbox, capsys, merged, "holds NaN or infinite values")
+    weights.unlink()
+    torch.save(tensors, merged / "pytorch_model.bin")
+    _refuse_export(sandbox, capsys, merged, "pytorch_model.bin is there: budgetlora loads weights only from safetensors")
+
+
+def test_an_export_without_tokenizer_files_is_refused(sandbox, exports, capsys):
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt"):
+        (exports["merged"] / name).unlink(missing_ok=True)
+    _refuse_export(sandbox, capsys, exports["merged"], "has no tokenizer files")
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt"):
+        (exports["onnx"] / name).unlink(missing_ok=True)
+    _refuse_export(sandbox, capsys, exports["onnx"], "has no tokenizer files")
+
+
+def test_an_edited_pooling_is_refused_in_exports_and_runs(sandbox, exports, capsys):
+    import json
+
+    export = exports["pooled-merged"]
+    config = json.loads((export / "config.json").read_text())
+    config["budgetlora_pooling"] = "cls"
+    (export / "config.json").write_text(json.dumps(config))
+    _refuse_export(sandbox, capsys, export, "budgetlora_pooling is 'cls' but budgetlora.json records 'mean'")
+    run = exports["pooled"]
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["head"]["pooling"] = "cls"
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    expect_refusal(sandbox, capsys, ["classify", str(run), "match goal"], "head.pooling is 'cls' but the adapter was "
+                   "trained with 'mean'")
+
+
+def _onnx_graph(path: Path, module, inputs: tuple, names: list[str]) -> None:
+    import torch
+
+    torch.onnx.export(module, inputs, str(path), input_names=names, output_names=["logits"], dynamo=False,
+                      dynamic_axes={n: {0: "batch", 1: "length"} for n in names})
+
+
+class _Width(__import__("torch").nn.Module):
+    def __init__(self, width: int, value: float = 0.0, rank3: bool = False):
+        super().__init__()
+        self.width, self.value, self.rank3 = width, value, rank3
+
+    def forward(self, input_ids, attention_mask):
+        import torch
+
+        out = (input_ids * attention_mask).float().unsqueeze(-1)[..., :1] * 0 + self.value
+        out = out.expand(-1, -1, self.width)
+        return out if self.rank3 else out.sum(1) + torch.zeros(1, self.width)
+
+
+class _ThreeInputs(__import__("torch").nn.Module):
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return (input_ids + token_type_ids).float()[:, :4]
+
+
+class _ShortPositions(__import__("torch").nn.Module):
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        self.positions = torch.nn.Embedding(16, 4)
+
+    def forward(self, input_ids, attention_mask):
+        import torch
+
+        positions = torch.cumsum(attention_mask, 1) - 1  # as RoBERTa numbers its positions
+        return self.positions(positions).sum(1) + input_ids.float().sum(1, keepdim=True) * 0
+
+
+def test_foreign_or_damaged_onnx_graphs_are_one_error(sandbox, exports, capsys):
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    file = exports["onnx"] / "model.onnx"
+    ids = torch.ones(2, 8, dtype=torch.long)
+    cases = [
+        (_Width(7), "expected a 'logits' output of batch x 4 classes"),
+        (_Width(4, rank3=True), "expected a 'logits' output of batch x 4 classes"),
+        (_Width(4, value=float("nan")), "NaN or infinite logits"),
+        (_ShortPositions(), "ONNX Runtime failed on a batch of 1 x 64 tokens"),
+    ]
+    for module, message in cases:
+        _onnx_graph(file, module, (ids, ids), ["input_ids", "attention_mask"])
+        _refuse_export(sandbox, capsys, exports["onnx"], message)
+    _onnx_graph(file, _ThreeInputs(), (ids, ids, ids), ["input_ids", "attention_mask", "token_type_ids"])
+    _refuse_export(sandbox, capsys, exports["onnx"], "expected the inputs input_ids and attention_mask")
+    constant = helper.make_node("Constant", [], ["shape"], value=helper.make_tensor(
+        "s", TensorProto.INT64, [2], [40_000_000_000, 4]))  # 160 GB of float32
+    nodes = [constant,
+             helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=1),
+             helper.make_node("Constant", [], ["shape4"], value=helper.make_tensor("s4", TensorProto.INT64, [2], [1, 4])),
+             helper.make_node("Expand", ["total", "shape4"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "huge", [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "length"])
+                        for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(file))
+    _refuse_export(sandbox, capsys, exports["onnx"], "ONNX Runtime")
+
+
+# ----- the Python API: type misuse is a BudgetLoraError, never a TypeError or AssertionError --------
+
+def test_api_type_misuse_is_one_budgetlora_error(sandbox, exports):
+    import budgetlora
+    from budgetlora.errors import BudgetLoraError
+
+    run = budgetlora.load(sandbox / "runs" / "tiny")
+    cases = [
+        lambda: budgetlora.load(None), lambda: budgetlora.load(123), lambda: budgetlora.load(""),
+        lambda: budgetlora.train(str(sandbox / "cfg.yaml"), out=123),
+        lambda: budgetlora.train(12.5), lambda: budgetlora.resume(None),
+        lambda: run.predict(None), lambda: run.predict(t for t in ["match goal"]), lambda: run.predict([1, 2]),
+        lambda: run.predict([]), lambda: run.evaluate(["match goal"]), lambda: run.evaluate(None),
+        lambda: run.export(None), lambda: run.export(3),
+        lambda: budgetlora.sweep(None), lambda: budgetlora.sweep(5),
+        lambda: budgetlora.plan("roberta-base", num_labels=10**9), lambda: budgetlora.plan("roberta-base", num_labels=1.5),
+        lambda: budgetlora.load(sandbox / "runs" / "tiny", device=None),
+        lambda: budgetlora.load(sandbox / "runs" / "tiny", backend="tensorflow"),
+    ]
+    for case in cases:
+        with pytest.raises(BudgetLoraError):
+            case()
+
+
+# ----- bounded: hostile study and config files return within seconds --------------------------------
+
+BOMB = ('a: &a ["x","x","x","x","x","x","x","x","x","x"]\n'
+        + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)))
+
+
+def test_yaml_alias_bombs_are_refused_at_once(sandbox, capsys):
+    import time
+
+    (sandbox / "bomb.yaml").write_text(BOMB)
+    (sandbox / "study.yaml").write_text("base: cfg.yaml\n" + BOMB.replace("a:", "grid_a:", 1))
+    start = time.perf_counter()
+    expect_refusal(sandbox, capsys, ["train", "{sb}/bomb.yaml"], "expands to more than 100,000 values")
+    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--dry-run"], "expands to more than 100,000 values")
+    assert time.perf_counter() - start < 20
+
+
+def test_a_huge_grid_or_search_is_refused_before_it_expands(sandbox, capsys):
+    import time
+
+    grid = {"lora.r": list(range(1, 301)), "train.lr": [1e-4 * (i + 1) for i in range(300)]}
+    (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "grid": grid}))
+    start = time.perf_counter()
+    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--dry-run"], "the grid has 90,000 points")
+    (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "n_trials": 10**9,
+                                                        "random": {"lora.r": {"low": 1, "high": 8}}}))
+    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--dry-run"], "n_trials: N (1 <= N <= 100,000)")
+    expect_refusal(sandbox, capsys, ["plan", "--model", "roberta-base", "--num-labels", "1000000000"],
+                   "num_labels must be an integer in [2, 100,000]")
+    assert time.perf_counter() - start < 20
+
+
+# ----- silent nonsense -------------------------------------------------------------------------------
+
+def test_prediction_csvs_neutralise_formula_cells(sandbox, capsys):
+    import csv
+
+    path = sandbox / "data" / "formulas.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ID", "text"])
+        writer.writerows([["=HYPERLINK(\"http://x\")", "match goal"], ["+1+2", "stocks market"], ["-5", "war"],
+                          ["@SUM(A1)", "chip"]])
+    out = sandbox / "p.csv"
+    assert main(["predict", str(sandbox / "runs" / "tiny"), "--data", str(path), "--out", str(out), "--names"]) == 0
+    ids = [row[0] for row in csv.reader(out.read_text().splitlines())][1:]
+    assert ids == ["'=HYPERLINK(\"http://x\")", "'+1+2", "-5", "'@SUM(A1)"]  # numbers stay numbers
+
+
+def test_class_names_that_differ_only_by_normalisation_are_one_name(sandbox, capsys):
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    (sandbox / "data" / "classes2.txt").write_text(f"{nfc}\n{nfd}\n")
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", "data.classes_file={sb}/data/classes2.txt"],
+                   "expected two or more distinct class names")
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", f"data.label_names=[{nfc}, {nfd}]"], "lists a class twice")
+    from budgetlora.data.dataset import map_labels
+    from budgetlora.data.sources import Row
+
+    labels, names = map_labels([Row("a", {"label": nfc}), Row("b", {"label": nfd}), Row("c", {"label": "tea"})],
+                               "label", None)
+    assert names == [nfc, "tea"] and list(labels) == [0, 0, 1]
+
+
+@pytest.mark.parametrize("field, value", [("accuracy", 5.0), ("accuracy", -1.0), ("ci_high", 2.0), ("n", -3),
+                                          ("n", 1.5)])
+def test_summaries_with_absurd_metrics_are_one_error(sandbox, capsys, field, value):
+    import json
+
+    path = sandbox / "runs" / "tiny" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["test"][field] = value
+    path.write_text(json.dumps(summary))
+    expect_refusal(sandbox, capsys, ["results", "{sb}/runs"], f"test.{field} is not a number in its range")
+
+
+@pytest.mark.parametrize("text", ["{\"test\": NaN}", "{\"best_val_acc\": 1e999}", "[" * 100_000 + "]" * 100_000])
+def test_run_files_with_non_finite_or_deep_json_are_one_error(sandbox, capsys, text):
+    (sandbox / "runs" / "tiny" / "summary.json").write_text(text)
+    for command in (["results", "{sb}/runs"], ["report", "{sb}/runs/tiny"]):
+        expect_refusal(sandbox, capsys, command, "summary.json")
+
+
+def test_a_lone_surrogate_in_jsonl_is_one_error_naming_the_line(sandbox, capsys):
+    (sandbox / "data" / "bad.jsonl").write_text('{"text": "match goal", "label": 0}\n{"text": "a \\ud800 b", "label": 1}\n')
+    expect_refusal(sandbox, capsys, ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/bad.jsonl", "--out",
+                                     "{sb}/p.csv"], "bad.jsonl line 2: field 'text' holds a lone surrogate")
+
+
+def test_a_model_whose_config_cannot_build_the_architecture_is_one_error(sandbox, capsys, tiny_model_dir):
+    import json
+
+    model = sandbox / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_attention_heads"] = 3  # 32 is not a multiple of 3
+    (model / "config.json").write_text(json.dumps(config))
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", f"model={model}"],
+                   "is not a multiple of the number of attention heads")  # the cause, kept
+
+
+def test_a_planted_token_cache_entry_is_rebuilt(sandbox, monkeypatch, tmp_path):
+    import numpy as np
+
+    def shift_ids(entry: Path) -> None:
+        with np.load(entry) as data:
+            arrays = dict(data)
+        arrays["ids"] = np.roll(arrays["ids"], 1)  # same shapes, in-vocabulary ids, other tokens
+        with open(entry, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    _predict_around_damaged_token_cache(sandbox, monkeypatch, tmp_path, shift_ids)
+    assert (sandbox / "a.csv").read_text() == (sandbox / "b.csv").read_text()
+
+
+def test_non_finite_trial_values_rank_nowhere():
+    from budgetlora.sweeps.outputs import finite_values
+
+    assert finite_values([0.9, 10.0]) == [0.9, 10.0]
+    assert finite_values([float("nan")]) is None and finite_values([float("inf"), 1]) is None
+    assert finite_values(None) is None and finite_values([]) is None

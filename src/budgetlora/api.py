@@ -26,6 +26,35 @@ from budgetlora.progress import QUIET, Console
 from budgetlora.inference import Predictions  # noqa: E402  (part of the API)
 
 Data = Union[str, Path, Sequence[str]]
+MAX_LABELS = 100_000  # a classification head wider than this is a typo, and would not fit in memory
+
+
+def as_path(value: Any, what: str) -> Path:
+    """A str or os.PathLike argument as a Path (`~` expanded); anything else is one error."""
+    import os
+
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)):
+        raise BudgetLoraError(f"{what} must be a path (str or pathlib.Path), not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text.strip() or "\x00" in text:
+        raise BudgetLoraError(f"{what} must be a non-empty path, got {text!r}")
+    return Path(text).expanduser()
+
+
+def _as_texts(data: Any) -> Data:
+    """Texts to predict (a list or tuple of strings) or a data file (str or Path); one error otherwise."""
+    import os
+
+    if isinstance(data, (str, os.PathLike)):
+        return Path(os.fspath(data)).expanduser() if isinstance(data, os.PathLike) else data
+    if isinstance(data, (list, tuple)):
+        bad = next((t for t in data if not isinstance(t, str)), None)
+        if bad is not None or not data:
+            raise BudgetLoraError("texts to predict must be a non-empty list of strings" +
+                                  (f" (found a {type(bad).__name__})" if bad is not None else ""))
+        return list(data)
+    raise BudgetLoraError(f"predict() takes a list of strings or a data file path, not a {type(data).__name__} "
+                          "(materialise a generator with list(...))")
 
 
 def dotted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -52,9 +81,7 @@ def make_config(config: Union[str, Path, dict, Config], overrides: Optional[dict
         raw = dict(config)
         resolve_paths(raw, Path.cwd())
         return config_from_dict(raw, flatten(raw_overrides))
-    if not isinstance(config, (str, Path)):
-        raise BudgetLoraError(f"config must be a YAML path, a mapping or a Config, not a {type(config).__name__}")
-    cfg = load_config(config)
+    cfg = load_config(as_path(config, "config (a YAML path, a mapping or a Config)"))
     return config_from_dict(cfg.to_dict(), flatten(raw_overrides)) if raw_overrides else cfg
 
 
@@ -65,7 +92,11 @@ class Run:
     def __init__(self, path: Union[str, Path], device: str = "auto", backend: str = "auto"):
         from budgetlora.artifacts.loading import describe
 
-        self.path = Path(path).absolute()
+        if not isinstance(device, str) or not isinstance(backend, str):
+            raise BudgetLoraError("device and backend must be strings (e.g. device='cpu', backend='auto')")
+        if backend not in ("auto", "torch", "onnxruntime"):
+            raise BudgetLoraError(f"backend must be auto, torch or onnxruntime, not {backend!r}")
+        self.path = as_path(path, "the run or export path").absolute()
         self.kind = describe(self.path)  # refuses what is neither a run nor an export
         self.device, self.backend = device, backend
         self._trained: Any = None
@@ -101,6 +132,7 @@ class Run:
         (a Path, or a string naming an existing file)."""
         from budgetlora.inference import predict_data
 
+        data = _as_texts(data)
         return predict_data(self.trained, data, labeled=False, trust_pickle=trust_pickle, fmt=format,
                             text_columns=text_columns, console=QUIET if quiet else Console())[0]
 
@@ -111,7 +143,8 @@ class Run:
         from budgetlora.evaluate.metrics import classification_metrics
         from budgetlora.inference import predict_data
 
-        predictions, labels = predict_data(self.trained, Path(data), labeled=True, trust_pickle=trust_pickle,
+        data = as_path(data, "evaluate()'s data (a labeled data file)")
+        predictions, labels = predict_data(self.trained, data, labeled=True, trust_pickle=trust_pickle,
                                            fmt=format, text_columns=text_columns,
                                            console=QUIET if quiet else Console())
         metrics = classification_metrics(labels, predictions.indices, self.label_names,
@@ -125,6 +158,7 @@ class Run:
         dynamic int8 quantization) that loads without budgetlora."""
         from budgetlora.artifacts.export import check_export_target, export_merged
 
+        out = as_path(out, "the export folder")
         if self.kind != "run":
             raise BudgetLoraError(f"{self.path} is an export already; export from the run directory")
         if int8 and not onnx:
@@ -147,8 +181,9 @@ def train(config: Union[str, Path, dict, Config], out: Union[str, Path, None] = 
 
     if name is not None:
         overrides["name"] = name
+    root = as_path(out, "out") if out is not None else Path("runs")
     cfg = make_config(config, overrides)
-    return Run(train_run(cfg, Path(out) if out is not None else Path("runs"), overwrite=overwrite,
+    return Run(train_run(cfg, root, overwrite=overwrite,
                          trust_pickle=trust_pickle, verbose=not quiet))
 
 
@@ -158,7 +193,7 @@ def resume(run: Union[str, Path, Run], *, extend: bool = False, trust_pickle: bo
     `train.max_steps` trains a finished run further)."""
     from budgetlora.recipe import resume_run
 
-    path = run.path if isinstance(run, Run) else Path(run)
+    path = run.path if isinstance(run, Run) else as_path(run, "the run to resume")
     items = [f"{k}={v}" for k, v in dotted_overrides(overrides).items()]
     return Run(resume_run(path, extend=extend, overrides=items, trust_pickle=trust_pickle, verbose=not quiet))
 
@@ -194,8 +229,8 @@ def plan(model: Optional[str] = None, budget: Optional[int] = None, targets: Opt
     cfg = make_config(config if config is not None else {"data": {"train_file": "-"}}, overrides)
     if cfg.budget is None:
         raise BudgetLoraError("plan needs a budget")
-    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
-        raise BudgetLoraError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 2 <= num_labels <= MAX_LABELS:
+        raise BudgetLoraError(f"num_labels must be an integer in [2, {MAX_LABELS:,}], got {num_labels!r}")
     rank, count = max_rank(cfg, num_labels, cfg.budget)
     if rank == 0:
         return Plan(0, count, cfg.budget, {}, cfg)
@@ -221,5 +256,6 @@ def sweep(study: Union[str, Path], out: Union[str, Path, None] = None, *, quiet:
     if "overrides" in options and (not isinstance(options["overrides"], (list, tuple))
                                    or not all(isinstance(x, str) for x in options["overrides"])):
         raise BudgetLoraError('sweep(overrides=...): expected a list of "KEY=VALUE" strings')
-    return run_sweep(SweepRequest(study=study, out=Path(out) if out is not None else None,
+    return run_sweep(SweepRequest(study=as_path(study, "the study file"),
+                                  out=as_path(out, "out") if out is not None else None,
                                   console=Console(not quiet), **options))

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from budgetlora.errors import WriteError, first_line
+from budgetlora.errors import BudgetLoraError, WriteError, first_line
 
 LEFTOVER_MARKERS = (".tmp-", ".old-", ".tmp")  # what a killed writer can leave beside its target
 
@@ -173,3 +173,122 @@ def swap_into_place(new: Path, path: Path, replace: bool) -> None:
     fsync_path(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ----- outputs a user names (predictions, metrics, reports): never renamed over what is not a file
+
+def _through_special(path: Path) -> bool:
+    """Whether `path` must be written through rather than replaced: a character device (/dev/null,
+    a terminal), a FIFO, or a name for an open descriptor (/dev/stdout, /proc/self/fd/N), whatever
+    it points at."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return True
+    resolved = os.path.realpath(path)
+    absolute = os.path.abspath(path)
+    return any(p.startswith(("/proc/", "/dev/")) for p in (resolved, absolute))
+
+
+def output_target(path: Path) -> tuple[Path, bool]:
+    """Where an output named `path` is written, and whether it is written through (see
+    `_through_special`) instead of atomically replaced. A symbolic link to a regular file keeps
+    being a link: its target is replaced. Directories, sockets, block devices and dangling links
+    are refused."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise WriteError(f"cannot write {path}: it is a symbolic link to nothing ({os.readlink(path)})", path) from None
+        return path, False
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    if _through_special(path):
+        return path, True
+    if stat.S_ISREG(mode):
+        return Path(os.path.realpath(path)) if path.is_symlink() else path, False
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    raise WriteError(f"cannot write {path}: it is {kind}; give a file path", path)
+
+
+def write_output(path: Path, text: str) -> Path:
+    """A user-named output file: written atomically, or through a device, FIFO or stdout name."""
+    target, through = output_target(path)
+    if not through:
+        return write_text(target, text)
+    import sys
+
+    sys.stdout.flush()  # what was printed before comes first when the target is this process's stdout
+    try:
+        # append: a descriptor name (/dev/stdout) redirected to a file must not truncate that file
+        with open(target, "a", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise write_error(Path(path), exc) from None
+    return Path(path)
+
+
+OUTPUTS_MANIFEST = ".budgetlora-outputs.json"  # name -> sha256 of the outputs budgetlora wrote into a folder
+
+
+class OutputFolder:
+    """A folder budgetlora writes named outputs into (results, reports, comparisons, a sweep's
+    files). A file of the same name that budgetlora did not write there, or that changed since, is
+    replaced only with `overwrite`, and never when it is not a regular file; `claim` checks every
+    name before anything is written. What was written is recorded in OUTPUTS_MANIFEST."""
+
+    def __init__(self, root: Path, overwrite: bool = False, flag: str = "--overwrite"):
+        self.root, self.overwrite, self.flag = Path(root), overwrite, flag
+
+    def _manifest(self) -> dict[str, str]:
+        from budgetlora import jsonfile
+
+        path = self.root / OUTPUTS_MANIFEST
+        try:
+            data = jsonfile.read(path, max_bytes=2**20) if path.is_file() else {}
+        except (OSError, BudgetLoraError):  # a damaged manifest vouches for nothing: existing files count as foreign
+            data = {}
+        return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+    def _ours(self, path: Path, manifest: dict[str, str]) -> bool:
+        import hashlib
+
+        expected = manifest.get(path.name)
+        return expected is not None and path.is_file() and not path.is_symlink() and \
+            hashlib.sha256(path.read_bytes()).hexdigest() == expected
+
+    def claim(self, names: "list[str] | tuple[str, ...]") -> None:
+        """Refuse (before anything is written) if any of `names` may not be written."""
+        if self.root.exists() and not self.root.is_dir():
+            raise BudgetLoraError(f"{self.root} is not a folder; give a folder for the outputs")
+        manifest = self._manifest()
+        for name in names:
+            path = self.root / name
+            if not (path.exists() or path.is_symlink()) or self._ours(path, manifest):
+                continue
+            if path.is_symlink() or not path.is_file():
+                raise BudgetLoraError(f"{path} exists and is not a regular file; budgetlora will not replace it "
+                                      "(move it away or write the outputs to another folder)")
+            if not self.overwrite:
+                raise BudgetLoraError(f"{path} exists and budgetlora did not write it (or it changed since); "
+                                      f"pass {self.flag} to replace it, or write the outputs to another folder")
+
+    def write_with(self, name: str, write: Callable[[Path], Any]) -> Path:
+        import hashlib
+
+        self.claim([name])
+        path = write_with(self.root / name, write)
+        manifest = self._manifest()
+        manifest[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        write_json(self.root / OUTPUTS_MANIFEST, dict(sorted(manifest.items())))
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.write_with(name, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
+
+    def write_json(self, name: str, data: Any, indent: int = 2) -> Path:
+        return self.write_text(name, json.dumps(data, indent=indent, allow_nan=False) + "\n")

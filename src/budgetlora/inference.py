@@ -45,9 +45,10 @@ class Predictions:
         """An `ID,Label` file (class names with `names`, else class indices)."""
         from budgetlora.artifacts.run_dir import check_output_file, write_predictions_csv
 
-        check_output_file(Path(path))
-        write_predictions_csv(Path(path), self.ids, self.indices, self.label_names if names else None)
-        return Path(path)
+        path = Path(path).expanduser()
+        check_output_file(path)
+        write_predictions_csv(path, self.ids, self.indices, self.label_names if names else None)
+        return path
 
 
 def _data_cfg(trained: Any, fmt: Optional[str], text_columns: Optional[Sequence[str]]) -> Any:

@@ -12,6 +12,7 @@ from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.config import Config, flatten
 from budgetlora.errors import BudgetLoraError
+from budgetlora.stores import MLFLOW_TABLES, check_sqlite_store
 
 
 class MetricSink(Protocol):
@@ -79,6 +80,12 @@ def mlflow_uri(cfg: Config, out_root: Path) -> str:
             or f"sqlite:///{(Path(out_root) / 'mlflow.db').resolve()}")
 
 
+def _sqlite_file(uri: str) -> Optional[Path]:
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+
+
 def _quiet_mlflow() -> None:
     """An unreachable server fails in seconds rather than minutes of retries (the user's own
     MLFLOW_HTTP_* settings win), and the store's migration chatter stays off the terminal."""
@@ -100,13 +107,14 @@ class MLflowSink:
         import mlflow
 
         self._mlflow, self.uri = mlflow, mlflow_uri(cfg, out_root)
+        database = _sqlite_file(self.uri)
+        if database is not None:
+            check_sqlite_store(database, "MLflow store", MLFLOW_TABLES, "train.mlflow_tracking_uri")
         self._client = self._call("open the tracking store", lambda: mlflow.MlflowClient(tracking_uri=self.uri))
         name = cfg.train.mlflow_experiment
         experiment = self._call("find the experiment", lambda: self._client.get_experiment_by_name(name))
-        # the default store keeps its artifacts beside it, never in whatever the working directory is
-        local = self.uri.startswith("sqlite:///") and not cfg.train.mlflow_tracking_uri \
-            and not os.environ.get("MLFLOW_TRACKING_URI")
-        location = (Path(out_root) / "mlruns").resolve().as_uri() if local else None
+        # a SQLite store keeps its artifacts beside it, never in whatever the working directory is
+        location = (database.absolute().parent / "mlruns").as_uri() if database is not None else None
         experiment_id = experiment.experiment_id if experiment else self._call(
             "create the experiment", lambda: self._client.create_experiment(name, artifact_location=location))
         marker = Path(run_dir) / rd.MLFLOW_RUN_ID

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from budgetlora import atomic
+from budgetlora import atomic, jsonfile
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.artifacts.run_dir import EXPORT_FORMAT, EXPORT_META, export_config, labels_of, read_export_meta
 from budgetlora.artifacts.model_card import write_export_card
 from budgetlora.artifacts.trained import MODEL_WEIGHTS, MODELING_FILE, POOLED_CLASS, TrainedModel, save_tensors, untie
-from budgetlora.errors import BudgetLoraError
+from budgetlora.errors import BudgetLoraError, first_line
 
 # the worst logit difference a plain reload may show against budgetlora's own model (fp32 round-off)
 RELOAD_TOLERANCE = 1e-3
@@ -94,20 +94,35 @@ def load_plain(path: Path, pooled: bool) -> nn.Module:
     from the same file, so nothing is copied into the Hugging Face modules cache), strictly."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    weights = Path(path) / MODEL_WEIGHTS
+    if not weights.is_file():
+        pickled = [p.name for p in Path(path).glob("*.bin")]
+        raise BudgetLoraError(f"{weights} is missing" + (f" ({', '.join(pickled)} is there: budgetlora loads weights "
+                              "only from safetensors, because unpickling can run code)" if pickled else
+                              "; the export is incomplete"))
     try:
         if pooled:
             from budgetlora.artifacts.modeling_budgetlora import BudgetLoraPooledForSequenceClassification
 
             model, info = BudgetLoraPooledForSequenceClassification.from_pretrained(
-                str(path), config=AutoConfig.from_pretrained(str(path)), output_loading_info=True)
+                str(path), config=AutoConfig.from_pretrained(str(path), trust_remote_code=False),
+                output_loading_info=True, use_safetensors=True, trust_remote_code=False)
         else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(str(path), output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise BudgetLoraError(f"{path}: not a loadable export ({str(exc).splitlines()[0][:160]})") from None
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(path), output_loading_info=True, use_safetensors=True, trust_remote_code=False)
+    except Exception as exc:  # a damaged export: safetensors', Transformers' and torch's many error types
+        code = "trust_remote_code" in str(exc) or "custom code" in str(exc)
+        raise BudgetLoraError(f"{path}: " + ("its config.json asks to run code shipped with it; budgetlora never "
+                                             "runs code from an export" if code else
+                                             f"not a loadable export ({type(exc).__name__}: {first_line(exc, 160)})")) \
+            from None
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys",
                                                             "error_msgs")}
     if problems:
         raise BudgetLoraError(f"{path}: the weights do not load completely into the model ({problems})")
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise BudgetLoraError(f"{weights}: tensor {bad} holds NaN or infinite values; the export is damaged")
     return model.eval()
 
 
@@ -155,6 +170,30 @@ def export_merged(trained: TrainedModel, out: Path, overwrite: bool = False) -> 
     return out
 
 
+def check_export_head(path: Path, meta: dict[str, Any], cfg: Any) -> None:
+    """The head the export's config.json describes must be the one budgetlora.json recorded (an edited
+    pooling would silently change every prediction)."""
+    recorded = meta.get("head") if isinstance(meta.get("head"), dict) else {}
+    if recorded.get("type") != cfg.head.type or (cfg.head.type == "linear" and recorded.get("pooling") != cfg.head.pooling):
+        raise BudgetLoraError(f"{Path(path) / EXPORT_META}: its head ({recorded}) and its saved config "
+                              f"(type {cfg.head.type}, pooling {cfg.head.pooling}) disagree; the export was edited")
+    try:
+        config = jsonfile.read(Path(path) / "config.json", max_bytes=2**20)
+    except (OSError, BudgetLoraError):
+        config = None
+    ours = {"AutoModelForSequenceClassification": f"modeling_budgetlora.{POOLED_CLASS}"} \
+        if cfg.head.type == "linear" else None
+    if isinstance(config, dict) and config.get("auto_map") != ours:
+        raise BudgetLoraError(f"{Path(path) / 'config.json'}: its auto_map ({config.get('auto_map')}) names code that "
+                              "budgetlora did not write; budgetlora never runs code from an export")
+    if cfg.head.type != "linear":
+        return
+    pooling = config.get("budgetlora_pooling") if isinstance(config, dict) else None
+    if pooling != cfg.head.pooling:
+        raise BudgetLoraError(f"{Path(path) / 'config.json'}: budgetlora_pooling is {pooling!r} but {EXPORT_META} "
+                              f"records {cfg.head.pooling!r}; the export was edited: export the run again")
+
+
 def load_merged(path: Path, device: torch.device) -> TrainedModel:
     """budgetlora reading its own merged export (no code from the directory runs)."""
     from budgetlora.model import load_tokenizer
@@ -162,6 +201,7 @@ def load_merged(path: Path, device: torch.device) -> TrainedModel:
     meta = read_export_meta(path)
     cfg = export_config(meta, path)
     names = labels_of(meta, path)
+    check_export_head(path, meta, cfg)
     model = load_plain(path, cfg.head.type == "linear")
     if model.config.num_labels != len(names):
         raise BudgetLoraError(f"{path}: the head has {model.config.num_labels} outputs but {EXPORT_META} "

@@ -19,7 +19,7 @@ from budgetlora import atomic
 from budgetlora.artifacts.run_dir import EXPORT_META, export_config, labels_of, read_export_meta
 from budgetlora.artifacts.model_card import write_export_card
 from budgetlora.artifacts.trained import TrainedModel
-from budgetlora.errors import BudgetLoraError
+from budgetlora.errors import BudgetLoraError, first_line
 
 ONNX_FILE = "model.onnx"
 TRACED_OPSET = 17  # the TorchScript exporter's
@@ -128,6 +128,48 @@ def export_onnx(trained: TrainedModel, out: Path, int8: bool = False, overwrite:
     return out
 
 
+INPUTS = ("input_ids", "attention_mask")
+PROBE_MAX_TOKENS = 4096  # the load-time probe row: data.max_length, at most this
+
+
+def check_session(sess: Any, file: Path, classes: int, max_length: int) -> None:
+    """The graph takes exactly what budgetlora feeds (int64 input_ids and attention_mask of rank 2)
+    and gives `logits` of rank 2 with `classes` columns, finite, for a row of `max_length` tokens."""
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = {o.name: o.shape for o in sess.get_outputs()}
+    if set(inputs) != set(INPUTS) or any(inputs[n].type != "tensor(int64)" or len(inputs[n].shape) != 2 for n in INPUTS):
+        found = {n: (i.type, i.shape) for n, i in inputs.items()}
+        raise BudgetLoraError(f"{file}: expected the inputs input_ids and attention_mask (int64, batch x length), "
+                              f"found {found}; not a budgetlora export")
+    shape = outputs.get("logits")
+    if shape is None or len(shape) != 2 or (isinstance(shape[-1], int) and shape[-1] != classes):
+        raise BudgetLoraError(f"{file}: expected a 'logits' output of batch x {classes} classes (as {EXPORT_META} "
+                              f"lists), found {outputs}; the export is damaged or mixed up")
+    probe = np.full((1, min(max_length, PROBE_MAX_TOKENS)), 5, dtype=np.int64)
+    logits = run_session(sess, probe, np.ones_like(probe), file)
+    if logits.shape != (1, classes):
+        raise BudgetLoraError(f"{file}: a row of {max_length} tokens (data.max_length) gave logits of shape "
+                              f"{logits.shape}, not (1, {classes}); the export is damaged or mixed up")
+
+
+def run_session(sess: Any, ids: np.ndarray, mask: np.ndarray, file: Path) -> np.ndarray:
+    """One batch through ONNX Runtime: its errors (a graph that cannot take these shapes, an
+    allocation it cannot make) and non-finite logits are one BudgetLoraError naming the file."""
+    try:
+        logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException types
+        raise BudgetLoraError(f"{file}: ONNX Runtime failed on a batch of {ids.shape[0]} x {ids.shape[1]} tokens "
+                              f"({first_line(exc, 160)}); the export is damaged or does not fit its "
+                              "data.max_length") from None
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[0] != ids.shape[0]:
+        raise BudgetLoraError(f"{file}: logits of shape {logits.shape} for {ids.shape[0]} rows; the export is "
+                              "damaged")
+    if not np.isfinite(logits).all():
+        raise BudgetLoraError(f"{file}: the model gave NaN or infinite logits; the export is damaged")
+    return logits
+
+
 def load_onnx(path: Path) -> TrainedModel:
     from budgetlora.model import load_tokenizer
 
@@ -135,14 +177,12 @@ def load_onnx(path: Path) -> TrainedModel:
     meta = read_export_meta(path)
     cfg = export_config(meta, path)
     names = labels_of(meta, path)
-    sess = session(Path(path) / ONNX_FILE)
-    outputs = {o.name: o.shape for o in sess.get_outputs()}
-    shape = outputs.get("logits") or [None]
-    width = shape[-1]
-    if "logits" not in outputs or (isinstance(width, int) and width != len(names)):
-        raise BudgetLoraError(f"{Path(path) / ONNX_FILE}: expected a 'logits' output of {len(names)} classes (as "
-                              f"{EXPORT_META} lists), found {outputs}; the export is damaged or mixed up")
-    return TrainedModel(cfg, sess, load_tokenizer(str(path)), names, Path(path), "onnx")
+    file = Path(path) / ONNX_FILE
+    tokenizer = load_tokenizer(str(path))
+    sess = session(file)
+    check_session(sess, file, len(names), cfg.data.max_length)
+    sess.budgetlora_file = file
+    return TrainedModel(cfg, sess, tokenizer, names, Path(path), "onnx")
 
 
 def onnx_logits(sess: Any, data: Any, pad_id: int, batch_tokens: int = 4096,
@@ -151,10 +191,10 @@ def onnx_logits(sess: Any, data: Any, pad_id: int, batch_tokens: int = 4096,
     from budgetlora.data.tokens import collate, sorted_batches
 
     out: Optional[np.ndarray] = None
+    file = getattr(sess, "budgetlora_file", Path(ONNX_FILE))
     for index in sorted_batches(data.lengths, min(batch_tokens, 4096), 64):
         batch = collate(data, index, pad_id, 1)
-        logits = sess.run(["logits"], {"input_ids": batch["input_ids"].numpy(),
-                                       "attention_mask": batch["attention_mask"].numpy()})[0]
+        logits = run_session(sess, batch["input_ids"].numpy(), batch["attention_mask"].numpy(), file)
         if out is None:
             out = np.empty((len(data), logits.shape[1]), dtype=np.float32)
         out[index] = logits

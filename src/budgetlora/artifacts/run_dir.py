@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from budgetlora import atomic
+from budgetlora import atomic, jsonfile
 from budgetlora.config import Config, config_from_dict, config_yaml, flatten, read_yaml
 from budgetlora.errors import BudgetLoraError
 
@@ -81,11 +81,13 @@ def inside_run(path: Path) -> Optional[Path]:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return jsonfile.read(path)
     except FileNotFoundError:
         raise BudgetLoraError(f"{path} is missing; {what}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except OSError as exc:
         raise BudgetLoraError(f"{path}: unreadable ({type(exc).__name__}); {what}") from None
+    except BudgetLoraError as exc:
+        raise BudgetLoraError(f"{exc}; {what}") from None
 
 
 # ----- the small files -------------------------------------------------------------------------
@@ -139,8 +141,15 @@ SPLIT_NUMBERS = ("accuracy", "ci_low", "ci_high", "macro_f1", "n", "loss")
 METRIC_NUMBERS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "samples_per_s", "epoch")
 
 
+SPLIT_FRACTIONS = ("accuracy", "ci_low", "ci_high", "macro_f1")
+
+
 def _is_number(value: Any) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+
+
+def _in_unit(value: Any) -> bool:
+    return value is None or 0.0 <= value <= 1.0
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -149,15 +158,21 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BudgetLoraError(f"{path} does not hold a JSON object; the file is damaged")
     bad = [k for k in SUMMARY_NUMBERS if not _is_number(data.get(k))]
+    bad += [k for k in ("best_val_acc",) if _is_number(data.get(k)) and not _in_unit(data.get(k))]
+    bad += [k for k in ("trainable_params", "total_params", "steps", "best_step")
+            if _is_number(data.get(k)) and data.get(k) is not None and data.get(k) < 0]
     for split in ("val", "test"):
         part = data.get(split)
         if part is not None and not isinstance(part, dict):
             bad.append(split)
         elif isinstance(part, dict):
             bad += [f"{split}.{k}" for k in SPLIT_NUMBERS if not _is_number(part.get(k))]
+            bad += [f"{split}.{k}" for k in SPLIT_FRACTIONS if _is_number(part.get(k)) and not _in_unit(part.get(k))]
+            if _is_number(part.get("n")) and part.get("n") is not None and (part["n"] < 0 or part["n"] != int(part["n"])):
+                bad.append(f"{split}.n")
     if bad:
-        raise BudgetLoraError(f"{path}: {bad[0]} is not a number; the file is damaged (train the run again, "
-                              "or restore the file)")
+        raise BudgetLoraError(f"{path}: {bad[0]} is not a number in its range; the file is damaged (train the run "
+                              "again, or restore the file)")
     return data
 
 
@@ -221,10 +236,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in jsonfile.read_text_lenient(path).splitlines():
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = jsonfile.loads(line, str(path))
+        except BudgetLoraError:  # a line torn by a kill, or damaged: skipped
             continue
         if (isinstance(record, dict) and isinstance(record.get("step"), int)
                 and all(_is_number(record.get(k)) for k in METRIC_NUMBERS)):
@@ -240,12 +255,29 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic.write_text(Path(path), "".join(kept))
 
 
+FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab or carriage
+    return first) gets a leading apostrophe, as OWASP's CSV-injection advice has it; numbers such
+    as `-5` stay as they are. docs/run-directory.md documents it."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_LEADS):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def csv_text(header: Sequence[str], rows: Iterator[Sequence[Any]]) -> str:
-    """CSV by the csv module: a field with a comma, quote or newline is quoted."""
+    """CSV by the csv module: a field with a comma, quote or newline is quoted; formula-leading
+    text cells are neutralised (`spreadsheet_safe`)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerow([spreadsheet_safe(h) for h in header])
+    writer.writerows([spreadsheet_safe(v) for v in row] for row in rows)
     return buffer.getvalue()
 
 
@@ -258,7 +290,7 @@ def write_test_predictions(run_dir: Path, ids: Sequence[str], labels: Sequence[i
 def write_predictions_csv(path: Path, ids: Sequence[str], preds: Sequence[int], names: Optional[Sequence[str]]) -> None:
     """`ID,Label` rows; Label is the class index, or the class name when `names` is given."""
     rows = ((row_id, names[int(p)] if names else int(p)) for row_id, p in zip(ids, preds))
-    atomic.write_text(Path(path), csv_text(["ID", "Label"], rows))
+    atomic.write_output(Path(path), csv_text(["ID", "Label"], rows))
 
 
 # ----- exports (a merged Transformers model or an ONNX model, with what budgetlora reads back) -----
@@ -266,8 +298,8 @@ def write_predictions_csv(path: Path, ids: Sequence[str], preds: Sequence[int], 
 def read_export_meta(path: Path) -> dict[str, Any]:
     file = Path(path) / EXPORT_META
     try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        meta = jsonfile.read(file)
+    except OSError as exc:
         raise BudgetLoraError(f"{file}: unreadable export description ({type(exc).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or meta.get("kind") not in ("merged", "onnx"):
         raise BudgetLoraError(f"{file}: not a budgetlora export description (format {EXPORT_FORMAT})")

@@ -4,7 +4,6 @@ present with its shape, from safetensors only) from a run directory or a merged 
 from __future__ import annotations
 
 import errno
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -12,7 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from budgetlora import atomic
+from budgetlora import atomic, jsonfile
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.artifacts.model_card import base_model_id
 from budgetlora.config import Config
@@ -91,7 +90,7 @@ def _pooled_base_files(base: nn.Module, adapter_dir: Path, names: list[str]) -> 
     config.save_pretrained(str(adapter_dir))
     shutil.copyfile(MODELING_FILE, adapter_dir / MODELING_FILE.name)
     config_file = adapter_dir / ADAPTER_CONFIG
-    adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+    adapter_config = jsonfile.read(config_file)
     adapter_config["auto_mapping"] = {"base_model_class": POOLED_CLASS, "parent_library": "modeling_budgetlora"}
     atomic.write_json(config_file, adapter_config)
 
@@ -131,12 +130,32 @@ def check_keys(model: nn.Module, state: dict[str, torch.Tensor], expected: set[s
                                   f"{tuple(own[key].shape)}")
 
 
+def _check_pooling(adapter_dir: Path, cfg: Config) -> None:
+    """A pooled head's adapter records its pooling (config.json, for plain PEFT): config.yaml must
+    say the same, or an edit would silently change every prediction (mean and CLS pooling have the
+    same tensors)."""
+    if cfg.head.type != "linear":
+        return
+    path = adapter_dir / "config.json"
+    try:
+        recorded = jsonfile.read(path, max_bytes=2**20)
+    except FileNotFoundError:
+        raise BudgetLoraError(f"{path} is missing; the run's adapter is incomplete") from None
+    except OSError as exc:
+        raise BudgetLoraError(f"{path}: unreadable ({type(exc).__name__})") from None
+    pooling = recorded.get("budgetlora_pooling") if isinstance(recorded, dict) else None
+    if pooling != cfg.head.pooling:
+        raise BudgetLoraError(f"{adapter_dir.parent / rd.CONFIG}: head.pooling is {cfg.head.pooling!r} but the "
+                              f"adapter was trained with {pooling!r} ({path}); restore config.yaml")
+
+
 def _load_adapter(base: nn.Module, cfg: Config, run: Path) -> nn.Module:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from budgetlora.model import wrap_with_lora
 
     adapter_dir = run / rd.ADAPTER
+    _check_pooling(adapter_dir, cfg)
     model = wrap_with_lora(base, cfg)
     state = _tensor_file(adapter_dir / ADAPTER_WEIGHTS)
     check_keys(model, state, set(get_peft_model_state_dict(model)), adapter_dir / ADAPTER_WEIGHTS)

@@ -208,9 +208,9 @@ def run_bench(options: BenchOptions, say: Any = print) -> dict[str, Any]:
     say(f"(a) {ref.detail}; {ref.trainable:,} trainable")
     for batch, m in fitted.items():
         say(f"(b) {m.detail}; {m.trainable:,} trainable")
-    say(f"samples/s; TFLOP/s = model FLOPs of the real tokens (train = 2x forward: frozen base; every layer at "
-        f"every token, though budgetlora's last layer computes the head's position only); %peak = of the measured "
-        f"matmul peak in the row's own precision (F.linear: "
+    say("samples/s; TFLOP/s = model FLOPs of the real tokens (train = 2x forward: frozen base; every layer at "
+        "every token, though budgetlora's last layer computes the head's position only); %peak = of the measured "
+        "matmul peak in the row's own precision (F.linear: "
         + ", ".join(f"{name} {value:.3f} TFLOP/s" for name, value in peaks.items())
         + f"); memory = {'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'} (MB)")
     table, over_peak = format_table(ref, fitted, flops_train, flops_predict, peaks)

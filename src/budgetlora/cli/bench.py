@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from budgetlora.errors import BudgetLoraError
@@ -69,7 +70,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            config=Path(args.config) if args.config else None)
     result = run_bench(options, say=lambda line: print(line, flush=True))
     if args.json:
-        atomic.write_json(Path(args.json), result)
+        atomic.write_output(Path(args.json).expanduser(), json.dumps(result, indent=2, allow_nan=False) + "\n")
     print(f"train_speedup={result['train_speedup']:.2f} predict_speedup={result['predict_speedup']:.2f}"
           + (f" onnx_int8_speedup={result['onnx']['int8_speedup']:.2f}" if result.get("onnx") else ""), flush=True)
     return 0

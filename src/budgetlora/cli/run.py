@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   "(a resumed run uses RUN/config.yaml)")
         if args.name or args.overwrite:
             raise BudgetLoraError("--name and --overwrite do not apply to --resume")
-        print(resume_run(Path(args.resume), extend=args.extend, overrides=list(args.set or []),
+        print(resume_run(Path(args.resume).expanduser(), extend=args.extend, overrides=list(args.set or []),
                          trust_pickle=args.trust_pickle, verbose=not args.quiet))
         return 0
     if args.extend:
@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise BudgetLoraError("train needs a config file (or --resume RUN to continue a run)")
     overrides = list(args.set or []) + ([f"name={args.name}"] if args.name is not None else [])
     cfg = load_config(args.config, overrides)
-    print(train_run(cfg, Path(args.out), overwrite=args.overwrite, trust_pickle=args.trust_pickle,
+    print(train_run(cfg, Path(args.out).expanduser(), overwrite=args.overwrite, trust_pickle=args.trust_pickle,
                     verbose=not args.quiet))
     return 0
 
@@ -159,15 +159,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from budgetlora.distributed import context_from_env
     from budgetlora.evaluate.metrics import format_metrics
 
-    if args.json:
-        check_output_file(Path(args.json), Path(args.data))
-    run = _load(args, Path(args.data))
-    metrics = run.evaluate(Path(args.data), trust_pickle=args.trust_pickle, format=args.format,
+    data = Path(args.data).expanduser()
+    json_out = Path(args.json).expanduser() if args.json else None
+    if json_out is not None:
+        check_output_file(json_out, data)
+        atomic.output_target(json_out)  # a directory or a socket is refused before the model loads
+    run = _load(args, data)
+    metrics = run.evaluate(data, trust_pickle=args.trust_pickle, format=args.format,
                            text_columns=_columns(args), quiet=args.quiet)
     if not context_from_env().is_main:
         return 0
-    out = Path(args.json) if args.json else run.path / f"eval-{Path(args.data).stem}.json"
-    atomic.write_json(out, metrics)
+    out = json_out or run.path / f"eval-{data.stem}.json"
+    atomic.write_output(out, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     print(format_metrics(metrics, run.label_names))
     print(f"metrics written to {out}")
     return 0
@@ -178,12 +181,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from budgetlora.artifacts.run_dir import check_output_file
 
-    out = Path(args.out)
+    from budgetlora import atomic
+
+    out, data = Path(args.out).expanduser(), Path(args.data).expanduser()
     if out.is_dir():
         raise BudgetLoraError(f"--out {out} is a directory; give the predictions CSV file to write")
-    check_output_file(out, Path(args.data))
-    run = _load(args, Path(args.data))
-    predictions = run.predict(Path(args.data), trust_pickle=args.trust_pickle, format=args.format,
+    check_output_file(out, data)
+    atomic.output_target(out)  # a socket or a dangling link is refused before the model loads
+    run = _load(args, data)
+    predictions = run.predict(data, trust_pickle=args.trust_pickle, format=args.format,
                               text_columns=_columns(args), quiet=args.quiet)
     if context_from_env().is_main:
         predictions.to_csv(out, names=args.names)
@@ -209,6 +215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.int8 and not args.onnx:
         raise BudgetLoraError("--int8 applies to --onnx exports")
     run = load(args.run, "cpu", "torch")
-    out = run.export(Path(args.onnx or args.merged), onnx=bool(args.onnx), int8=args.int8, overwrite=args.overwrite)
+    out = run.export(Path(args.onnx or args.merged).expanduser(), onnx=bool(args.onnx), int8=args.int8,
+                     overwrite=args.overwrite)
     print(f"{'ONNX' if args.onnx else 'merged'} model written to {out}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import unicodedata
 import types
 import typing
 from pathlib import Path
@@ -187,7 +188,8 @@ def check_values(cfg: Config) -> None:
         need(len(names) >= 2, "data.label_names", "needs at least two class names")
         need(all(n.strip() and len(n) <= 200 and n.isprintable() for n in names), "data.label_names",
              "class names must be non-empty printable strings of at most 200 characters")
-        need(len(set(names)) == len(names), "data.label_names", f"lists a class twice: {names}")
+        need(len({unicodedata.normalize("NFC", n) for n in names}) == len(names), "data.label_names",
+             f"lists a class twice (names that differ only in Unicode normalisation, NFC, are one name): {names}")
     has_test = bool(data.test_file or (data.dataset and data.test_split))
     need(data.test_size is None or not has_test, "data.test_size",
          "splits a test set off the training rows; the config already has a test set "
@@ -240,6 +242,34 @@ def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+MAX_YAML_VALUES = 100_000  # after aliases are expanded: a config or study file has a few hundred
+
+
+def check_expansion(root: Any, path: Path) -> None:
+    """Refuse a YAML document whose aliases (`*name`) expand to more than MAX_YAML_VALUES values
+    ("billion laughs"): counted on the composed node graph, each node once, before anything
+    builds or walks the expansion."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else []
+        total = 1
+        for child in children:
+            parts = child if isinstance(child, tuple) else (child,)
+            for part in parts:
+                total += size(part)
+                if total > MAX_YAML_VALUES:
+                    raise BudgetLoraError(f"{path}: expands to more than {MAX_YAML_VALUES:,} values through its "
+                                          "YAML aliases (&name / *name); write the values out")
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from a regular, UTF-8, reasonably small file."""
     path = Path(path)
@@ -258,7 +288,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if len(data) > MAX_CONFIG_BYTES:
         raise BudgetLoraError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
     try:
-        raw = yaml.safe_load(data.decode("utf-8-sig"))
+        text = data.decode("utf-8-sig")
+        check_expansion(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        raw = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise BudgetLoraError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as exc:

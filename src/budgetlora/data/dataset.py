@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -53,7 +54,7 @@ def read_classes_file(path: str) -> list[str]:
         raise BudgetLoraError(f"cannot read {file}: {exc.strerror or exc}") from None
     names = []
     for number, line in enumerate(text.splitlines(), start=1):
-        name = line.strip()
+        name = unicodedata.normalize("NFC", line.strip())
         if not name:
             continue
         if len(name) > MAX_CLASS_NAME or not name.isprintable():
@@ -61,7 +62,8 @@ def read_classes_file(path: str) -> list[str]:
                                   f"at most {MAX_CLASS_NAME} characters, one name per line)")
         names.append(name)
     if len(names) < 2 or len(set(names)) != len(names):
-        raise BudgetLoraError(f"{file}: expected two or more distinct class names, one per line")
+        raise BudgetLoraError(f"{file}: expected two or more distinct class names, one per line (names that differ "
+                              "only in Unicode normalisation, NFC, are the same name)")
     if len(names) > MAX_INFERRED_CLASSES:
         raise BudgetLoraError(f"{file}: {len(names):,} lines; more than {MAX_INFERRED_CLASSES:,} classes")
     return names
@@ -91,7 +93,8 @@ def _raw_label(row: Row, column: str) -> Any:
                               f"{brief_names(row.fields)}); set data.label_column")
     value = row.fields[column]
     if isinstance(value, str):
-        value = value.strip()
+        # one name, one class: `café` typed precomposed or with a combining accent prints the same
+        value = unicodedata.normalize("NFC", value.strip())
         # \d and int() agree on what a digit is; isdigit() also accepts '²', which int() refuses
         if re.fullmatch(r"-?\d+", value):
             if len(value) > 18:  # int() of a 5000-digit string raises; no class index is that long
@@ -211,7 +214,7 @@ def load_text_set(path: str, cfg: DataConfig, names: Optional[list[str]], labele
 
 def label_names_from_config(cfg: DataConfig) -> Optional[list[str]]:
     if cfg.label_names:
-        return list(cfg.label_names)
+        return [unicodedata.normalize("NFC", n) for n in cfg.label_names]
     if cfg.classes_file:
         return read_classes_file(cfg.classes_file)
     return None

@@ -181,6 +181,14 @@ def read_delimited(path: Path, delimiter: str) -> list[Row]:
     return rows
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_jsonl(path: Path) -> list[Row]:
     rows = []
     # JSON Lines ends a record at "\n" only; str.splitlines() would also split at U+2028, \x85 and
@@ -196,6 +204,11 @@ def read_jsonl(path: Path) -> list[Row]:
             raise BudgetLoraError(f"{path} line {number}: unreadable JSON ({brief(str(exc), 80)})") from None
         if not isinstance(record, dict):
             raise BudgetLoraError(f"{path} line {number}: expected a JSON object per line")
+        for key, value in record.items():
+            if not all(_encodable(s) for s in (key, value) if isinstance(s, str)):
+                raise BudgetLoraError(f"{path} line {number}: field {brief(key.encode('utf-8', 'replace').decode())} "
+                                      "holds a lone surrogate (an unpaired \\uD800-\\uDFFF escape), which is not "
+                                      "text")
         rows.append(Row(f"{path} line {number}", record))
     return rows
 

@@ -124,6 +124,23 @@ def _load_cached(path: Path, rows: int, max_length: int,
     return ids, offsets, full
 
 
+SPOT_CHECK_ROWS = 64
+
+
+def _agrees(tokenizer, texts: list[str], cached: tuple[np.ndarray, np.ndarray, np.ndarray], max_length: int) -> bool:
+    """Whether a cache entry holds these texts' tokens, checked on up to 64 rows spread over the
+    set (the first, the last, and a fixed sample between): a damaged or planted entry whose shapes
+    pass `_load_cached` is rebuilt instead of trusted. The check costs a few milliseconds."""
+    ids, offsets, _ = cached
+    n = len(texts)
+    if n == 0:
+        return True
+    rows = np.unique(np.concatenate([[0, n - 1], np.random.default_rng(n).integers(0, n, SPOT_CHECK_ROWS - 2)]))
+    encoded = _encode(tokenizer, [texts[i] for i in rows], max_length)
+    return all(np.array_equal(ids[offsets[i]:offsets[i + 1]], np.asarray(row, dtype=np.int32))
+               for i, row in zip(rows, encoded))
+
+
 def tokenize(tokenizer, texts: list[str], labels: Optional[np.ndarray], max_length: int,
              use_cache: bool = True, progress=None) -> TokenizedSet:
     """Token ids for `texts`, from the disk cache when the same tokenizer saw the same texts.
@@ -131,7 +148,7 @@ def tokenize(tokenizer, texts: list[str], labels: Optional[np.ndarray], max_leng
     path = cache_dir() / f"{_cache_key(tokenizer, texts, max_length)}.npz"
     vocab_size = len(tokenizer)
     cached = _load_cached(path, len(texts), max_length, vocab_size) if use_cache and path.is_file() else None
-    if cached is not None:
+    if cached is not None and _agrees(tokenizer, texts, cached, max_length):
         return TokenizedSet(cached[0], cached[1], labels, cached[2])
     ids, offsets, full = _tokenize(tokenizer, texts, max_length, progress=progress)
     if use_cache:

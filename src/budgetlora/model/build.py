@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from budgetlora.config import Config
-from budgetlora.errors import BudgetLoraError
+from budgetlora.errors import BudgetLoraError, first_line
 from budgetlora.model.architectures import FUSED, KNOWN_ARCHITECTURES, family_of, position_limit, short_names
 
 MINILM_ALIAS = "minilm"
@@ -61,16 +61,20 @@ def _from_hub_or_cache(name: str, load: Any) -> Any:
         return load()
     except BudgetLoraError:
         raise
-    except Exception:
+    except Exception as exc:  # Transformers raises OSError, ValueError, KeyError, TypeError, ... by file and version
+        folder = Path(resolve_model_path(name)) if _is_local(name) else Path(name)
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise BudgetLoraError(f"{folder} asks to run code shipped with it (an auto_map or a class Transformers "
+                                  "does not have); budgetlora never runs code from a model, run or export "
+                                  "directory") from None
         if not _is_local(name):
             raise BudgetLoraError(_offline_hint(name)) from None
-        folder = Path(resolve_model_path(name))
         if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
             raise BudgetLoraError(f"{folder} has only pickled weights (*.bin); budgetlora loads safetensors only, "
                                   "because unpickling can run code: convert them (model.save_pretrained("
                                   "..., safe_serialization=True)) where you trust the file") from None
-        raise BudgetLoraError(f"cannot load the model from '{name}'; is it a Transformers model "
-                              "directory?") from None
+        raise BudgetLoraError(f"cannot load the model from '{name}' ({type(exc).__name__}: {first_line(exc, 160)}); "
+                              "is it a Transformers model directory?") from None
 
 
 def load_model_config(name: str, num_labels: int, max_length: Optional[int] = None) -> Any:
@@ -82,7 +86,8 @@ def load_model_config(name: str, num_labels: int, max_length: Optional[int] = No
         model_type, kwargs = KNOWN_ARCHITECTURES[name]
         config = CONFIG_MAPPING[model_type](**kwargs)
     else:
-        config = _from_hub_or_cache(name, lambda: AutoConfig.from_pretrained(resolve_model_path(name)))
+        config = _from_hub_or_cache(name, lambda: AutoConfig.from_pretrained(resolve_model_path(name),
+                                                                             trust_remote_code=False))
     config.num_labels = num_labels
     limit = position_limit(config)
     if max_length is not None and limit is not None and max_length > limit:
@@ -91,16 +96,43 @@ def load_model_config(name: str, num_labels: int, max_length: Optional[int] = No
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "spm.model")
+
+
+def _check_local_tokenizer(path: Path) -> None:
+    """A tokenizer directory has its vocabulary and asks for no code of its own (an auto_map)."""
+    import json
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise BudgetLoraError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); a tokenizer "
+                              "built without its vocabulary would read every word as unknown")
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8")) if (path / name).is_file() else {}
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            continue  # Transformers reports an unreadable file itself
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(auto_map, dict) and any("Tokenizer" in key for key in auto_map):
+            raise BudgetLoraError(f"{path / name}: asks for a tokenizer class from code shipped with it (auto_map); "
+                                  "budgetlora never runs code from a model, run or export directory")
+
+
 def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a model, run or export directory (never one built without its vocabulary,
+    never one whose class comes from a file in the directory), or of a hub model."""
     from transformers import AutoTokenizer
 
     path = name if Path(name).is_dir() else resolve_model_path(name)
+    if Path(path).is_dir():
+        _check_local_tokenizer(Path(path))
     try:
-        return _from_hub_or_cache(name, lambda: AutoTokenizer.from_pretrained(path, use_fast=True))
-    except BudgetLoraError:
-        if not _is_local(name):
+        return _from_hub_or_cache(name, lambda: AutoTokenizer.from_pretrained(path, use_fast=True,
+                                                                              trust_remote_code=False))
+    except BudgetLoraError as exc:
+        if not _is_local(name) or "never runs code" in str(exc):
             raise
-        raise BudgetLoraError(f"cannot load a tokenizer from '{name}'; the model directory needs "
+        raise BudgetLoraError(f"cannot load a tokenizer from '{name}' ({str(exc)[:200]}); the model directory needs "
                               "tokenizer files (tokenizer.json or vocab files)") from None
 
 
@@ -147,14 +179,24 @@ def build_base_model(cfg: Config, num_labels: int, weights: bool) -> nn.Module:
     if weights and cfg.model_init == "pretrained":
         # fp32 master weights whatever the checkpoint's dtype: Transformers 5 would keep an fp16 or bf16
         # checkpoint in that dtype, and the adapters PEFT adds take their layer's dtype
-        model = _from_hub_or_cache(cfg.model, lambda: auto.from_pretrained(resolve_model_path(cfg.model),
-                                                                           config=config, dtype=torch.float32))
+        model = _from_hub_or_cache(cfg.model, lambda: auto.from_pretrained(
+            resolve_model_path(cfg.model), config=config, dtype=torch.float32, trust_remote_code=False,
+            use_safetensors=True))
     else:
         try:
-            model = auto.from_config(config)
-        except ValueError:
-            raise BudgetLoraError(f"model '{cfg.model}' ({config.model_type}) has no sequence-classification "
-                                  "head in Transformers; use head.type: linear") from None
+            model = auto.from_config(config, trust_remote_code=False)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise BudgetLoraError(f"model '{cfg.model}' asks to run code shipped with it; budgetlora never runs "
+                                      "code from a model directory") from None
+            if "Unrecognized configuration class" in str(exc):
+                raise BudgetLoraError(f"model '{cfg.model}' ({config.model_type}) has no sequence-classification "
+                                      "head in Transformers; use head.type: linear") from None
+            raise BudgetLoraError(f"model '{cfg.model}': its config cannot build the architecture "
+                                  f"({first_line(exc, 160)})") from None
+        except Exception as exc:  # a config whose values the architecture cannot be built from
+            raise BudgetLoraError(f"model '{cfg.model}': its config cannot build the architecture "
+                                  f"({type(exc).__name__}: {first_line(exc, 160)})") from None
     if cfg.head.type == "linear":
         model = PooledClassifier(model, num_labels, cfg.head.pooling)
     return model

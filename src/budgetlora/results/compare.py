@@ -17,7 +17,7 @@ from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results.plots import bar_chart
 from budgetlora.results.runs import RunRecord, read_run
-from budgetlora.results.table import (TIE_NOTE, fmt_number, fmt_p, number_or_nan, accuracy_of, format_acc_ci, mark_ties,
+from budgetlora.results.table import (TIE_NOTE, csv_safe_frame, fmt_number, fmt_p, number_or_nan, accuracy_of, format_acc_ci, mark_ties,
                                       markdown_table)
 
 def unique_labels(paths: Sequence[Path]) -> list[str]:
@@ -95,7 +95,11 @@ def _compare_charts(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     return [p for p in written if p is not None]
 
 
-def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> pd.DataFrame:
+COMPARE_FILES = ("compare.csv", "compare.md", "compare_loss.png", "compare_test_acc.png") + tuple(
+    name for _, _, name in _COMPARE_BARS)
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite: bool = False) -> pd.DataFrame:
     """Side-by-side table of cost and quality for the given runs; writes compare.md/.csv + PNGs."""
     if not run_dirs:
         raise BudgetLoraError("compare needs at least one run directory")
@@ -106,11 +110,13 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> pd.Data
         raise BudgetLoraError(f"compare --out {out} is inside the run {inside}; a comparison is not part of one "
                               "run: write it to another folder")
     runs = [read_run(p, label) for p, label in zip(paths, unique_labels(paths), strict=True)]
+    folder = atomic.OutputFolder(out, overwrite)
+    folder.claim(COMPARE_FILES)
     marks = mark_ties(runs)
     table = pd.DataFrame([_compare_row(run, marks) for run in runs])
     charts = _compare_charts(table, out)
-    atomic.write_text(out / "compare.csv", table.to_csv(index=False))
-    atomic.write_text(out / "compare.md", compare_markdown(table, charts))
+    folder.write_text("compare.csv", csv_safe_frame(table).to_csv(index=False))
+    folder.write_text("compare.md", compare_markdown(table, charts))
     table.attrs["charts"] = [str(p) for p in charts]
     return table
 

@@ -39,7 +39,9 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    return atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    """Into its folder's outputs; the caller claimed the name (atomic.OutputFolder.claim) first."""
+    return atomic.OutputFolder(path.parent, overwrite=True).write_with(
+        path.name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def bar_chart(

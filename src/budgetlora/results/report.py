@@ -17,7 +17,8 @@ from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results.plots import curve_plot, accuracy_vs_params, confusion_heatmap, sweep_heatmap
 from budgetlora.results.runs import RunRecord, collect_runs
-from budgetlora.results.table import TIE_NOTE, accuracy_of, build_table, display_table, markdown_table, results_markdown
+from budgetlora.results.table import (RESULTS_FILES, TIE_NOTE, accuracy_of, build_table, csv_safe_frame, display_table,
+                                      markdown_table, results_markdown)
 
 @dataclass
 class Plots:
@@ -169,13 +170,19 @@ def _folder_plots(runs: Sequence[RunRecord], out: Path) -> Plots:
     return plots
 
 
-def write_report(path: str | Path, verdict: str = "") -> Path:
+REPORT_FILES = ("report.md", "report.html", "loss.png", "accuracy.png", "lr.png", "confusion_matrix.png",
+                "accuracy_vs_params.png", "sweep_heatmap.png")
+
+
+def write_report(path: str | Path, verdict: str = "", overwrite: bool = False) -> Path:
     """Write PNGs, report.html (self-contained) and report.md into a run dir or a folder of runs,
     with a sweep's verdict when given. Returns the path of report.html. A folder also gets
     results.csv/results.md (the same table)."""
     out = Path(path)
     if not out.is_dir():
         raise BudgetLoraError(f"directory not found: {out}")
+    folder = atomic.OutputFolder(out, overwrite)
+    folder.claim(REPORT_FILES + (() if rd.is_finished(out) else RESULTS_FILES))
     runs = collect_runs(out)
     table = build_table(runs)
     if rd.is_finished(out):
@@ -186,7 +193,7 @@ def write_report(path: str | Path, verdict: str = "") -> Path:
         title = f"budgetlora report: {out.name}"
         subtitle = f"{len(runs)} runs under {out}"
         plots = _folder_plots(runs, out)
-        atomic.write_text(out / "results.csv", table.to_csv(index=False))
-        atomic.write_text(out / "results.md", results_markdown(table, out, verdict))
-    atomic.write_text(out / "report.md", render_markdown(title, subtitle, table, plots, out, verdict))
-    return atomic.write_text(out / "report.html", render_html(title, subtitle, table, plots, verdict))
+        folder.write_text("results.csv", csv_safe_frame(table).to_csv(index=False))
+        folder.write_text("results.md", results_markdown(table, out, verdict))
+    folder.write_text("report.md", render_markdown(title, subtitle, table, plots, out, verdict))
+    return folder.write_text("report.html", render_html(title, subtitle, table, plots, verdict))

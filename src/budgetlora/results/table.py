@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from budgetlora import atomic
+from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
 from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue, wilson_interval
 from budgetlora.results.runs import RunRecord, collect_runs
@@ -327,12 +328,23 @@ def results_markdown(table: pd.DataFrame, root: Path, verdict: str = "") -> str:
     return text + (f"\n{verdict}" if verdict else "")
 
 
+RESULTS_FILES = ("results.csv", "results.md")
+
+
+def csv_safe_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with formula-leading text cells neutralised (run names, notes: rd.spreadsheet_safe)."""
+    return table.apply(lambda column: column.map(rd.spreadsheet_safe) if column.dtype == object else column)
+
+
 def write_results(root: str | Path, sort_by: str | None = None, descending: bool = True,
-                  verdict: str = "") -> pd.DataFrame:
+                  verdict: str = "", overwrite: bool = False) -> pd.DataFrame:
     """Collect the runs under root, write root/results.csv and root/results.md (with a sweep's
-    verdict, when given), return the table."""
+    verdict, when given), return the table. Files of those names that budgetlora did not write
+    are replaced only with `overwrite`."""
     root = Path(root)
+    folder = atomic.OutputFolder(root, overwrite)
+    folder.claim(RESULTS_FILES)
     table = build_table(collect_runs(root), sort_by, descending)
-    atomic.write_text(root / "results.csv", table.to_csv(index=False))
-    atomic.write_text(root / "results.md", results_markdown(table, root, verdict))
+    folder.write_text("results.csv", csv_safe_frame(table).to_csv(index=False))
+    folder.write_text("results.md", results_markdown(table, root, verdict))
     return table

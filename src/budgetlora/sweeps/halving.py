@@ -11,10 +11,9 @@ and a killed sweep resumes: a point paused at a rung is not trained again, a pru
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
-from budgetlora import atomic
+from budgetlora import atomic, jsonfile
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
 from budgetlora.sweeps.plan import Planned
@@ -74,8 +73,8 @@ def _write_summary(opts: SweepOptions, step: int, lines: list[dict[str, Any]]) -
     path = opts.out / RUNG_DECISIONS
     with file_lock(lock_path(opts.storage_url)):
         try:
-            summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (OSError, UnicodeDecodeError, ValueError):
+            summary = jsonfile.read(path) if path.is_file() else {}
+        except (OSError, BudgetLoraError):
             summary = {}  # a damaged copy is rewritten from the records
         summary = summary if isinstance(summary, dict) else {}
         earlier = summary.get(str(step)) if isinstance(summary.get(str(step)), list) else []

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
@@ -18,10 +19,21 @@ from budgetlora.sweeps.worker import SweepOptions
 
 SKIPPED_FILE, TRIALS_FILE, PARETO_FILE, BEST_FILE, VERDICT_FILE = (
     "skipped.json", "trials.json", "pareto.json", "best.yaml", "verdict.md")
+# every file a sweep writes into its folder besides runs and its storage (results.table.RESULTS_FILES too)
+SWEEP_FILES = (SKIPPED_FILE, TRIALS_FILE, PARETO_FILE, BEST_FILE, VERDICT_FILE, "results.csv", "results.md")
+
+
+def finite_values(values: Any) -> Optional[list[float]]:
+    """A trial's objective values, or None when there are none or one is not a finite number (a
+    tampered or damaged storage): such a trial ranks nowhere."""
+    if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return None
+    return [float(v) for v in values]
 
 
 def trial_records(study: Any) -> list[dict[str, Any]]:
-    return [{"number": t.number, "point": t.user_attrs["point"], "state": t.state.name, "values": t.values,
+    return [{"number": t.number, "point": t.user_attrs["point"], "state": t.state.name,
+             "values": finite_values(t.values),
              "params": t.params, **{k: v for k, v in t.user_attrs.items() if k != "point" and not k.startswith("rung:")}}
             for t in study.get_trials(deepcopy=False) if "point" in t.user_attrs]
 
@@ -30,7 +42,7 @@ def pareto_front(study: Any, spec: StudySpec) -> list[dict[str, Any]]:
     """Optuna's non-dominated trials (accuracy up, trainable parameters down), by accuracy."""
     front = [{"point": t.user_attrs.get("point"), "run_dirs": t.user_attrs.get("run_dirs"),
               **dict(zip(spec.objectives, t.values)), "test_acc": t.user_attrs.get("test_acc")}
-             for t in study.best_trials]
+             for t in study.best_trials if finite_values(t.values) is not None]
     return sorted(front, key=lambda r: -r.get("val_acc", 0.0))
 
 
@@ -71,8 +83,9 @@ def write_outputs(spec: StudySpec, opts: SweepOptions, skipped: list[dict[str, A
     records = trial_records(study)
     skipped = skipped + [{"name": r["point"], "axes": r.get("params", {}), "reason": r["skipped"]}
                          for r in records if "skipped" in r]
-    atomic.write_json(opts.out / SKIPPED_FILE, skipped)
-    atomic.write_text(opts.out / TRIALS_FILE, json.dumps(records, indent=2, default=str) + "\n")
+    folder = atomic.OutputFolder(opts.out, overwrite=True)  # claimed when the sweep started (run.run_sweep)
+    folder.write_json(SKIPPED_FILE, skipped)
+    folder.write_text(TRIALS_FILE, json.dumps(records, indent=2, default=str, allow_nan=False) + "\n")
     lines = []
     failed = [r for r in records if r["state"] == "FAIL" and not _retried(r, records)]
     if failed:
@@ -80,24 +93,24 @@ def write_outputs(spec: StudySpec, opts: SweepOptions, skipped: list[dict[str, A
         lines += [f"  {r['point']}: {str(r.get('error', 'worker died')).splitlines()[0]}" for r in failed]
     if len(spec.objectives) > 1 and any(r["state"] == "COMPLETE" for r in records):
         front = pareto_front(study, spec)
-        atomic.write_json(opts.out / PARETO_FILE, front)
+        folder.write_json(PARETO_FILE, front)
         lines.append("Pareto front (" + " vs ".join(spec.objectives) + "):")
         lines += ["  " + r["point"] + "  " + "  ".join(f"{o} {r[o]:.6g}" for o in spec.objectives) for r in front]
     try:
         verdict = _verdict(opts.out, confirmed)
-        table = write_results(opts.out, verdict=verdict.markdown() if verdict else "")
+        table = write_results(opts.out, verdict=verdict.markdown() if verdict else "", overwrite=True)
     except BudgetLoraError as exc:
         return lines + [f"no results table: {exc}"]
     lines.append(markdown_table(display_table(table)).rstrip())
     if verdict is not None:
-        atomic.write_text(opts.out / VERDICT_FILE, verdict.markdown())
+        folder.write_text(VERDICT_FILE, verdict.markdown())
         winner_dir = verdict.winner.runs[0].path
-        atomic.write_text(opts.out / BEST_FILE, best_config(winner_dir, verdict.winner.label.replace("/", "-")))
+        folder.write_text(BEST_FILE, best_config(winner_dir, verdict.winner.label.replace("/", "-")))
         lines.append(verdict.markdown().rstrip())
     lines.append(f"wrote {opts.out / 'results.csv'}, results.md, {VERDICT_FILE}, {BEST_FILE}, {SKIPPED_FILE}, "
                  f"{TRIALS_FILE}")
     if report:
         from budgetlora.results.report import write_report
 
-        lines.append(f"wrote {write_report(opts.out, verdict.markdown() if verdict else '')}")
+        lines.append(f"wrote {write_report(opts.out, verdict.markdown() if verdict else '', overwrite=True)}")
     return lines

@@ -5,18 +5,18 @@ pareto.json, results.csv/.md with the verdict, best.yaml, and optionally the rep
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from budgetlora import atomic
+from budgetlora import atomic, jsonfile
+from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
+from budgetlora.launch import python_command
 from budgetlora.progress import Console
-from budgetlora.sweeps.outputs import SKIPPED_FILE, write_outputs
+from budgetlora.sweeps.outputs import SKIPPED_FILE, SWEEP_FILES, finite_values, write_outputs
 from budgetlora.sweeps.plan import Planned, plan
 from budgetlora.sweeps.prune import ConfirmSpec, PruneSpec
 from budgetlora.sweeps.spec import Point, StudySpec, load_study
@@ -105,9 +105,9 @@ def _options(request: SweepRequest, out: Path, worker: str) -> SweepOptions:
 
 def _spawn_worker(request: SweepRequest, opts: SweepOptions, index: int, confirm_phase: bool) -> subprocess.Popen:
     threads = request.threads or max(1, (os.cpu_count() or 1) // request.workers)
-    command = [sys.executable, "-m", "budgetlora", "sweep", str(request.study), "--out", str(opts.out),
+    command = python_command("sweep", str(request.study), "--out", str(opts.out),
                "--storage", opts.storage_url, "--heartbeat", str(opts.heartbeat or 0), "--threads", str(threads),
-               "--as-worker", f"w{index}"]
+               "--as-worker", f"w{index}")
     for item in request.overrides:
         command += ["--set", item]
     flags = {"--seeds": ",".join(map(str, request.seeds)) if request.seeds else None,
@@ -148,8 +148,13 @@ def _phase(request: SweepRequest, spec: StudySpec, opts: SweepOptions, planned: 
 
 def confirm_spec(spec: StudySpec, out: Path) -> StudySpec:
     """The confirmation study: the points listed in OUT/confirm/points.json, no pruning."""
-    raw = json.loads((out / CONFIRM_DIR / CONFIRM_POINTS).read_text(encoding="utf-8"))
-    points = [Point(p["name"], p["overrides"], p.get("axes", {})) for p in raw]
+    path = out / CONFIRM_DIR / CONFIRM_POINTS
+    raw = jsonfile.read(path)
+    try:
+        points = [Point(str(p["name"]), dict(p["overrides"]), dict(p.get("axes", {}))) for p in raw]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise BudgetLoraError(f"{path}: not the list of points budgetlora wrote; the file is damaged "
+                              "(delete it to choose the confirmation points again)") from None
     return dataclasses.replace(spec, name=f"{spec.name}-confirm", points=points, search=[], sampler=None,
                                seeds=None, n_trials=None, prune=None, objectives=["val_acc"])
 
@@ -160,7 +165,8 @@ def _plan_confirmation(spec: StudySpec, opts: SweepOptions) -> Optional[StudySpe
 
     assert spec.confirm is not None
     study = open_optuna_study(spec, open_storage(opts.storage_url, None), opts.study_name)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.values]
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE
+            and finite_values(t.values) is not None]
     if not done:
         return None
     sign = -1 if spec.directions[0] == "maximize" else 1
@@ -191,7 +197,14 @@ def run_sweep(request: SweepRequest) -> SweepOutcome:
     if request.workers > 1 and not request.heartbeat:
         raise BudgetLoraError("--workers > 1 needs heartbeats (--heartbeat N > 0): without them a worker cannot "
                               "tell another's running trial from one left by a killed worker")
-    out = Path(request.out) if request.out is not None else Path("sweeps") / spec.name
+    out = Path(request.out).expanduser() if request.out is not None else Path("sweeps") / spec.name
+    inside = rd.inside_run(out)
+    if inside is not None:
+        raise BudgetLoraError(f"--out {out} is inside the run {inside}; a sweep needs a folder of its own")
+    report_files: tuple[str, ...] = ()
+    if request.report:
+        from budgetlora.results.report import REPORT_FILES as report_files
+    atomic.OutputFolder(out).claim(SWEEP_FILES + report_files)  # a user's own results.md is never written over
     if request.storage:
         open_storage(request.storage, request.heartbeat)  # a bad --storage fails before anything is written
     try:
@@ -206,7 +219,7 @@ def run_sweep(request: SweepRequest) -> SweepOutcome:
         request.console.say(f"skipping {len(skipped)} point(s) over the budget:")
     for record in skipped:
         request.console.say(f"  {record['name']}: {record['reason']}")
-    atomic.write_json(out / SKIPPED_FILE, skipped)
+    atomic.OutputFolder(out, overwrite=True).write_json(SKIPPED_FILE, skipped)
     what = f"{len(planned)} point(s) to run, {len(skipped)} skipped" if spec.sampler is None else \
         f"{spec.sampler} search, {spec.n_trials} trial(s)"
     pruning = f"; pruning at steps {spec.prune.rungs} ({spec.prune.test})" if spec.prune else ""

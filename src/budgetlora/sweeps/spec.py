@@ -12,7 +12,9 @@ sections configure pruning and confirmation (sweeps/prune.py, sweeps/halving.py,
 
 from __future__ import annotations
 
+import collections
 import itertools
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -282,7 +284,15 @@ def _search_space(path: Path, raw: Any) -> list[Param]:
     return space
 
 
-def _expand(axes: list[Axis], seeds: list[int] | None) -> list[Point]:
+MAX_POINTS = 10_000  # a grid beyond this is a typo (or an attack), and would take years on any machine
+MAX_TRIALS = 100_000
+
+
+def _expand(axes: list[Axis], seeds: list[int] | None, path: Path) -> list[Point]:
+    count = math.prod(len(axis) for axis in axes) * len(seeds or [None])
+    if count > MAX_POINTS:
+        raise _study_error(path, f"the grid has {count:,} points (axes of {' x '.join(str(len(a)) for a in axes)}"
+                                 f"{f' x {len(seeds)} seeds' if seeds else ''}); at most {MAX_POINTS:,} are allowed")
     points = []
     for combo in itertools.product(*axes):
         parts, overrides, shown = [], {}, {}
@@ -297,8 +307,8 @@ def _expand(axes: list[Axis], seeds: list[int] | None) -> list[Point]:
                 over["train.seed"] = seed
                 name_parts.append(f"seed{seed}")
             points.append(Point("-".join(name_parts) or "base", over, dict(shown)))
-    names = [p.name for p in points]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    counts = collections.Counter(p.name for p in points)
+    dupes = sorted(n for n, c in counts.items() if c > 1)
     if dupes:
         raise BudgetLoraError(
             f"the study gives several points the same run name: {', '.join(dupes)} (a value listed twice?)"
@@ -341,7 +351,7 @@ def _grid_points(path: Path, raw: dict[str, Any], study_dir: Path, seeds: list[i
             axes += _grid_axes(path, raw["grid"], study_dir)
         elif key == "zip":
             axes += _zip_axes(path, raw["zip"], study_dir)
-    return _expand(axes, seeds)
+    return _expand(axes, seeds, path)
 
 
 def load_study(path: str | Path, overrides: Sequence[str] | None = None,
@@ -366,8 +376,8 @@ def load_study(path: str | Path, overrides: Sequence[str] | None = None,
     if len(searches) > 1 or (searches and ("grid" in raw or "zip" in raw)):
         raise _study_error(path, "use either grid/zip or one search ('optuna:' or 'random:'), not both")
     n_trials = raw.get("n_trials")
-    if searches and not (isinstance(n_trials, int) and not isinstance(n_trials, bool) and n_trials >= 1):
-        raise _study_error(path, f"a '{searches[0]}:' search needs n_trials: N (N >= 1)")
+    if searches and not (isinstance(n_trials, int) and not isinstance(n_trials, bool) and 1 <= n_trials <= MAX_TRIALS):
+        raise _study_error(path, f"a '{searches[0]}:' search needs n_trials: N (1 <= N <= {MAX_TRIALS:,})")
     search = _search_space(path, raw[searches[0]]) if searches else []
     points = [] if searches else _grid_points(path, raw, study_dir, seeds)
     axis_keys = [p.key for p in search] if searches else sorted({k for p in points for k in p.overrides})
@@ -376,8 +386,9 @@ def load_study(path: str | Path, overrides: Sequence[str] | None = None,
     if clash:
         raise BudgetLoraError(f"--set {', '.join(clash)}: the study varies these keys; edit the study file instead")
     name = raw.get("name") or path.stem
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
-        raise _study_error(path, "'name' must be a plain word (letters, digits, . _ + -)")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._+-]{1,100}", name) or not name.strip("."):
+        raise _study_error(path, "'name' must be a plain word (letters, digits, . _ + -, not only dots; it names "
+                                 "the sweep folder)")
     from budgetlora.sweeps.prune import parse_confirm, parse_prune
 
     return StudySpec(path=path, name=name, base_raw=base_raw, fixed={**_dotted(raw.get("set"), path, "set", study_dir), **cli},

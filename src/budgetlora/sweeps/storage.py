@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from budgetlora.errors import BudgetLoraError
+from budgetlora.stores import OPTUNA_TABLES, check_journal_store, check_sqlite_store
 from budgetlora.sweeps.spec import StudySpec
 
 JOURNAL_PREFIX = "journal:"
@@ -106,8 +107,12 @@ def open_storage(url: str, heartbeat: int | None = 10) -> Any:
     """The study storage for `url`: `journal:PATH` (a journal file) or a SQLAlchemy URL."""
     journal = _journal_path(url)
     if journal is None:
+        sqlite = _sqlite_path(url)
+        if sqlite is not None:
+            check_sqlite_store(sqlite, "Optuna storage", OPTUNA_TABLES, "--storage")
         with file_lock(lock_path(url)):
             return _rdb_storage(url, heartbeat)
+    check_journal_store(journal, "--storage")
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 

@@ -176,6 +176,9 @@ def _superseded_by(study: Any, trial: Any, point: str) -> Optional[int]:
     return None
 
 
+MAX_SKIPPED_IN_A_ROW = 200  # a search whose samples keep landing over the budget stops here
+
+
 def _claim(study: Any, storage: Any, spec: StudySpec, opts: SweepOptions) -> Optional[Any]:
     """A trial to run now, or None when there is nothing left to claim."""
     from optuna.trial import TrialState
@@ -192,7 +195,12 @@ def _claim(study: Any, storage: Any, spec: StudySpec, opts: SweepOptions) -> Opt
             # space that is mostly over budget), nor do trials of dead workers, which are re-queued.
             counted = [t for t in trials if not {"skipped", "empty", "duplicate_of"} & set(t.user_attrs)
                        and (t.state != TrialState.FAIL or "error" in t.user_attrs)]
-            if len(counted) < spec.n_trials and len(trials) < 20 * spec.n_trials:
+            recent = trials[-MAX_SKIPPED_IN_A_ROW:]
+            hopeless = len(recent) == MAX_SKIPPED_IN_A_ROW and all("skipped" in t.user_attrs for t in recent)
+            if hopeless:
+                opts.console.say(f"the last {MAX_SKIPPED_IN_A_ROW} sampled points were all over the budget: the search "
+                                 "stops (narrow the search space to configurations that fit)")
+            elif len(counted) < spec.n_trials and len(trials) < 20 * spec.n_trials:
                 trial = study.ask()
         if trial is not None:
             heartbeat_for(storage, trial, opts.heartbeat).beat()  # at once, inside the lock

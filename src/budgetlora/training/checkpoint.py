@@ -32,6 +32,7 @@ from torch import nn
 
 from budgetlora.artifacts.run_dir import CHECKPOINTS
 from budgetlora.artifacts.trained import save_tensors, untie
+from budgetlora import jsonfile
 from budgetlora.atomic import fsync_path, settle_tree
 from budgetlora.errors import BudgetLoraError
 from budgetlora.training.loop import LoopState, Resumable, trainable_tensors
@@ -249,10 +250,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     meta_file = path / "state.json"
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        meta = jsonfile.read(meta_file)
     except FileNotFoundError:
         raise BudgetLoraError(f"{meta_file} is missing; not a budgetlora checkpoint") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
         raise BudgetLoraError(f"{meta_file}: unreadable checkpoint state ({type(exc).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise BudgetLoraError(f"{meta_file}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}")
