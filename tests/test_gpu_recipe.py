@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from budgetlora.config import config_from_dict
 from budgetlora.data.tokens import TokenizedSet, collate
-from budgetlora.model import build_model, forward_logits
+from budgetlora.model import build_model
 from budgetlora.runtime import Runtime, autocast
 from conftest import build_tiny_encoder, build_tiny_model
 
