@@ -26,7 +26,8 @@ def test_train_with_nested_and_dotted_overrides_lands_where_the_cli_puts_runs(ti
     assert run.path == in_tmp / "runs" / "tiny" and run.kind == "run"
     cfg = yaml.safe_load((run.path / "config.yaml").read_text())
     assert cfg["train"]["max_steps"] == 6 and cfg["lora"]["r"] == 2 and cfg["train"]["lr"] == tiny_config["train"]["lr"]
-    assert run.summary["steps"] == 6 and run.label_names == ["0", "1", "2", "3"]
+    assert run.summary.steps == 6 and run.label_names == ["0", "1", "2", "3"]
+    assert run.summary.to_json()["steps"] == 6 and run.summary.test.n == 120
     again = budgetlora.train(tiny_config, name="second", quiet=True, train={"max_steps": 2, "eval_every": None})
     assert again.path == in_tmp / "runs" / "second"
 

@@ -122,7 +122,7 @@ def test_an_unknown_encoder_lists_its_linear_modules_and_trains_on_exact_paths(t
     raw["lora"] = {"r": 2, "targets": [], "target_modules": ["encoder.albert_layer_groups.0.albert_layers.0.attention.query",
                                                             "encoder.albert_layer_groups.0.albert_layers.0.attention.value"]}
     run = budgetlora.train(raw, out=tmp_path / "runs", quiet=True)
-    assert run.summary["breakdown"]["lora_A.other"] == 2 * 2 * 32
+    assert run.summary.breakdown["lora_A.other"] == 2 * 2 * 32
     raw["lora"]["target_modules"] = ["encoder.albert_layer_groups.0.albert_layers.0.attention.quer"]
     with pytest.raises(BudgetLoraError, match="is not a Linear module.*near matches: .*attention.query"):
         budgetlora.train(raw, out=tmp_path / "runs", quiet=True)

@@ -68,10 +68,14 @@ def test_rung_records_survive_the_storage_round_trip():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"rungs": []}, "distinct positive step numbers"), ({"rungs": [10, 10]}, "distinct positive"),
-    ({"rungs": [10], "test": "ttest"}, "prune.test must be one of"), ({"rungs": [10], "alpha": 0}, "prune.alpha"),
-    ({"rungs": [10], "eta": 0.5}, "prune.eta"), ({"rungs": [10], "min_trials": 1}, "min_trials"),
-    ({"rungs": [10], "every": 5}, "'prune' must be a mapping of"),
+    ({"rungs": []}, "study key 'prune.rungs': give the evaluation steps"),
+    ({"rungs": [10, 10]}, "study key 'prune.rungs': lists a step twice"),
+    ({"rungs": [0]}, r"study key 'prune.rungs\[0\]': got 0, must be >= 1"),
+    ({"rungs": [10], "test": "ttest"}, "study key 'prune.test': got 'ttest'"),
+    ({"rungs": [10], "alpha": 0}, r"study key 'prune.alpha': got 0.0, must be in \(0, 0.5\]"),
+    ({"rungs": [10], "eta": 0.5}, "study key 'prune.eta'"), ({"rungs": [10], "min_trials": 1}, "prune.min_trials"),
+    ({"rungs": [10], "every": 5}, "unknown study key 'prune.every'"),
+    ({"rungs": [10], "comparisons": 5}, "unknown study key 'prune.comparisons'"),
 ])
 def test_prune_section_errors_name_the_key(raw, message):
     with pytest.raises(BudgetLoraError, match=message):
@@ -140,11 +144,11 @@ def test_a_pruned_sweep_stops_the_hopeless_trial_resumes_without_redoing_it_and_
     assert not (pruned_run / "pruned.json").exists()
 
     winner = load(out / "lr0.02")
-    assert winner.summary["test"]["accuracy"] > 0.5
+    assert winner.summary.test.accuracy > 0.5
     from budgetlora import train
 
     retrained = train(out / "best.yaml", out=tmp_path / "again", quiet=True, train={"max_steps": 4})
-    assert retrained.summary["steps"] == 4  # best.yaml is a config `train` takes as is
+    assert retrained.summary.steps == 4  # best.yaml is a config `train` takes as is
 
 
 def test_without_prune_every_trial_runs_to_the_end(study, tmp_path):
@@ -184,9 +188,13 @@ def test_optuna_pruners_are_options(study, tmp_path):
 def test_a_trial_paused_at_a_rung_reports_its_accuracy_without_a_trainable_count():
     from types import SimpleNamespace
 
-    from budgetlora.sweeps.worker import summary_values
+    from budgetlora.artifacts.run_dir import Paused
+    from budgetlora.errors import BudgetLoraError
+    from budgetlora.sweeps.worker import RunOutcome, summary_values
 
-    paused = {"best_val_acc": 0.75, "paused_at": 30}  # the stand-in summary of a run paused at a rung
+    paused = RunOutcome(None, Paused(step=30, val_acc=0.75), reused=False)  # no summary: it paused at a rung
     assert summary_values(SimpleNamespace(objectives=["val_acc"]), [paused]) == [0.75]
-    finished = {"best_val_acc": 0.8, "trainable_params": 1234}
+    with pytest.raises(BudgetLoraError, match="paused at a rung has no trainable count"):
+        summary_values(SimpleNamespace(objectives=["val_acc", "trainable_params"]), [paused])
+    finished = RunOutcome(SimpleNamespace(val_acc=0.8, trainable_params=1234), None, reused=True)
     assert summary_values(SimpleNamespace(objectives=["val_acc", "trainable_params"]), [finished]) == [0.8, 1234.0]

@@ -18,6 +18,8 @@ import pytest
 from matplotlib.image import imread
 
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.summary import RunSummary
+from budgetlora.evaluate.stats import wilson_interval
 from budgetlora.config import config_from_dict
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results import build_table, collect_runs, compare_runs, read_run, write_report, write_results
@@ -80,7 +82,7 @@ def write_fake_run(
         "best_step": 100,
         "best_val_acc": 0.8 + r / 1000,
         "steps": 100,
-        "val": {"accuracy": 0.8 + r / 1000, "n": 500, "correct": int(500 * (0.8 + r / 1000))},
+        "val": _split(int(500 * (0.8 + r / 1000)), 500),
         "final_train_loss": 0.25 + r / 100,
         "final_eval_loss": 0.3 + r / 100,
         "train_time_s": 600.0 + r,
@@ -96,18 +98,17 @@ def write_fake_run(
         cm = np.zeros((4, 4), dtype=int)
         np.add.at(cm, (labels, preds), 1)
         k = int(correct.sum())
-        summary["test"] = {
-            "accuracy": k / N_TEST,
-            "n": N_TEST,
-            "correct": k,
-            "macro_f1": k / N_TEST,
-            "loss": 0.3,
-            "confusion_matrix": cm.tolist(),
-        }
+        summary["test"] = {**_split(k, N_TEST), "loss": 0.3, "confusion_matrix": cm.tolist()}
         if predictions:
             rd.write_test_predictions(path, [f"{i:04d}" for i in range(N_TEST)], labels, preds)
-    rd.write_summary(path, summary)
+    rd.write_summary(path, RunSummary.from_json(summary, str(path)))
     return path
+
+
+def _split(correct: int, n: int) -> dict[str, Any]:
+    low, high = wilson_interval(correct, n)
+    return {"accuracy": correct / n, "n": n, "correct": correct, "ci_low": low, "ci_high": high,
+            "macro_f1": correct / n}
 
 
 def nested(k: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 
 from budgetlora.config import (SECTIONS, Config, config_from_dict, flatten, load_config, resolve_paths,
                                set_dotted)
+from budgetlora.artifacts.summary import RunSummary
 from budgetlora.errors import BudgetLoraError
 from budgetlora.progress import QUIET, Console
 
@@ -105,7 +106,11 @@ class Run:
         return f"Run({str(self.path)!r}, kind={self.kind!r})"
 
     @property
-    def summary(self) -> Optional[dict[str, Any]]:
+    def summary(self) -> Optional[RunSummary]:
+        """The finished run's summary (None for an export or an unfinished run): a frozen
+        `budgetlora.artifacts.summary.RunSummary` with `trainable_params`, `best_val_acc`, `steps`,
+        `train_time_s`, ... and `val` / `test` as `SplitMetrics` (`accuracy`, `ci_low`, `ci_high`,
+        `n`, `macro_f1`, `per_class`, `confusion_matrix`); `summary.to_json()` is summary.json's dict."""
         from budgetlora.artifacts import run_dir as rd
 
         return rd.read_summary(self.path) if self.kind == "run" and rd.is_finished(self.path) else None
@@ -249,13 +254,6 @@ def sweep(study: Union[str, Path], out: Union[str, Path, None] = None, *, quiet:
     unknown = sorted(set(options) - known)
     if unknown:
         raise BudgetLoraError(f"sweep() got unknown option(s) {unknown}; valid: {', '.join(sorted(known))}")
-    seeds = options.get("seeds")
-    if seeds is not None and (not isinstance(seeds, (list, tuple)) or not seeds
-                              or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
-        raise BudgetLoraError(f"sweep(seeds={seeds!r}): expected a list of non-negative integers, e.g. [1, 2, 3]")
-    if "overrides" in options and (not isinstance(options["overrides"], (list, tuple))
-                                   or not all(isinstance(x, str) for x in options["overrides"])):
-        raise BudgetLoraError('sweep(overrides=...): expected a list of "KEY=VALUE" strings')
     return run_sweep(SweepRequest(study=as_path(study, "the study file"),
                                   out=as_path(out, "out") if out is not None else None,
                                   console=Console(not quiet), **options))

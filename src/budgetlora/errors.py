@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -73,3 +75,33 @@ class RunPaused(Exception):
     def __init__(self, step: int, val_acc: float):
         super().__init__(f"paused at step {step}")
         self.step, self.val_acc = step, val_acc
+
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130  # a refused input or the environment; Ctrl-C, as shells report it
+
+
+def _report(message: str) -> None:
+    # under torchrun every rank meets the same error: rank 0 alone says it, once
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(message, file=sys.stderr)
+
+
+def run_reporting_errors(action: Callable[[], int]) -> int:
+    """`action()`'s exit code, with budgetlora's errors as one line on stderr (exit 2), an
+    interrupted run's message and signal exit code, and Ctrl-C as exit 130."""
+    try:
+        return action()
+    except BudgetLoraError as exc:
+        first, *rest = str(exc).split("\n")  # a multi-line error (a budget table) indents the rest
+        _report("\n".join([f"budgetlora: error: {first}"] + [f"  {line}" for line in rest]))
+        return EXIT_ERROR
+    except RunInterrupted as exc:
+        _report(f"budgetlora: {exc}")
+        return exc.exit_code
+    except OSError as exc:  # disk full, unwritable output: the environment, not a bug to trace
+        where = f": {exc.filename}" if exc.filename else ""
+        _report(f"budgetlora: error: {exc.strerror or exc}{where}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _report("budgetlora: interrupted")
+        return EXIT_INTERRUPTED

@@ -126,14 +126,14 @@ def _logits(trained: Any, tokens: Any, progress: Any) -> np.ndarray:
     from budgetlora.model import pad_token_id
 
     pad_id = pad_token_id(trained.tokenizer)
-    batch_tokens = trained.cfg.train.eval_batch_size * trained.cfg.data.max_length
+    batch = trained.cfg.prediction_batch
     if trained.kind == "onnx":
         from budgetlora.artifacts.onnx import onnx_logits
 
-        return onnx_logits(trained.model, tokens, pad_id, batch_tokens, progress)
+        return onnx_logits(trained.model, tokens, pad_id, batch, progress)
     from budgetlora.evaluate.predict import predict_logits
     from budgetlora.runtime import process_runtime
 
     device = next(trained.model.parameters()).device
     with process_runtime(str(device), trained.cfg.train.precision) as rt:
-        return predict_logits(trained.model, tokens, rt, pad_id, batch_tokens=batch_tokens, progress=progress)
+        return predict_logits(trained.model, tokens, rt, pad_id, batch, progress=progress)

@@ -24,3 +24,12 @@ def drop_working_directory() -> None:
 def python_command(*args: str) -> list[str]:
     """argv for `python -m budgetlora ARGS...` that cannot import from the working directory."""
     return [sys.executable, "-c", _BOOTSTRAP, *args]
+
+
+def python_call(target: str, *args: str) -> list[str]:
+    """argv for a Python process that runs `module:function(args)` (its exit code the return
+    value), isolated from the working directory like `python_command`."""
+    module, function = target.split(":")
+    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            f"from {module} import {function}; sys.exit({function}(sys.argv[1:]))")
+    return [sys.executable, "-c", code, *args]

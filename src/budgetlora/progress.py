@@ -127,6 +127,16 @@ class TrainingDisplay:
                              + (f"  ETA {_duration(eta)}" if eta is not None else ""))
         self.step = step
 
+    def log_config(self, cfg: Any) -> None:
+        pass  # the run's description is printed by the recipe before training
+
     def close(self) -> None:
         if self.console.interactive:
             self.task.close()
+
+    def finish(self, run_dir: Any, summary: Any) -> None:
+        """The result line of a finished run (its test split, if it has one)."""
+        test = summary.test
+        if test is not None:
+            self.console.say(f"test accuracy {100 * test.accuracy:.2f}% (95% CI {100 * test.ci_low:.2f}-"
+                             f"{100 * test.ci_high:.2f}, n={test.n:,}); macro-F1 {100 * test.macro_f1:.2f}")

@@ -9,7 +9,6 @@ refused (config, budget, data) is refused before weights load or any directory i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shlex
 import time
@@ -29,6 +28,8 @@ from budgetlora.artifacts.model_card import write_run_card
 from budgetlora.artifacts.trained import save_trained_model
 from budgetlora.config import Config, config_from_dict, flatten, parse_override
 from budgetlora.data import Splits, TokenizedSet, bucketed_batches, load_splits, tokenize
+from budgetlora.data.dataset import rows_key
+from budgetlora.data.tokens import tokens_fingerprint
 from budgetlora.distributed import barrier, broadcast, context_from_env
 from budgetlora.errors import BudgetLoraError, NotResumable, RunDiverged, RunInterrupted
 from budgetlora.evaluate.predict import evaluate_split
@@ -38,13 +39,15 @@ from budgetlora.progress import QUIET, Console, TrainingDisplay
 from budgetlora.runtime import Runtime, peak_memory_mb, process_runtime, seed_everything
 from budgetlora.speedups import CompileReport, prepare_for_training
 from budgetlora.tracking import FanOut, MLflowSink, TensorBoardSink, require_trackers
+from budgetlora.artifacts.summary import CompileRecord, RunSummary, SplitMetrics
 from budgetlora.training import (Checkpoint, Checkpointer, Resumable, StopFlag, build_optimizer, build_scheduler,
                               checkpoint_name, complete_checkpoints, fresh_resumable, load_latest_checkpoint,
                               load_trainable_state, remove_stale_temp, restore_model, restore_rng, stop_on_signals,
                               total_steps_for, train_loop)
-from budgetlora.training.step import step_runner
+from budgetlora.training.step import StepRunner, step_runner
 
 EvalCallback = Callable[[int, np.ndarray, str], None]
+SIGTERM_EXIT = 128 + 15  # the exit code of a process ended by SIGTERM, as shells report it
 
 # keys a resume may change: they do not alter the trajectory (device and threads can change the
 # last bits of float results, which is the user's call when moving a run to another machine)
@@ -84,16 +87,7 @@ def prepare_data(cfg: Config, trust_pickle: bool = False, console: Console = QUI
 
 
 def data_fingerprint(prepared: Prepared) -> str:
-    """A hash of the token ids and labels that training sees (train and validation), so a resume
-    refuses data that changed since the checkpoint instead of silently training on other rows."""
-    digest = hashlib.sha256()
-    for part in (prepared.train, prepared.val):
-        if part is None:
-            digest.update(b"-")
-            continue
-        for array in (part.ids, part.offsets, part.labels):
-            digest.update(b"|" if array is None else np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:32]
+    return tokens_fingerprint(prepared.train, prepared.val)
 
 
 @dataclass
@@ -169,36 +163,28 @@ def train_run(cfg: Config, out_root: Path | str = "runs", overwrite: bool = Fals
         return path
 
 
-def _sinks(session: Session, run_dir: Path, progress: Resumable, resumed: bool) -> tuple[FanOut, Optional[MLflowSink]]:
+def _sinks(session: Session, run_dir: Path, progress: Resumable, resumed: bool) -> FanOut:
     cfg = session.cfg
     resume_step = progress.state.step + 1 if resumed else None
     sinks: list[Any] = [rd.MetricsFile(run_dir), TrainingDisplay(session.console, progress.total_steps,
                                                                  progress.state.step)]
-    mlflow = None
     try:
         if "tensorboard" in cfg.train.report_to:
             sinks.append(TensorBoardSink(run_dir / rd.TENSORBOARD, resume_step))
         if "mlflow" in cfg.train.report_to:
-            mlflow = MLflowSink(cfg, run_dir, session.out_root, resume_step)
+            sinks.append(MLflowSink(cfg, run_dir, session.out_root, resume_step))
+        fan_out = FanOut(sinks)
+        fan_out.log_config(cfg)
     except BaseException:
         FanOut(sinks).close()  # the files opened so far, before the error leaves
         raise
-    return FanOut(sinks + ([mlflow] if mlflow else [])), mlflow
-
-
-def val_key(splits: Splits) -> str:
-    """Identifies the validation rows, so per-row outcomes are compared only on the same rows."""
-    digest = hashlib.sha256()
-    if splits.val is not None:
-        for row_id, text in zip(splits.val.ids, splits.val.texts):
-            digest.update(f"{row_id}\x00{text}\x00".encode("utf-8", "surrogatepass"))
-    return digest.hexdigest()[:16]
+    return fan_out
 
 
 def _eval_hook(session: Session, on_eval: Optional[EvalCallback]) -> Optional[Callable[[int, np.ndarray], None]]:
     if on_eval is None:
         return None
-    key = val_key(session.prepared.splits)
+    key = rows_key(session.prepared.splits.val)
     return lambda step, correct: on_eval(step, correct, key)
 
 
@@ -215,100 +201,135 @@ def _describe(session: Session, run_dir: Path, fast_path: str, resumed: Optional
 
 def _train(session: Session, run_dir: Path, progress: Optional[Resumable], checkpoints: bool,
            resumed: Optional[Checkpoint] = None, on_eval: Optional[EvalCallback] = None) -> None:
-    cfg, rt, model, prepared = session.cfg, session.rt, session.model, session.prepared
-    main = rt.dist.is_main
+    """The phases of a run after setup: its files, the training step, the loop, the artifacts."""
+    _write_run_files(session, run_dir, resumed)
+    runner = _training_step(session, run_dir, resumed)
+    progress = progress or fresh_resumable(session.model, session.prepared.train, session.cfg.train, session.rt)
+    main = session.rt.dist.is_main
+    sinks = _sinks(session, run_dir, progress, resumed is not None) if main else FanOut([])
+    checkpointer = Checkpointer(run_dir, session.model, session.cfg.to_dict(), data_fingerprint(session.prepared),
+                                session.cfg.train.keep_checkpoints, saved_step=resumed.step if resumed else None) \
+        if checkpoints and main else None
+    try:
+        progress = _run_loop(session, run_dir, runner, progress, sinks, checkpointer, resumed, on_eval)
+    finally:
+        sinks.close()
+    summary = _finish(session, run_dir, progress, runner, checkpointer)
     if main:
-        rd.write_config(cfg, run_dir)  # on a resume with --extend this records the new length
-        if resumed is None:
-            rd.write_labels(run_dir, session.names)
-            with atomic.atomic_dir(run_dir / rd.TOKENIZER, replace=True) as tmp:
-                prepared.tokenizer.save_pretrained(str(tmp))
-    fast = prepare_for_training(model, cfg, rt.device, rt.precision, session.pad_id)
+        sinks.finish(run_dir, summary, warn=session.console.say)
+    barrier(session.rt.dist)  # no rank returns before the run directory is complete
+
+
+def _write_run_files(session: Session, run_dir: Path, resumed: Optional[Checkpoint]) -> None:
+    if not session.rt.dist.is_main:
+        return
+    rd.write_config(session.cfg, run_dir)  # on a resume with --extend this records the new length
+    if resumed is None:
+        rd.write_labels(run_dir, session.names)
+        with atomic.atomic_dir(run_dir / rd.TOKENIZER, replace=True) as tmp:
+            session.prepared.tokenizer.save_pretrained(str(tmp))
+
+
+def _training_step(session: Session, run_dir: Path, resumed: Optional[Checkpoint]) -> StepRunner:
+    """The fast path applied to the model, the run described, and the step compiled if it is."""
+    cfg, rt = session.cfg, session.rt
+    fast = prepare_for_training(session.model, cfg, rt.device, rt.precision, session.pad_id)
     _describe(session, run_dir, fast.describe(), resumed)
     if fast.compiled:
         session.console.say(f"compiling the training step for widths {'/'.join(map(str, fast.pad_to or ()))} ...")
-    runner = step_runner(model, cfg.train, rt, prepared.train, session.pad_id, fast.pad_to if fast.compiled else None)
+    runner = step_runner(session.model, cfg.train, rt, session.prepared.train, session.pad_id,
+                         fast.pad_to if fast.compiled else None)
     if runner.report is not None:
         session.console.say(runner.report.describe())
-    progress = progress or fresh_resumable(model, prepared.train, cfg.train, rt)
-    sinks, mlflow = _sinks(session, run_dir, progress, resumed is not None) if main else (FanOut([]), None)
-    checkpointer = Checkpointer(run_dir, model, cfg.to_dict(), data_fingerprint(prepared), cfg.train.keep_checkpoints,
-                                saved_step=resumed.step if resumed else None) if checkpoints and main else None
+    return runner
+
+
+def _run_loop(session: Session, run_dir: Path, runner: StepRunner, progress: Resumable, sinks: FanOut,
+              checkpointer: Optional[Checkpointer], resumed: Optional[Checkpoint],
+              on_eval: Optional[EvalCallback]) -> Resumable:
+    """Train to the end (or an early stop); a signal ends in RunInterrupted after a checkpoint."""
+    cfg, rt = session.cfg, session.rt
     if resumed is not None:
         restore_rng(resumed.rng)  # last, so nothing between here and the first step draws from it
-    try:
-        # without checkpoints a signal keeps its default effect: there would be nothing to resume
-        signals = stop_on_signals() if checkpointer or rt.dist.enabled else contextlib.nullcontext(StopFlag())
-        with signals as stop:
-            progress = train_loop(model, prepared.train, prepared.val, cfg.train, rt, session.pad_id, sinks,
-                                  resume=progress, on_checkpoint=checkpointer, should_stop=stop, runner=runner,
-                                  on_eval=_eval_hook(session, on_eval))
-    finally:
-        sinks.close()
+    # without checkpoints a signal keeps its default effect: there would be nothing to resume
+    signals = stop_on_signals() if checkpointer or rt.dist.enabled else contextlib.nullcontext(StopFlag())
+    with signals as stop:
+        progress = train_loop(session.model, session.prepared.train, session.prepared.val, cfg.train, rt,
+                              session.pad_id, sinks, resume=progress, on_checkpoint=checkpointer, should_stop=stop,
+                              runner=runner, on_eval=_eval_hook(session, on_eval), eval_batch=cfg.prediction_batch)
     state = progress.state
     if state.step < progress.total_steps and not state.stopped_early and (stop() or rt.dist.enabled):
-        if not main:
-            raise RunInterrupted(f"rank {rt.dist.rank} stopped at step {state.step}", stop.exit_code if stop() else 143)
+        code = stop.exit_code if stop() else SIGTERM_EXIT
+        if not rt.dist.is_main:
+            raise RunInterrupted(f"rank {rt.dist.rank} stopped at step {state.step}", code)
         raise RunInterrupted(f"interrupted by {stop.name} at step {state.step}/{progress.total_steps}; checkpoint "
                              f"written to {run_dir / rd.CHECKPOINTS / checkpoint_name(state.step)}\n"
-                             f"resume with: budgetlora train --resume {shlex.quote(str(run_dir.resolve()))}",
-                             stop.exit_code)
+                             f"resume with: budgetlora train --resume {shlex.quote(str(run_dir.resolve()))}", code)
+    return progress
+
+
+def _finish(session: Session, run_dir: Path, progress: Resumable, runner: StepRunner,
+            checkpointer: Optional[Checkpointer]) -> RunSummary:
+    """The final checkpoint, the weights to keep, the evaluation, the card and summary.json (last:
+    the run is finished once it exists)."""
+    cfg, main = session.cfg, session.rt.dist.is_main
     if checkpointer:
         checkpointer("final", progress)  # what `--resume --extend` continues from
     if cfg.train.restore_best and progress.best_trainable is not None:
-        load_trainable_state(model, progress.best_trainable)
+        load_trainable_state(session.model, progress.best_trainable)
     if main:
-        save_trained_model(model, cfg, run_dir, session.names)
+        save_trained_model(session.model, cfg, run_dir, session.names)
     if runner.report is not None and runner.report.recompiles:
         session.console.say(runner.report.describe())
-    summary = _summarize(session, run_dir, progress, runner.report)
+    evaluated = _evaluate_splits(session)
+    summary = _summarize(session, progress, evaluated, runner.report)
     if main:
+        test = evaluated["test"]
+        if test is not None:
+            assert session.prepared.splits.test is not None and session.prepared.test is not None
+            rd.write_test_predictions(run_dir, session.prepared.splits.test.ids, session.prepared.test.labels,
+                                      test.preds)
         write_run_card(run_dir, cfg, summary)
-        rd.write_summary(run_dir, summary)  # last: the run is finished once it exists
-        if mlflow is not None:
-            try:
-                mlflow.finish(run_dir, summary)
-            except BudgetLoraError as exc:  # the run itself is complete; only its copy in MLflow is not
-                session.console.say(f"warning: {exc}")
-    barrier(rt.dist)  # no rank returns before the run directory is complete
-    test = summary.get("test")
-    if test:
-        session.console.say(f"test accuracy {100 * test['accuracy']:.2f}% (95% CI {100 * test['ci_low']:.2f}-"
-                            f"{100 * test['ci_high']:.2f}, n={test['n']:,}); macro-F1 {100 * test['macro_f1']:.2f}")
+        rd.write_summary(run_dir, summary)
+    return summary
 
 
-def _summarize(session: Session, run_dir: Path, progress: Resumable, compiled: Optional[CompileReport]) -> dict:
-    cfg, rt, prepared, state = session.cfg, session.rt, session.prepared, progress.state
-    batch_tokens = cfg.train.eval_batch_size * cfg.data.max_length
-    splits = {}
-    for name, data in (("val", prepared.val), ("test", prepared.test)):
+@dataclass
+class Evaluated:
+    metrics: SplitMetrics
+    preds: np.ndarray
+
+
+def _evaluate_splits(session: Session) -> dict[str, Optional[Evaluated]]:
+    """Validation and test metrics of the final model (None for a split the run does not have)."""
+    out: dict[str, Optional[Evaluated]] = {}
+    for name, data in (("val", session.prepared.val), ("test", session.prepared.test)):
         rows = len(data) if data is not None else 0
         with (session.console.task(f"evaluating {name}", rows) if rows else contextlib.nullcontext()) as task:
-            splits[name] = evaluate_split(session.model, data, session.names, rt, session.pad_id, batch_tokens,
-                                          progress=task.advance if task else None)
-    summary: dict[str, Any] = {
-        "name": cfg.name, "mode": cfg.mode, "model": cfg.model,
-        "trainable_params": session.report.trainable, "total_params": session.report.total, "budget": cfg.budget,
-        "breakdown": session.report.breakdown,
-        "best_step": state.best_step or state.step, "best_val_acc": state.best_acc if state.best_acc >= 0 else None,
-        "steps": state.step, "total_steps": progress.total_steps, "stopped_early": state.stopped_early,
-        "final_train_loss": state.last_train_loss, "final_eval_loss": state.last_eval_loss,
-        "train_time_s": state.train_time_s, "samples_per_s": state.samples_seen / max(state.train_time_s, 1e-9),
-        "peak_memory_mb": peak_memory_mb(rt.device), "device": str(rt.device), "precision": rt.precision,
-        "processes": rt.dist.world_size, "label_names": session.names,
-        "compile": compiled.as_dict() if compiled is not None else None,
-        "truncation": {name: part.truncation(cfg.data.max_length)
-                       for name, part in (("train", prepared.train), ("test", prepared.test)) if part is not None},
-    }
-    if splits["val"][0] is not None:
-        summary["val"] = splits["val"][0]
-    test_metrics, test_preds = splits["test"]
-    if test_metrics is not None and rt.dist.is_main:
-        summary["test"] = test_metrics
-        assert prepared.splits.test is not None and prepared.test is not None
-        rd.write_test_predictions(run_dir, prepared.splits.test.ids, prepared.test.labels, test_preds)
-    summary["wall_time_s"] = time.perf_counter() - session.wall_start
-    return summary
+            metrics, preds = evaluate_split(session.model, data, session.names, session.rt, session.pad_id,
+                                            session.cfg.prediction_batch, progress=task.advance if task else None)
+        out[name] = None if metrics is None else Evaluated(SplitMetrics.from_dict(metrics, name), preds)
+    return out
+
+
+def _summarize(session: Session, progress: Resumable, evaluated: dict[str, Optional[Evaluated]],
+               compiled: Optional[CompileReport]) -> RunSummary:
+    cfg, rt, prepared, state = session.cfg, session.rt, session.prepared, progress.state
+    return RunSummary(
+        name=cfg.name, mode=cfg.mode, model=cfg.model, trainable_params=session.report.trainable,
+        total_params=session.report.total, budget=cfg.budget, breakdown=dict(session.report.breakdown),
+        best_step=state.best_step or state.step, best_val_acc=state.best_acc if state.best_acc >= 0 else None,
+        steps=state.step, total_steps=progress.total_steps, stopped_early=state.stopped_early,
+        final_train_loss=state.last_train_loss, final_eval_loss=state.last_eval_loss,
+        train_time_s=state.train_time_s, samples_per_s=state.samples_seen / max(state.train_time_s, 1e-9),
+        peak_memory_mb=peak_memory_mb(rt.device), device=str(rt.device), precision=rt.precision,
+        processes=rt.dist.world_size, label_names=list(session.names),
+        compile=CompileRecord(**compiled.as_dict()) if compiled is not None else None,
+        truncation={name: part.truncation(cfg.data.max_length)
+                    for name, part in (("train", prepared.train), ("test", prepared.test)) if part is not None},
+        val=evaluated["val"].metrics if evaluated["val"] is not None else None,
+        test=evaluated["test"].metrics if evaluated["test"] is not None and rt.dist.is_main else None,
+        wall_time_s=time.perf_counter() - session.wall_start)
 
 
 def _resume_config(run_dir: Path, overrides: Optional[list[str]]) -> Config:

@@ -10,13 +10,22 @@ from typing import Any, Optional, Protocol, Sequence
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.summary import RunSummary
 from budgetlora.config import Config, flatten
 from budgetlora.errors import BudgetLoraError
 from budgetlora.stores import MLFLOW_TABLES, check_sqlite_store
 
 
 class MetricSink(Protocol):
+    """Where a run's records go (torchtune's metric-logger protocol): `log_config` once, `log`
+    every record, `close` when the loop is over, `finish` once the run is complete (its summary
+    written; after close)."""
+
+    def log_config(self, cfg: Config) -> None: ...
+
     def log(self, record: dict) -> None: ...
+
+    def finish(self, run_dir: Path, summary: RunSummary) -> None: ...
 
     def close(self) -> None: ...
 
@@ -30,6 +39,18 @@ class FanOut:
     def __call__(self, record: dict) -> None:
         for sink in self.sinks:
             sink.log(record)
+
+    def log_config(self, cfg: Config) -> None:
+        for sink in self.sinks:
+            sink.log_config(cfg)
+
+    def finish(self, run_dir: Path, summary: RunSummary, warn: Any = print) -> None:
+        """Every sink's `finish`; a tracker that fails here only warns: the run itself is complete."""
+        for sink in self.sinks:
+            try:
+                sink.finish(run_dir, summary)
+            except BudgetLoraError as exc:
+                warn(f"warning: {exc}")
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -64,6 +85,14 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step)
+
+    def log_config(self, cfg: Config) -> None:
+        from budgetlora.config import config_yaml
+
+        self._writer.add_text("config", "```yaml\n" + config_yaml(cfg) + "```")
+
+    def finish(self, run_dir: Path, summary: RunSummary) -> None:
+        pass
 
     def log(self, record: dict) -> None:
         step = int(record["step"])
@@ -119,15 +148,20 @@ class MLflowSink:
             "create the experiment", lambda: self._client.create_experiment(name, artifact_location=location))
         marker = Path(run_dir) / rd.MLFLOW_RUN_ID
         run_id = marker.read_text().strip() if resume_step is not None and marker.is_file() else ""
+        self.resumed = bool(run_id)
         if not run_id:
             run = self._call("create the run", lambda: self._client.create_run(
                 experiment_id, run_name=Path(run_dir).name, tags={"budgetlora.run_dir": str(Path(run_dir).resolve())}))
             run_id = run.info.run_id
             atomic.write_text(marker, run_id + "\n")
-            params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
-            for start in range(0, len(params), 100):
-                self._call("log the config", lambda: self._client.log_batch(run_id, params=params[start:start + 100]))
         self.run_id = run_id
+
+    def log_config(self, cfg: Config) -> None:
+        if self.resumed:  # a resumed run continues its MLflow run, whose params are logged already
+            return
+        params = [self._mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
+        for start in range(0, len(params), 100):
+            self._call("log the config", lambda: self._client.log_batch(self.run_id, params=params[start:start + 100]))
 
     def _call(self, what: str, action: Any) -> Any:
         """MLflow's many error types (a bad URI, a server that does not answer) as one error line."""
@@ -146,8 +180,8 @@ class MLflowSink:
                    if k != "step" and isinstance(v, (int, float)) and v is not None]
         self._call("log metrics", lambda: self._client.log_batch(self.run_id, metrics=metrics))
 
-    def finish(self, run_dir: Path, summary: dict[str, Any]) -> None:
-        numbers = {k: v for k, v in flatten(summary).items()
+    def finish(self, run_dir: Path, summary: RunSummary) -> None:
+        numbers = {k: v for k, v in flatten(summary.to_json()).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and "per_class" not in k}
         metrics = [self._mlflow.entities.Metric(k, float(v), 0, 0) for k, v in numbers.items()]
         self._call("log the summary", lambda: self._client.log_batch(self.run_id, metrics=metrics))

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import yaml
 
 from budgetlora import atomic
+from budgetlora.artifacts.summary import RunSummary
 from budgetlora.config import Config, config_yaml
 
 # the hub ids of budgetlora's aliases, so a card (and an adapter config) names a model others can fetch
@@ -26,58 +27,61 @@ def base_model_id(cfg: Config) -> str:
     return path.name if path.is_absolute() or cfg.model.startswith((".", "~")) or path.exists() else cfg.model
 
 
-def dataset_id(cfg: Config, summary: dict[str, Any]) -> Optional[str]:
+def dataset_id(cfg: Config, names: list[str]) -> Optional[str]:
     if cfg.data.dataset:
         return cfg.data.dataset
-    if summary.get("label_names") == ["World", "Sports", "Business", "Sci/Tech"]:
+    if names == ["World", "Sports", "Business", "Sci/Tech"]:
         return AGNEWS_HUB_ID
     return None
 
 
-def _metadata(cfg: Config, summary: dict[str, Any], library: str, name: str) -> dict[str, Any]:
+def _metadata(cfg: Config, summary: Optional[RunSummary], names: list[str], library: str, name: str) -> dict[str, Any]:
     meta: dict[str, Any] = {"base_model": base_model_id(cfg), "library_name": library,
                             "pipeline_tag": "text-classification",
                             "tags": ["budgetlora", "text-classification"] + (["lora", "peft"] if cfg.mode == "lora" else [])}
-    dataset = dataset_id(cfg, summary)
+    dataset = dataset_id(cfg, names)
     if dataset:
         meta["datasets"] = [dataset]
-    test = summary.get("test")
-    if test:
+    test = summary.test if summary is not None else None
+    if test is not None:
         where = {"name": dataset or Path(cfg.data.test_file or "test").name, "type": dataset or "local",
                  "split": cfg.data.test_split if cfg.data.dataset else "test"}
         meta["model-index"] = [{"name": name, "results": [{
             "task": {"type": "text-classification", "name": "Text Classification"},
             "dataset": where,
             "metrics": [
-                {"type": "accuracy", "value": round(test["accuracy"], 4),
-                 "name": f"test accuracy (n={test['n']}, 95% CI {test['ci_low']:.4f}-{test['ci_high']:.4f})"},
-                {"type": "f1", "value": round(test["macro_f1"], 4), "name": f"test macro-F1 (n={test['n']})",
+                {"type": "accuracy", "value": round(test.accuracy, 4),
+                 "name": f"test accuracy (n={test.n}, 95% CI {test.ci_low:.4f}-{test.ci_high:.4f})"},
+                {"type": "f1", "value": round(test.macro_f1, 4), "name": f"test macro-F1 (n={test.n})",
                  "args": {"average": "macro"}},
             ]}]}]
     return meta
 
 
-def _results(summary: dict[str, Any]) -> list[str]:
+def _results(summary: Optional[RunSummary]) -> list[str]:
+    if summary is None:
+        return ["- the run this was exported from had not finished: no figures"]
     lines = []
-    test = summary.get("test")
-    if test:
-        lines.append(f"- test accuracy **{100 * test['accuracy']:.2f}%** (95% Wilson interval "
-                     f"{100 * test['ci_low']:.2f}-{100 * test['ci_high']:.2f}, n = {test['n']:,}), macro-F1 "
-                     f"{100 * test['macro_f1']:.2f}")
-    if summary.get("best_val_acc") is not None:
-        lines.append(f"- best validation accuracy {100 * summary['best_val_acc']:.2f}% at step {summary['best_step']}")
-    lines.append(f"- trainable parameters **{summary['trainable_params']:,}** of {summary['total_params']:,}"
-                 + (f" (budget {summary['budget']:,})" if summary.get("budget") else ""))
-    lines.append(f"- {summary['steps']:,} steps, {summary['train_time_s']:.0f} s of training on "
-                 f"{summary['device']} ({summary['precision']})")
+    test = summary.test
+    if test is not None:
+        lines.append(f"- test accuracy **{100 * test.accuracy:.2f}%** (95% Wilson interval "
+                     f"{100 * test.ci_low:.2f}-{100 * test.ci_high:.2f}, n = {test.n:,}), macro-F1 "
+                     f"{100 * test.macro_f1:.2f}")
+    if summary.best_val_acc is not None:
+        lines.append(f"- best validation accuracy {100 * summary.best_val_acc:.2f}% at step {summary.best_step}")
+    lines.append(f"- trainable parameters **{summary.trainable_params:,}** of {summary.total_params:,}"
+                 + (f" (budget {summary.budget:,})" if summary.budget else ""))
+    lines.append(f"- {summary.steps:,} steps, {summary.train_time_s:.0f} s of training on "
+                 f"{summary.device} ({summary.precision})")
     lines += ["", "| parameters | count |", "|---|---|"]
-    lines += [f"| {k} | {v:,} |" for k, v in summary.get("breakdown", {}).items()]
+    lines += [f"| {k} | {v:,} |" for k, v in summary.breakdown.items()]
     return lines
 
 
-def render_card(cfg: Config, summary: dict[str, Any], library: str, title: str, how_to_load: str) -> str:
-    meta = yaml.safe_dump(_metadata(cfg, summary, library, title), sort_keys=False, allow_unicode=True)
-    names = ", ".join(summary.get("label_names", []))
+def render_card(cfg: Config, summary: Optional[RunSummary], label_names: list[str], library: str, title: str,
+                how_to_load: str) -> str:
+    meta = yaml.safe_dump(_metadata(cfg, summary, label_names, library, title), sort_keys=False, allow_unicode=True)
+    names = ", ".join(label_names)
     body = [f"# {title}", "",
             f"A text classifier fine-tuned with [budgetlora](https://github.com/budgetlora/budgetlora) from "
             f"`{base_model_id(cfg)}` ({'LoRA' if cfg.mode == 'lora' else 'full fine-tuning'}, "
@@ -126,10 +130,10 @@ def _run_loading(cfg: Config, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_run_card(run_dir: Path, cfg: Config, summary: dict[str, Any]) -> None:
+def write_run_card(run_dir: Path, cfg: Config, summary: RunSummary) -> None:
     """RUN/README.md (and the same card in RUN/adapter/, replacing PEFT's template)."""
-    names = list(summary.get("label_names", []))
-    text = render_card(cfg, summary, "peft" if cfg.mode == "lora" else "transformers", cfg.name,
+    names = list(summary.label_names)
+    text = render_card(cfg, summary, names, "peft" if cfg.mode == "lora" else "transformers", cfg.name,
                        _run_loading(cfg, names))
     from budgetlora.artifacts import run_dir as rd
 
@@ -170,12 +174,11 @@ def write_export_card(out: Path, trained: Any, kind: str, int8: bool = False) ->
     from budgetlora.artifacts import run_dir as rd
 
     source = Path(trained.source)
-    summary = rd.read_summary(source) if rd.is_finished(source) else {
-        "label_names": trained.label_names, "trainable_params": 0, "total_params": 0, "steps": 0,
-        "train_time_s": 0.0, "device": "-", "precision": "-"}
+    summary = rd.read_summary(source) if rd.is_finished(source) else None
     title = f"{trained.cfg.name} ({'ONNX' + (', int8' if int8 else '') if kind == 'onnx' else 'merged'})"
     library = "onnx" if kind == "onnx" else "transformers"
-    text = render_card(trained.cfg, summary, library, title, _export_loading(trained.cfg, kind))
+    text = render_card(trained.cfg, summary, list(trained.label_names), library, title,
+                       _export_loading(trained.cfg, kind))
     if int8:
         text += ("\nThe weights are quantized to int8 (dynamic quantization, per channel): predictions can differ "
                  "from the run's on a few percent of rows; the test accuracy above is the run's.\n")

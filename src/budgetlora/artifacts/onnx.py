@@ -19,6 +19,7 @@ from budgetlora import atomic
 from budgetlora.artifacts.run_dir import EXPORT_META, export_config, labels_of, read_export_meta
 from budgetlora.artifacts.model_card import write_export_card
 from budgetlora.artifacts.trained import TrainedModel
+from budgetlora.config import PredictionBatch
 from budgetlora.errors import BudgetLoraError, first_line
 
 ONNX_FILE = "model.onnx"
@@ -185,16 +186,20 @@ def load_onnx(path: Path) -> TrainedModel:
     return TrainedModel(cfg, sess, tokenizer, names, Path(path), "onnx")
 
 
-def onnx_logits(sess: Any, data: Any, pad_id: int, batch_tokens: int = 4096,
+ONNX_MAX_TOKENS, ONNX_MAX_ROWS = 4096, 64  # CPU batches, as evaluate.predict's
+
+
+def onnx_logits(sess: Any, data: Any, pad_id: int, batch: Optional[PredictionBatch] = None,
                 progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """Logits of every row of a TokenizedSet through ONNX Runtime, in the original order."""
     from budgetlora.data.tokens import collate, sorted_batches
 
     out: Optional[np.ndarray] = None
     file = getattr(sess, "budgetlora_file", Path(ONNX_FILE))
-    for index in sorted_batches(data.lengths, min(batch_tokens, 4096), 64):
-        batch = collate(data, index, pad_id, 1)
-        logits = run_session(sess, batch["input_ids"].numpy(), batch["attention_mask"].numpy(), file)
+    tokens, rows = (batch.tokens, batch.rows) if batch is not None else (ONNX_MAX_TOKENS, ONNX_MAX_ROWS)
+    for index in sorted_batches(data.lengths, min(tokens, ONNX_MAX_TOKENS), min(rows, ONNX_MAX_ROWS)):
+        inputs = collate(data, index, pad_id, 1)
+        logits = run_session(sess, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), file)
         if out is None:
             out = np.empty((len(data), logits.shape[1]), dtype=np.float32)
         out[index] = logits

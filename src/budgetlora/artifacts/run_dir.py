@@ -11,10 +11,12 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from budgetlora import atomic, jsonfile
 from budgetlora.config import Config, config_from_dict, config_yaml, flatten, read_yaml
+from budgetlora.artifacts.summary import PrunedRecord, RunSummary
 from budgetlora.errors import BudgetLoraError
 
 CONFIG = "config.yaml"
@@ -132,60 +134,31 @@ def read_labels(run_dir: Path) -> list[str]:
     return names
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    atomic.write_json(Path(run_dir) / SUMMARY, summary)
+def write_summary(run_dir: Path, summary: RunSummary) -> None:
+    atomic.write_json(Path(run_dir) / SUMMARY, summary.to_json())
 
 
-SUMMARY_NUMBERS = ("best_val_acc", "trainable_params", "total_params", "steps", "best_step", "wall_time_s")
-SPLIT_NUMBERS = ("accuracy", "ci_low", "ci_high", "macro_f1", "n", "loss")
 METRIC_NUMBERS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "samples_per_s", "epoch")
-
-
-SPLIT_FRACTIONS = ("accuracy", "ci_low", "ci_high", "macro_f1")
 
 
 def _is_number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
 
 
-def _in_unit(value: Any) -> bool:
-    return value is None or 0.0 <= value <= 1.0
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
+def read_summary(run_dir: Path) -> RunSummary:
     path = Path(run_dir) / SUMMARY
-    data = _read_json(path, "the run did not finish")
-    if not isinstance(data, dict):
-        raise BudgetLoraError(f"{path} does not hold a JSON object; the file is damaged")
-    bad = [k for k in SUMMARY_NUMBERS if not _is_number(data.get(k))]
-    bad += [k for k in ("best_val_acc",) if _is_number(data.get(k)) and not _in_unit(data.get(k))]
-    bad += [k for k in ("trainable_params", "total_params", "steps", "best_step")
-            if _is_number(data.get(k)) and data.get(k) is not None and data.get(k) < 0]
-    for split in ("val", "test"):
-        part = data.get(split)
-        if part is not None and not isinstance(part, dict):
-            bad.append(split)
-        elif isinstance(part, dict):
-            bad += [f"{split}.{k}" for k in SPLIT_NUMBERS if not _is_number(part.get(k))]
-            bad += [f"{split}.{k}" for k in SPLIT_FRACTIONS if _is_number(part.get(k)) and not _in_unit(part.get(k))]
-            if _is_number(part.get("n")) and part.get("n") is not None and (part["n"] < 0 or part["n"] != int(part["n"])):
-                bad.append(f"{split}.n")
-    if bad:
-        raise BudgetLoraError(f"{path}: {bad[0]} is not a number in its range; the file is damaged (train the run "
-                              "again, or restore the file)")
-    return data
+    return RunSummary.from_json(_read_json(path, "the run did not finish"), str(path))
 
 
-def write_pruned(run_dir: Path, record: dict[str, Any]) -> None:
-    atomic.write_json(Path(run_dir) / PRUNED, record)
+def write_pruned(run_dir: Path, record: PrunedRecord) -> None:
+    atomic.write_json(Path(run_dir) / PRUNED, record.to_json())
 
 
-def read_pruned(run_dir: Path) -> Optional[dict[str, Any]]:
+def read_pruned(run_dir: Path) -> Optional[PrunedRecord]:
     path = Path(run_dir) / PRUNED
     if not path.is_file() or is_finished(run_dir):
         return None
-    data = _read_json(path, "the pruning record is damaged")
-    return data if isinstance(data, dict) else None
+    return PrunedRecord.from_json(_read_json(path, "the pruning record is damaged"), str(path))
 
 
 def write_rung(run_dir: Path, step: int, record: dict[str, Any]) -> None:
@@ -219,6 +192,12 @@ class MetricsFile:
 
     def __init__(self, run_dir: Path):
         self._handle = open(Path(run_dir) / METRICS, "a", encoding="utf-8")
+
+    def log_config(self, cfg: Config) -> None:
+        pass  # config.yaml holds it
+
+    def finish(self, run_dir: Path, summary: RunSummary) -> None:
+        pass  # summary.json holds it
 
     def log(self, record: dict) -> None:
         # an overflowing evaluation (fp16) can give an infinite loss: null in the log, not a crash
@@ -318,3 +297,73 @@ def labels_of(meta: dict[str, Any], where: Path) -> list[str]:
     if not valid_names(names):
         raise BudgetLoraError(f"{where / EXPORT_META}: label_names must list two or more distinct class names")
     return names
+
+
+# ----- a run directory's state, in one answer ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Absent:
+    """Nothing at the path yet."""
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A run that started and did not finish; `resumable` when it has checkpoints and its config is
+    the one asked for (`config_diff` lists the keys that differ, if a config was given)."""
+
+    resumable: bool
+    config_diff: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Paused:
+    """A sweep's synchronous rung stopped the run at `step` (or later) with this validation accuracy."""
+
+    step: int
+    val_acc: float
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A sweep's pruner stopped the run (resumable to full length when `resumable`)."""
+
+    record: PrunedRecord
+    resumable: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    summary: RunSummary
+    config_diff: tuple[str, ...] = ()
+
+
+RunStatus = Union[Absent, Unfinished, Paused, Pruned, Finished]
+
+
+def run_status(run_dir: Path, cfg: Optional[Config] = None, pause_at: Optional[int] = None,
+               ignore: Sequence[str] = ()) -> RunStatus:
+    """What `run_dir` holds: absent, unfinished (resumable or not), paused at the rung `pause_at`,
+    pruned, or finished (its summary). With `cfg`, the keys in which the run's config differs from
+    it (besides `ignore`) come along. Refuses a symbolic link and a summary without its config."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink():
+        raise BudgetLoraError(f"{run_dir} is a symbolic link; budgetlora writes runs only into real folders")
+    if not run_dir.exists():
+        return Absent()
+    has_config = (run_dir / CONFIG).is_file()
+    diff = tuple(config_differences(run_dir, cfg, ignore)) if cfg is not None and has_config else ()
+    if is_finished(run_dir):
+        if not has_config:
+            raise BudgetLoraError(f"{run_dir} has a {SUMMARY} but no {CONFIG}: not a run budgetlora can reuse; "
+                                  "move it away")
+        return Finished(read_summary(run_dir), diff)
+    resumable = (run_dir / CHECKPOINTS).is_dir() and has_config and not diff
+    pruned = read_pruned(run_dir)
+    if pruned is not None:
+        return Pruned(pruned, resumable)
+    if pause_at is not None:
+        record = read_rung_from(run_dir, pause_at)
+        acc = record.get("acc") if record is not None else None
+        if isinstance(acc, (int, float)) and not isinstance(acc, bool) and math.isfinite(acc):
+            return Paused(int(record.get("step", pause_at)), float(acc))
+    return Unfinished(resumable, diff)

@@ -271,12 +271,11 @@ def measure_fast(spec: BenchSpec, data: BenchData) -> Measured:
     out.train_samples_per_s = spec.steps * cfg.train.batch_size / (marks[spec.warmup + spec.steps] - marks[spec.warmup])
 
     rows = data.test.first(spec.predict_rows)
-    batch_tokens = cfg.train.eval_batch_size * cfg.data.max_length
-    predict_logits(model, rows.first(64), rt, data.pad_id, batch_tokens=batch_tokens)  # warm-up
+    predict_logits(model, rows.first(64), rt, data.pad_id, cfg.prediction_batch)  # warm-up
     reset_peak_memory(device)
     _sync(device)
     start = time.perf_counter()
-    predict_logits(model, rows, rt, data.pad_id, batch_tokens=batch_tokens)
+    predict_logits(model, rows, rt, data.pad_id, cfg.prediction_batch)
     _sync(device)
     out.predict_samples_per_s = len(rows) / (time.perf_counter() - start)
     out.predict_peak_mb = peak_memory_mb(device)

@@ -4,14 +4,13 @@ the library only when its command runs, so `budgetlora --help` starts without to
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import typing
 from typing import Optional, Sequence
 
 from budgetlora import __version__
 from budgetlora.cli import bench, results, run, sweep
-from budgetlora.errors import BudgetLoraError, RunInterrupted
+from budgetlora.errors import run_reporting_errors
 
 DESCRIPTION = """\
 Fine-tune a frozen transformer encoder for text classification with LoRA under a hard budget of
@@ -39,33 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report(message: str) -> None:
-    # under torchrun every rank meets the same error: rank 0 alone says it, once
-    if os.environ.get("RANK", "0") in ("", "0"):
-        print(message, file=sys.stderr)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
         return int(exc.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except BudgetLoraError as exc:
-        first, *rest = str(exc).split("\n")  # a multi-line error (a budget table) indents the rest
-        _report("\n".join([f"budgetlora: error: {first}"] + [f"  {line}" for line in rest]))
-        return 2
-    except RunInterrupted as exc:
-        _report(f"budgetlora: {exc}")
-        return exc.exit_code
-    except OSError as exc:  # disk full, unwritable output: the environment, not a bug to trace
-        where = f": {exc.filename}" if exc.filename else ""
-        _report(f"budgetlora: error: {exc.strerror or exc}{where}")
-        return 2
-    except KeyboardInterrupt:
-        _report("budgetlora: interrupted")
-        return 130
+    return run_reporting_errors(lambda: int(args.func(args) or 0))
 
 
 if __name__ == "__main__":

@@ -7,17 +7,15 @@ import signal
 import threading
 from pathlib import Path
 
-from budgetlora.errors import BudgetLoraError, RunInterrupted
+from budgetlora.errors import RunInterrupted
 
 
 def _seed_list(text: str) -> list[int]:
+    """Comma-separated integers (their range is the request's to check)."""
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise argparse.ArgumentTypeError("give at least one non-negative seed")
-    return seeds
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +32,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=_seed_list, metavar="1,2,3", help="replace the study's seeds")
     p.add_argument("--study-name", help="Optuna study name (default: the study file's name)")
     p.add_argument("--heartbeat", type=int, default=10, metavar="S",
-                   help="seconds between heartbeats; a trial silent for 3x this is re-queued (0: off)")
+                   help="seconds between heartbeats (0: off); a trial silent for 3x this (and, on the default SQLite "
+                        "storage, at least 130 s) is re-queued")
     p.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / workers)")
     prune = p.add_mutually_exclusive_group()
     prune.add_argument("--prune", action="store_true", default=None,
@@ -45,11 +44,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confirm-seeds", type=int, metavar="S", help="seeds per confirmed configuration (default 3)")
     p.add_argument("--report", action="store_true", help="also write the report (plots, report.html)")
     p.add_argument("--dry-run", action="store_true", help="list the points, their ranks and budget checks; train nothing")
-    p.add_argument("--verbose", action="store_true", help="show each trial's training progress")
+    p.add_argument("--verbose", action="store_true",
+                   help="show each trial's training progress, and the traceback of a trial's unexpected error")
+    p.add_argument("--keep-going", action="store_true",
+                   help="go on after a trial fails with an unexpected error (a bug); by default the sweep stops there")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickle data files: unpickling runs code, so only for files you trust")
-    p.add_argument("--as-worker", help=argparse.SUPPRESS)
-    p.add_argument("--confirm-phase", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
 
 
@@ -61,17 +61,11 @@ def _request(args: argparse.Namespace):
     from budgetlora.progress import Console
     from budgetlora.sweeps import SweepRequest
 
-    for key in ("workers", "confirm_top", "confirm_seeds", "threads"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise BudgetLoraError(f"--{key.replace('_', '-')} must be >= 1")
-    if args.heartbeat < 0:
-        raise BudgetLoraError("--heartbeat must be >= 0 (0 turns heartbeats off)")
     return SweepRequest(study=args.study, out=Path(args.out) if args.out else None, overrides=list(args.set or []),
-                        seeds=args.seeds, workers=args.workers, storage=args.storage, heartbeat=args.heartbeat or None,
+                        seeds=args.seeds, workers=args.workers, storage=args.storage, heartbeat=args.heartbeat,
                         verbose=args.verbose, report=args.report, threads=args.threads, study_name=args.study_name,
                         trust_pickle=args.trust_pickle, prune=args.prune, confirm_top=args.confirm_top,
-                        confirm_seeds=args.confirm_seeds, console=Console())
+                        confirm_seeds=args.confirm_seeds, keep_going=args.keep_going, console=Console())
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -81,11 +75,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     request = _request(args)
     if args.dry_run:
         return _dry_run(request)
-    from budgetlora.sweeps import run_sweep, run_worker
+    from budgetlora.sweeps import run_sweep
 
-    if args.as_worker:
-        run_worker(request, args.as_worker, args.confirm_phase)
-        return 0
     try:
         outcome = run_sweep(request)
     except (KeyboardInterrupt, RunInterrupted):
@@ -100,13 +91,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _dry_run(request) -> int:
     from budgetlora.model.budget import known_num_labels
-    from budgetlora.sweeps.run import _prepare, load_request
+    from budgetlora.sweeps.plan import plan
+    from budgetlora.sweeps.run import load_request
 
     spec = load_request(request)
     if spec.sampler is not None:
         print(f"{spec.sampler} search over {', '.join(p.key for p in spec.search)}; {spec.n_trials} trials")
         return 0
-    planned, skipped = _prepare(spec)
+    planned, skipped = plan(spec)
     for p in planned:
         if p.cfg.mode == "full":
             print(f"{p.point.name}: mode full, every parameter trainable (the budget does not apply)")

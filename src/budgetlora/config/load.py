@@ -45,10 +45,10 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str, range_: Optional[Range]) -> Any:
+def _coerce(value: Any, tp: Any, key: str, range_: Optional[Range], kind: str = "config key") -> Any:
     """Check `value` against the annotation `tp` and the range; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
-    wrong = BudgetLoraError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+    wrong = BudgetLoraError(f"{kind} '{key}': got {value!r}, expected {_type_name(tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise wrong
@@ -56,7 +56,7 @@ def _coerce(value: Any, tp: Any, key: str, range_: Optional[Range]) -> Any:
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _coerce(value, option, key, range_)
+                return _coerce(value, option, key, range_, kind)
             except _OutOfRange:
                 raise  # the right type, a wrong value: that is the message
             except BudgetLoraError:
@@ -71,11 +71,11 @@ def _coerce(value: Any, tp: Any, key: str, range_: Optional[Range]) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise wrong
-        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]", range_) for i, v in enumerate(value)]
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]", range_, kind) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise wrong
-        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}", range_) for k, v in value.items()}
+        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}", range_, kind) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise wrong
@@ -88,7 +88,7 @@ def _coerce(value: Any, tp: Any, key: str, range_: Optional[Range]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         if isinstance(value, float) and not math.isfinite(value):
-            raise _OutOfRange(f"config key '{key}': got {value!r}, must be a finite number")
+            raise _OutOfRange(f"{kind} '{key}': got {value!r}, must be a finite number")
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise wrong
@@ -96,12 +96,12 @@ def _coerce(value: Any, tp: Any, key: str, range_: Optional[Range]) -> Any:
         else:
             value = float(value)
         if range_ is not None and not range_.allows(value):
-            raise _OutOfRange(f"config key '{key}': got {value!r}, must be {range_.describe()}")
+            raise _OutOfRange(f"{kind} '{key}': got {value!r}, must be {range_.describe()}")
         return value
     raise wrong
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, raw: dict[str, Any], prefix: str, kind: str = "config key") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -109,17 +109,35 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         dotted = f"{prefix}{key}"
         if key not in fields:
             near = _near(str(key), list(fields))
-            raise BudgetLoraError(f"unknown config key '{dotted}'{near}; valid keys"
+            raise BudgetLoraError(f"unknown {kind} '{dotted}'{near}; valid keys"
                                   f"{' in ' + prefix[:-1] if prefix else ''}: {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise BudgetLoraError(f"config key '{dotted}' must be a mapping of "
+                raise BudgetLoraError(f"{kind} '{dotted}' must be a mapping of "
                                       f"{', '.join(f.name for f in dataclasses.fields(tp))}")
-            kwargs[key] = _build(tp, value, dotted + ".")
+            kwargs[key] = _build(tp, value, dotted + ".", kind)
         else:
-            kwargs[key] = _coerce(value, tp, dotted, fields[key].metadata.get("range"))
+            kwargs[key] = _coerce(value, tp, dotted, fields[key].metadata.get("range"), kind)
     return cls(**kwargs)
+
+
+def coerce_value(value: Any, tp: Any, key: str, range_: Optional[Range], kind: str) -> Any:
+    """One value checked against a type annotation and range, with the config's wording."""
+    return _coerce(value, tp, key, range_, kind)
+
+
+def build_section(cls: type, raw: Any, prefix: str, kind: str) -> Any:
+    """A dataclass whose fields carry `opt(...)` metadata (type, range), built from a mapping with
+    the config's validation and wording: `kind` names what the keys are ("study key", "sweep
+    option"); keys marked `internal` in their metadata are not accepted from `raw`."""
+    if not isinstance(raw, dict):
+        raise BudgetLoraError(f"{kind} '{prefix.rstrip('.')}' must be a mapping of "
+                              f"{', '.join(f.name for f in dataclasses.fields(cls) if not f.metadata.get('internal'))}")
+    internal = [k for k in raw if any(f.name == k and f.metadata.get("internal") for f in dataclasses.fields(cls))]
+    if internal:
+        raise BudgetLoraError(f"unknown {kind} '{prefix}{internal[0]}'")
+    return _build(cls, raw, prefix, kind)
 
 
 # what users of Transformers' Trainer and PEFT call budgetlora's keys

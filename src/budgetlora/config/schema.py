@@ -50,6 +50,14 @@ def opt(default: Any = None, help: str = "", *, range: Optional[Range] = None, f
     return field(default=default, metadata=metadata)
 
 
+@dataclass(frozen=True)
+class PredictionBatch:
+    """Length-sorted prediction batches: at most `rows` rows and `tokens` padded tokens each."""
+
+    tokens: int
+    rows: int
+
+
 @dataclass
 class DataConfig:
     dataset: Optional[str] = opt(None, "hub dataset id (e.g. `ag_news`), with `dataset_config`, `train_split`, `test_split`")
@@ -173,6 +181,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def prediction_batch(self) -> "PredictionBatch":
+        """Rows per prediction batch and its token budget (`train.eval_batch_size` x
+        `data.max_length`): what evaluation, validation inside the loop and prediction all use."""
+        return PredictionBatch(tokens=self.train.eval_batch_size * self.data.max_length,
+                               rows=self.train.eval_batch_size)
 
 
 SECTIONS = {"data": DataConfig, "head": HeadConfig, "lora": LoraSettings, "train": TrainConfig}

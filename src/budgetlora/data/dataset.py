@@ -232,6 +232,20 @@ def _hub_set(cfg: DataConfig, split: str, names: Optional[list[str]],
     return TextSet(texts, labels, [str(i) for i in range(len(rows))]), names
 
 
+ROWS_KEY_HEX = 16
+
+
+def rows_key(rows: Optional[TextSet]) -> str:
+    """Identifies a set of rows (ids and texts): per-row outcomes are compared only on the same rows."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if rows is not None:
+        for row_id, text in zip(rows.ids, rows.texts):
+            digest.update(f"{row_id}\x00{text}\x00".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:ROWS_KEY_HEX]
+
+
 def stratified_split(labels: np.ndarray, size: float, seed, key: str = "data.val_size") -> tuple[np.ndarray, np.ndarray]:
     """Seeded split keeping class proportions; `size` < 1 is a fraction, >= 1 a row count.
     Returns (kept indices, split-off indices)."""

@@ -161,6 +161,22 @@ def tokenize(tokenizer, texts: list[str], labels: Optional[np.ndarray], max_leng
     return TokenizedSet(ids, offsets, labels, full)
 
 
+FINGERPRINT_HEX = 32
+
+
+def tokens_fingerprint(*parts: Optional[TokenizedSet]) -> str:
+    """A hash of the token ids and labels of `parts` (a resume refuses training data that changed
+    since its checkpoint instead of silently training on other rows)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if part is None:
+            digest.update(b"-")
+            continue
+        for array in (part.ids, part.offsets, part.labels):
+            digest.update(b"|" if array is None else np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:FINGERPRINT_HEX]
+
+
 def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
                      bucket_factor: int = 50) -> list[np.ndarray]:
     """One epoch of training batches: shuffled, then sorted by length inside windows of

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from budgetlora.config import PredictionBatch
 from budgetlora.data.tokens import TokenizedSet, collate, pad_multiple_for, sorted_batches
 from budgetlora.distributed import gather_rows
 from budgetlora.evaluate.metrics import classification_metrics
@@ -21,8 +22,11 @@ from budgetlora.speedups import inference_dtype, keep_freed_memory, merged_copy
 CPU_BATCH_TOKENS, CPU_MAX_BATCH = 4096, 64
 
 
-def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: int, batch_tokens: int = 16384,
-                   max_batch: int = 256, merge: bool = True,
+DEFAULT_BATCH = PredictionBatch(tokens=16384, rows=128)  # Config().prediction_batch
+
+
+def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: int,
+                   batch: PredictionBatch = DEFAULT_BATCH, merge: bool = True,
                    progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """Logits for every row of `data`, in the original row order (batches are length-sorted).
 
@@ -34,20 +38,20 @@ def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: in
     device, dist = rt.device, rt.dist
     if device.type == "cpu":
         keep_freed_memory()
-        batch_tokens, max_batch = min(batch_tokens, CPU_BATCH_TOKENS), min(max_batch, CPU_MAX_BATCH)
+        batch = PredictionBatch(min(batch.tokens, CPU_BATCH_TOKENS), min(batch.rows, CPU_MAX_BATCH))
     was_training = model.training
     model.eval()
     assert len(data) > 0, "predict_logits needs at least one row"
     indices, outputs = [np.zeros(0, dtype=np.int64)], [np.zeros((0, 0), dtype=np.float32)]
     net = merged_copy(model, inference_dtype(device, rt.precision)) if merge else model
     with torch.inference_mode():
-        batches = sorted_batches(data.lengths, batch_tokens, max_batch)
+        batches = sorted_batches(data.lengths, batch.tokens, batch.rows)
         for index in batches[dist.rank::dist.world_size]:
-            batch = collate(data, index, pad_id, pad_multiple_for(device))
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+            inputs = collate(data, index, pad_id, pad_multiple_for(device))
+            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items() if k != "labels"}
             with autocast(device, rt.precision):
                 indices.append(index)
-                outputs.append(forward_logits(net, batch).float().cpu().numpy())
+                outputs.append(forward_logits(net, inputs).float().cpu().numpy())
             if progress is not None:
                 progress(len(index) * dist.world_size)
     del net
@@ -57,11 +61,11 @@ def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: in
 
 
 def evaluate_split(model: nn.Module, data: Optional[TokenizedSet], names: list[str], rt: Runtime, pad_id: int,
-                   batch_tokens: int, progress: Optional[Callable[[int], None]] = None
+                   batch: PredictionBatch, progress: Optional[Callable[[int], None]] = None
                    ) -> tuple[Optional[dict], Optional[np.ndarray]]:
     """Metrics and predicted classes of a labeled split (None, None without one)."""
     if data is None or len(data) == 0 or data.labels is None:
         return None, None
-    logits = predict_logits(model, data, rt, pad_id, batch_tokens=batch_tokens, progress=progress)
+    logits = predict_logits(model, data, rt, pad_id, batch, progress=progress)
     preds = logits.argmax(1)
     return classification_metrics(data.labels, preds, names, logits), preds

@@ -120,7 +120,7 @@ def _plot_accuracy(run: RunRecord) -> tuple[str, Any] | None:
     test = accuracy_of(run.test)
     if test is not None:
         return "test", test
-    val = accuracy_of(run.summary.get("val"))
+    val = accuracy_of(run.val)
     return ("val", val) if val is not None else None
 
 
@@ -128,7 +128,7 @@ def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
     points = []
     for run in runs:
         acc = _plot_accuracy(run)
-        params = run.summary.get("trainable_params")
+        params = run.trainable_params
         if acc is not None and params:
             points.append((run.label, float(params), acc[0], acc[1]))
     if not points:
@@ -166,8 +166,7 @@ def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
 
 
 def _confusion(run: RunRecord) -> tuple[np.ndarray, list[str]] | None:
-    test = run.test or {}
-    matrix = test.get("confusion_matrix")
+    matrix = run.test.confusion_matrix if run.test is not None else None
     if not matrix:
         return None
     try:
@@ -176,7 +175,7 @@ def _confusion(run: RunRecord) -> tuple[np.ndarray, list[str]] | None:
         return None
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         return None
-    names = run.summary.get("label_names") or []
+    names = run.label_names
     if len(names) != cm.shape[0]:
         names = [str(i) for i in range(cm.shape[0])]
     return cm, [str(n) for n in names]
@@ -238,8 +237,7 @@ def _run_metric(run: RunRecord, metric: str) -> float | None:
     if metric == "test":
         acc = accuracy_of(run.test)
         return acc.accuracy if acc else None
-    value = run.summary.get("best_val_acc")
-    return float(value) if value is not None else None
+    return run.val_acc
 
 
 def sweep_grid(runs: Sequence[RunRecord]) -> Grid | None:

@@ -186,7 +186,7 @@ def write_report(path: str | Path, verdict: str = "", overwrite: bool = False) -
     runs = collect_runs(out)
     table = build_table(runs)
     if rd.is_finished(out):
-        title = f"budgetlora report: {runs[0].summary.get('name') or out.name}"
+        title = f"budgetlora report: {(runs[0].summary.name if runs[0].summary else '') or out.name}"
         subtitle = f"run directory {out}"
         plots = _single_run_plots(runs[0], out)
     else:

@@ -7,11 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.summary import PrunedRecord, RunSummary, SplitMetrics
 from budgetlora.config import flatten, read_yaml
 from budgetlora.errors import BudgetLoraError
 
@@ -20,23 +21,56 @@ MAX_DEPTH = 3
 
 @dataclass
 class RunRecord:
-    """One finished run directory, loaded lazily beyond summary and config."""
+    """One finished run directory (its summary), or a trial a sweep pruned (its pruning record:
+    the step it reached, why, its validation accuracy there; no summary, no test results);
+    loaded lazily beyond summary and config."""
 
     path: Path
     label: str
-    summary: dict[str, Any]
+    summary: Optional[RunSummary]
+    pruned: Optional[PrunedRecord] = None
     config: dict[str, Any] = field(default_factory=dict)  # flattened to dotted keys
 
     @property
-    def test(self) -> dict[str, Any] | None:
-        test = self.summary.get("test")
-        return test if isinstance(test, dict) and test.get("n") else None
+    def test(self) -> Optional[SplitMetrics]:
+        test = self.summary.test if self.summary is not None else None
+        return test if test is not None and test.n else None
 
     @property
-    def pruned(self) -> dict[str, Any] | None:
-        """For a trial a sweep pruned: the step it reached and why (it has no test results)."""
-        pruned = self.summary.get("pruned")
-        return pruned if isinstance(pruned, dict) else None
+    def val(self) -> Optional[SplitMetrics]:
+        val = self.summary.val if self.summary is not None else None
+        return val if val is not None and val.n else None
+
+    @property
+    def val_acc(self) -> Optional[float]:
+        """The best evaluation's validation accuracy (a pruned trial's: at the step it stopped)."""
+        if self.summary is not None:
+            return self.summary.val_acc
+        return self.pruned.val_acc if self.pruned is not None else None
+
+    @property
+    def best_step(self) -> Optional[int]:
+        if self.summary is not None:
+            return self.summary.best_step
+        return self.pruned.step if self.pruned is not None else None
+
+    @property
+    def trainable_params(self) -> Optional[int]:
+        if self.summary is not None:
+            return self.summary.trainable_params
+        return self.pruned.trainable_params if self.pruned is not None else None
+
+    @property
+    def train_time_s(self) -> Optional[float]:
+        return self.summary.train_time_s if self.summary is not None else None
+
+    @property
+    def samples_per_s(self) -> Optional[float]:
+        return self.summary.samples_per_s if self.summary is not None else None
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.summary.label_names) if self.summary is not None else []
 
     @cached_property
     def metrics(self) -> list[dict[str, Any]]:
@@ -71,12 +105,6 @@ def _read_outcomes(path: Path) -> pd.Series | None:
     return pd.Series((frame["label"] == frame["pred"]).to_numpy(), index=frame["ID"].to_numpy())
 
 
-def _pruned_summary(record: dict[str, Any]) -> dict[str, Any]:
-    step = record.get("step")
-    return {"pruned": record, "steps": step, "best_step": step, "best_val_acc": record.get("val_acc"),
-            "trainable_params": record.get("trainable_params")}
-
-
 def read_run(path: str | Path, label: str | None = None) -> RunRecord:
     """A finished run, or a trial a sweep pruned (its summary then says where and why)."""
     path = Path(path)
@@ -85,8 +113,8 @@ def read_run(path: str | Path, label: str | None = None) -> RunRecord:
     pruned = rd.read_pruned(path)
     if not rd.is_finished(path) and pruned is None:
         raise BudgetLoraError(f"{path} is not a finished run (no {rd.SUMMARY})")
-    summary = rd.read_summary(path) if pruned is None else _pruned_summary(pruned)
-    return RunRecord(path=path, label=label or path.name, summary=summary, config=_read_config(path))
+    summary = rd.read_summary(path) if pruned is None else None
+    return RunRecord(path=path, label=label or path.name, summary=summary, pruned=pruned, config=_read_config(path))
 
 
 def _settled(path: Path) -> bool:

@@ -16,8 +16,9 @@ import pandas as pd
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.summary import SplitMetrics
 from budgetlora.errors import BudgetLoraError
-from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue, wilson_interval
+from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue
 from budgetlora.results.runs import RunRecord, collect_runs
 
 ALPHA = 0.05
@@ -96,16 +97,12 @@ class Accuracy:
     ci_high: float
 
 
-def accuracy_of(block: dict[str, Any] | None) -> Accuracy | None:
-    """Accuracy with its Wilson interval from a summary's `test`/`val` block (None if absent)."""
-    if not isinstance(block, dict) or not block.get("n") or block.get("accuracy") is None:
+def accuracy_of(split: SplitMetrics | None) -> Accuracy | None:
+    """Accuracy with its Wilson interval from a summary's `test`/`val` metrics (None if absent)."""
+    if split is None or not split.n:
         return None
-    n = int(block["n"])
-    correct = int(block["correct"]) if block.get("correct") is not None else round(block["accuracy"] * n)
-    low, high = block.get("ci_low"), block.get("ci_high")
-    if low is None or high is None:
-        low, high = wilson_interval(correct, n)
-    return Accuracy(float(block["accuracy"]), correct, n, float(low), float(high))
+    correct = split.correct if split.correct is not None else round(split.accuracy * split.n)
+    return Accuracy(split.accuracy, correct, split.n, split.ci_low, split.ci_high)
 
 
 def format_acc_ci(acc: Accuracy | None) -> str:
@@ -158,15 +155,15 @@ def _run_row(run: RunRecord, varying: list[str], marks: dict[str, tuple[str, flo
     test = accuracy_of(run.test)
     mark, p, method = marks.get(run.label, ("", math.nan, ""))
     if run.pruned is not None:
-        mark = f"pruned @ {run.pruned.get('step')}"
+        mark = f"pruned @ {run.pruned.step}"
     row: dict[str, Any] = {"run": run.label, "kind": "pruned" if run.pruned is not None else "run"}
     row.update({key: display_value(run.config.get(key)) for key in varying})
     row.update(
         seeds="",
-        trainable_params=number_or_nan(run.summary.get("trainable_params")),
-        best_val_acc=number_or_nan(run.summary.get("best_val_acc")),
+        trainable_params=number_or_nan(run.trainable_params),
+        best_val_acc=number_or_nan(run.val_acc),
         best_val_acc_std=math.nan,
-        best_step=number_or_nan(run.summary.get("best_step")),
+        best_step=number_or_nan(run.best_step),
         test=format_acc_ci(test),
         test_acc=test.accuracy if test else math.nan,
         test_acc_std=math.nan,
@@ -176,9 +173,9 @@ def _run_row(run: RunRecord, varying: list[str], marks: dict[str, tuple[str, flo
         mark=mark,
         p_vs_best=p,
         p_test=method,
-        train_time_s=number_or_nan(run.summary.get("train_time_s")),
-        samples_per_s=number_or_nan(run.summary.get("samples_per_s")),
-        note=str(run.pruned.get("reason", "")) if run.pruned is not None else "",
+        train_time_s=number_or_nan(run.train_time_s),
+        samples_per_s=number_or_nan(run.samples_per_s),
+        note=run.pruned.reason if run.pruned is not None else "",
     )
     return row
 
@@ -194,12 +191,12 @@ def _group_row(members: list[RunRecord], varying: list[str]) -> dict[str, Any]:
     seeds = [_seed_of(r) for r in members]
     tests = [accuracy_of(r.test) for r in members]
     test_mean, test_std = _mean_or_nan(t.accuracy for t in tests if t is not None)
-    val_mean, val_std = _mean_or_nan(r.summary.get("best_val_acc") for r in members)
+    val_mean, val_std = _mean_or_nan(r.val_acc for r in members)
     row: dict[str, Any] = {"run": "mean of " + ", ".join(r.label for r in members), "kind": "mean"}
     row.update({key: "" if is_seed_key(key) else display_value(first.config.get(key)) for key in varying})
     row.update(
         seeds=",".join(str(s) for s in seeds),
-        trainable_params=number_or_nan(first.summary.get("trainable_params")),
+        trainable_params=number_or_nan(first.trainable_params),
         best_val_acc=val_mean,
         best_val_acc_std=val_std,
         best_step=math.nan,
@@ -212,8 +209,8 @@ def _group_row(members: list[RunRecord], varying: list[str]) -> dict[str, Any]:
         mark="",
         p_vs_best=math.nan,
         p_test="",
-        train_time_s=_mean_or_nan(r.summary.get("train_time_s") for r in members)[0],
-        samples_per_s=_mean_or_nan(r.summary.get("samples_per_s") for r in members)[0],
+        train_time_s=_mean_or_nan(r.train_time_s for r in members)[0],
+        samples_per_s=_mean_or_nan(r.samples_per_s for r in members)[0],
         note="",
     )
     return row

@@ -28,12 +28,12 @@ class Candidate:
 
     @property
     def trainable(self) -> float:
-        value = self.runs[0].summary.get("trainable_params")
+        value = self.runs[0].trainable_params
         return float(value) if value is not None else math.inf
 
     @property
     def train_time(self) -> float:
-        times = [r.summary.get("train_time_s") for r in self.runs if r.summary.get("train_time_s") is not None]
+        times = [r.train_time_s for r in self.runs if r.train_time_s is not None]
         return float(np.mean(times)) if times else math.inf
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from budgetlora import atomic, jsonfile
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.summary import PrunedRecord
 from budgetlora.errors import BudgetLoraError
 from budgetlora.sweeps.plan import Planned
 from budgetlora.sweeps.prune import RungRecord, decide
@@ -61,9 +62,8 @@ def decide_rung(spec: StudySpec, opts: SweepOptions, step: int, alive: list[Plan
             continue
         pruned += 1
         if rd.read_pruned(opts.out / name) is None:
-            rd.write_pruned(opts.out / name, {"step": step, "reason": decision.reason, "val_acc": record.accuracy,
-                                              "leader": decision.leader, "p_value": decision.p_value,
-                                              "trainable_params": planned.trainable})
+            rd.write_pruned(opts.out / name, PrunedRecord(step, decision.reason, record.accuracy, leader=decision.leader,
+                                                          p_value=decision.p_value, trainable_params=planned.trainable))
             opts.say(f"PRUNE {name} at step {step}: {decision.reason}")
     _write_summary(opts, step, lines)
     return survivors, pruned

@@ -20,35 +20,53 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
-from budgetlora.config import Config
+from budgetlora.config import Config, build_section
+from budgetlora.config.schema import Range, opt
 from budgetlora.errors import BudgetLoraError, RunPaused, RunPruned
 from budgetlora.evaluate.stats import mcnemar_worse_pvalue, paired_bootstrap_worse_pvalue
 
 STATISTICAL = ("mcnemar", "bootstrap")
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
-PRUNE_KEYS = ("rungs", "test", "alpha", "eta", "min_trials")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneSpec:
-    rungs: list[int]
-    test: str = "mcnemar"
-    alpha: float = 0.05
-    eta: Optional[float] = None  # keep the top 1/eta of a rung whatever the test says (None: no such floor)
-    min_trials: int = 2
-    comparisons: int = 1  # m of the Bonferroni correction: set once the sweep knows its points
+    """The study file's `prune:` section (validated by the config's typed field machinery), with
+    the Bonferroni count filled in once the sweep knows its points (`with_comparisons`)."""
+
+    rungs: list[int] = opt(help="evaluation steps at which trials are compared", range=Range(1), factory=list)
+    test: Literal["mcnemar", "bootstrap", "median", "successive_halving", "hyperband"] = opt(
+        "mcnemar", "the paired test against the rung's leader, or one of Optuna's pruners")
+    alpha: float = opt(0.05, "family-wise error rate of the pruning decisions", range=Range(0, 0.5, low_open=True))
+    eta: Optional[float] = opt(None, "keep the top 1/eta of a rung whatever the test says",
+                               range=Range(1, 100, low_open=True))
+    min_trials: int = opt(2, "trials at a rung before any is pruned (the leader and one more)", range=Range(2))
+    comparisons: int = field(default=1, metadata={"internal": True})  # m of the Bonferroni correction
+
+    def __post_init__(self) -> None:
+        if len(set(self.rungs)) != len(self.rungs):
+            raise BudgetLoraError("study key 'prune.rungs': lists a step twice")
+        object.__setattr__(self, "rungs", sorted(self.rungs))
+        if self.test in ("successive_halving", "hyperband") and self.eta is not None and self.eta != int(self.eta):
+            raise BudgetLoraError(f"study key 'prune.eta': must be a whole number for Optuna's {self.test} pruner "
+                                  "(its reduction factor), e.g. 3")
 
     @property
     def synchronous(self) -> bool:
         """Rungs where every trial waits for the others (the statistical tests on a grid)."""
         return self.test in STATISTICAL
+
+    def with_comparisons(self, runs: int) -> "PruneSpec":
+        """The spec with m = runs x rungs, every comparison a sweep can make."""
+        return dataclasses.replace(self, comparisons=max(1, runs * len(self.rungs)))
 
     def check(self, cfg: Config, name: str) -> None:
         """Every rung must come before the last step of the trial, with validation rows to compare."""
@@ -72,57 +90,47 @@ class PruneSpec:
         return optuna.pruners.NopPruner()
 
 
-@dataclass
+DEFAULT_CONFIRM_SEEDS = 3
+
+
+@dataclass(frozen=True)
 class ConfirmSpec:
-    top: int
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """The study file's `confirm:` section: the `top` configurations, rerun with `seeds` (a count
+    n means seeds 1..n)."""
+
+    top: int = opt(1, "configurations to confirm", range=Range(1))
+    seeds: Union[int, list[int]] = opt(help="a seed count, or the seeds", range=Range(0, 2**32 - 1),
+                                       factory=lambda: list(range(1, DEFAULT_CONFIRM_SEEDS + 1)))
+
+    def __post_init__(self) -> None:
+        seeds = list(range(1, self.seeds + 1)) if isinstance(self.seeds, int) else list(self.seeds)
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise BudgetLoraError("study key 'confirm.seeds': must be a count >= 1 or a list of distinct seeds")
+        object.__setattr__(self, "seeds", seeds)
+
+
+def _section(path: Path, cls: type, raw: Any, prefix: str) -> Any:
+    try:
+        return build_section(cls, raw, prefix, "study key")
+    except BudgetLoraError as exc:
+        raise BudgetLoraError(f"{path}: {exc}") from None
 
 
 def parse_prune(path: Path, raw: Any) -> Optional[PruneSpec]:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) - set(PRUNE_KEYS):
-        raise BudgetLoraError(f"{path}: 'prune' must be a mapping of {', '.join(PRUNE_KEYS)}")
-    rungs = raw.get("rungs")
-    if (not isinstance(rungs, list) or not rungs or len(set(rungs)) != len(rungs)
-            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rungs)):
-        raise BudgetLoraError(f"{path}: prune.rungs must be distinct positive step numbers, e.g. [100, 200]")
-    spec = PruneSpec(sorted(rungs))
-    test = raw.get("test", spec.test)
-    if test not in STATISTICAL + OPTUNA_PRUNERS:
-        raise BudgetLoraError(f"{path}: prune.test must be one of {', '.join(STATISTICAL + OPTUNA_PRUNERS)}")
-    spec.test = test
-    for key, low, high in (("alpha", 0.0, 0.5), ("eta", 1.0, 100.0)):
-        value = raw.get(key, getattr(spec, key))
-        if value is None and key == "eta":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-            raise BudgetLoraError(f"{path}: prune.{key} must be a number in ({low:g}, {high:g}]")
-        setattr(spec, key, float(value))
-    if test in ("successive_halving", "hyperband") and spec.eta is not None and spec.eta != int(spec.eta):
-        raise BudgetLoraError(f"{path}: prune.eta must be a whole number for Optuna's {test} pruner (its "
-                              "reduction factor), e.g. 3")
-    min_trials = raw.get("min_trials", spec.min_trials)
-    if isinstance(min_trials, bool) or not isinstance(min_trials, int) or min_trials < 2:
-        raise BudgetLoraError(f"{path}: prune.min_trials must be an integer >= 2 (the leader and one more)")
-    spec.min_trials = min_trials
-    return spec
+    if isinstance(raw, dict) and not raw.get("rungs"):
+        raise BudgetLoraError(f"{path}: study key 'prune.rungs': give the evaluation steps to compare at, e.g. "
+                              "[100, 200]")
+    return _section(path, PruneSpec, raw, "prune.")
 
 
 def parse_confirm(path: Path, raw: Any) -> Optional[ConfirmSpec]:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) - {"top", "seeds"}:
-        raise BudgetLoraError(f"{path}: 'confirm' must be a mapping of top (K configurations) and seeds")
-    top, seeds = raw.get("top"), raw.get("seeds", [1, 2, 3])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(1, seeds + 1))
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise BudgetLoraError(f"{path}: confirm.top must be an integer >= 1")
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise BudgetLoraError(f"{path}: confirm.seeds must be a count or a list of distinct seeds")
-    return ConfirmSpec(top, seeds)
+    if isinstance(raw, dict) and "top" not in raw:
+        raise BudgetLoraError(f"{path}: study key 'confirm.top': give the number of configurations to confirm")
+    return _section(path, ConfirmSpec, raw, "confirm.")
 
 
 @dataclass

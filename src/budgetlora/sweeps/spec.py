@@ -20,9 +20,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
-from budgetlora.config import flatten, parse_override, read_yaml, resolve_paths, set_dotted
+from budgetlora.config import build_section, flatten, parse_override, read_yaml, resolve_paths, set_dotted
+from budgetlora.config.schema import Range, opt
 from budgetlora.errors import BudgetLoraError
 
 # Keys a study file may hold; anything else is a typo worth refusing.
@@ -95,7 +96,7 @@ class Param:
     step: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudySpec:
     path: Path
     name: str
@@ -108,7 +109,7 @@ class StudySpec:
     n_trials: int | None
     objectives: list[str]
     sampler_seed: int | None = None
-    prune: Any = None  # sweeps.prune.PruneSpec, or None: every trial runs to the end
+    prune: Any = None  # sweeps.prune.PruneSpec (complete: rungs and comparisons), or None: no pruning
     confirm: Any = None  # sweeps.prune.ConfirmSpec, or None: no confirmation phase
 
     @property
@@ -316,22 +317,42 @@ def _expand(axes: list[Axis], seeds: list[int] | None, path: Path) -> list[Point
     return points
 
 
-def _seeds(path: Path, raw: dict[str, Any]) -> list[int] | None:
-    seeds = raw.get("seeds")
-    if seeds is not None and (not isinstance(seeds, list) or not seeds
-                              or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise _study_error(path, "'seeds' must be a non-empty list of non-negative integers")
-    return seeds
+STUDY_NAME_PATTERN = r"[A-Za-z0-9._+-]{1,100}"
+Objective = Literal["val_acc", "trainable_params"]
 
 
-def _objectives(path: Path, raw: dict[str, Any]) -> list[str]:
-    objectives = raw.get("objectives", ["val_acc"])
-    if isinstance(objectives, str):
-        objectives = [objectives]
-    if (not isinstance(objectives, list) or not objectives or any(o not in OBJECTIVES for o in objectives)
-            or len(set(objectives)) != len(objectives)):
-        raise _study_error(path, f"'objectives' must list distinct names from {', '.join(OBJECTIVES)}")
-    return list(objectives)
+@dataclass(frozen=True)
+class StudyOptions:
+    """The study file's scalar keys, validated by the config's typed field machinery."""
+
+    name: Optional[str] = opt(None, "the sweep's name (its folder, the Optuna study)")
+    description: Optional[str] = opt(None, "free text")
+    seeds: Optional[list[int]] = opt(None, "every point once per seed", range=Range(0, 2**32 - 1))
+    n_trials: Optional[int] = opt(None, "trials of a search", range=Range(1, MAX_TRIALS))
+    objectives: Union[Objective, list[Objective]] = opt(help="what the sweep optimises",
+                                                        factory=lambda: ["val_acc"])
+    sampler_seed: Optional[int] = opt(None, "seed of the search's sampler", range=Range(0, 2**32 - 1))
+
+    def __post_init__(self) -> None:
+        objectives = [self.objectives] if isinstance(self.objectives, str) else list(self.objectives)
+        if not objectives or len(set(objectives)) != len(objectives):
+            raise BudgetLoraError("study key 'objectives': must list distinct objectives (val_acc, trainable_params)")
+        object.__setattr__(self, "objectives", objectives)
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise BudgetLoraError("study key 'seeds': must list at least one seed, each once")
+        if self.name is not None and (not re.fullmatch(STUDY_NAME_PATTERN, self.name) or not self.name.strip(".")):
+            raise BudgetLoraError("study key 'name': must be a plain word (letters, digits, . _ + -, not only dots; "
+                                  "it names the sweep folder)")
+
+
+def _options(path: Path, raw: dict[str, Any], seeds: list[int] | None) -> StudyOptions:
+    picked = {k: raw[k] for k in ("name", "description", "seeds", "n_trials", "objectives", "sampler_seed") if k in raw}
+    if seeds is not None:
+        picked["seeds"] = list(seeds)
+    try:
+        return build_section(StudyOptions, picked, "", "study key")
+    except BudgetLoraError as exc:
+        raise _study_error(path, str(exc)) from None
 
 
 def _cli_overrides(overrides: Sequence[str] | None) -> dict[str, Any]:
@@ -369,14 +390,12 @@ def load_study(path: str | Path, overrides: Sequence[str] | None = None,
     base_path = (study_dir / raw["base"]).resolve()
     base_raw = read_yaml(base_path)
     resolve_paths(base_raw, base_path.parent)
-    if seeds is not None:
-        raw["seeds"] = seeds
-    seeds = _seeds(path, raw)
+    options = _options(path, raw, seeds)
+    seeds, n_trials = options.seeds, options.n_trials
     searches = [k for k in ("optuna", "random") if k in raw]
     if len(searches) > 1 or (searches and ("grid" in raw or "zip" in raw)):
         raise _study_error(path, "use either grid/zip or one search ('optuna:' or 'random:'), not both")
-    n_trials = raw.get("n_trials")
-    if searches and not (isinstance(n_trials, int) and not isinstance(n_trials, bool) and 1 <= n_trials <= MAX_TRIALS):
+    if searches and n_trials is None:
         raise _study_error(path, f"a '{searches[0]}:' search needs n_trials: N (1 <= N <= {MAX_TRIALS:,})")
     search = _search_space(path, raw[searches[0]]) if searches else []
     points = [] if searches else _grid_points(path, raw, study_dir, seeds)
@@ -385,15 +404,15 @@ def load_study(path: str | Path, overrides: Sequence[str] | None = None,
     clash = sorted(set(cli) & (set(axis_keys) | ({"train.seed"} if seeds else set())))
     if clash:
         raise BudgetLoraError(f"--set {', '.join(clash)}: the study varies these keys; edit the study file instead")
-    name = raw.get("name") or path.stem
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._+-]{1,100}", name) or not name.strip("."):
-        raise _study_error(path, "'name' must be a plain word (letters, digits, . _ + -, not only dots; it names "
-                                 "the sweep folder)")
+    name = options.name or path.stem
+    if not re.fullmatch(STUDY_NAME_PATTERN, name) or not name.strip("."):
+        raise _study_error(path, f"study key 'name': the file name {path.name!r} is not a plain word; give "
+                                 "'name: ...' (letters, digits, . _ + -; it names the sweep folder)")
     from budgetlora.sweeps.prune import parse_confirm, parse_prune
 
     return StudySpec(path=path, name=name, base_raw=base_raw, fixed={**_dotted(raw.get("set"), path, "set", study_dir), **cli},
                      points=points, search=search,
                      sampler=({"optuna": "tpe", "random": "random"}[searches[0]] if searches else None),
-                     seeds=seeds, n_trials=n_trials, objectives=_objectives(path, raw),
-                     sampler_seed=raw.get("sampler_seed"), prune=parse_prune(path, raw.get("prune")),
+                     seeds=seeds, n_trials=n_trials, objectives=list(options.objectives),
+                     sampler_seed=options.sampler_seed, prune=parse_prune(path, raw.get("prune")),
                      confirm=parse_confirm(path, raw.get("confirm")))

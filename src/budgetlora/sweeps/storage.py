@@ -13,14 +13,24 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from budgetlora.errors import BudgetLoraError
+from budgetlora.errors import BudgetLoraError, first_line
 from budgetlora.stores import OPTUNA_TABLES, check_journal_store, check_sqlite_store
 from budgetlora.sweeps.spec import StudySpec
 
 JOURNAL_PREFIX = "journal:"
 SQLITE_BUSY_S = 120  # how long a write waits for another worker's transaction
+GRACE_FACTOR = 3  # a trial whose heartbeat is silent for this many intervals is taken for dead
+MAX_RETRIES = 2  # a dead worker's trial is queued again at most this many times
+HEARTBEAT_FAILURES_TO_WARN = 3
+
+
+def grace_period(interval: int, sqlite: bool) -> int:
+    """Seconds of silence after which a trial is taken for dead: 3 intervals, and on SQLite at
+    least the time a beat may wait for the write lock (SQLITE_BUSY_S) plus 10 s."""
+    grace = GRACE_FACTOR * int(interval)
+    return max(grace, SQLITE_BUSY_S + 10) if sqlite else grace
 
 
 def default_storage(out: Path) -> str:
@@ -80,9 +90,10 @@ def _rdb_storage(url: str, heartbeat: int | None) -> Any:
         kwargs: dict[str, Any] = {}
         if heartbeat:
             # a beat can wait SQLITE_BUSY_S for the write lock: a live trial must not look dead meanwhile
-            grace = max(3 * int(heartbeat), SQLITE_BUSY_S + 10) if path is not None else 3 * int(heartbeat)
+            grace = grace_period(heartbeat, sqlite=path is not None)
             kwargs = {"heartbeat_interval": int(heartbeat), "grace_period": grace,
-                      "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+                      "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                          max_retry=MAX_RETRIES)}
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
         except Exception as exc:  # a bad URL or an unreachable server: SQLAlchemy's many error types
@@ -162,26 +173,38 @@ def enqueue_missing(study: Any, points: Sequence[Any]) -> int:
     return added
 
 
-class NullHeartbeat:
-    """No heartbeat (--heartbeat 0): a killed worker's trial stays RUNNING until a rerun."""
-
-    def __init__(self, storage: Any, trial: Any, interval: int | None):
-        self.storage, self.trial, self.interval = storage, trial, interval
+class BaseHeartbeat:
+    """A trial's heartbeat while it trains (Optuna's BaseHeartbeatThread / NullHeartbeatThread /
+    HeartbeatThread split): `beat` once, or in a thread for the `with` block."""
 
     def beat(self) -> None:
-        pass
+        raise NotImplementedError
 
-    def __enter__(self) -> "NullHeartbeat":
+    def __enter__(self) -> "BaseHeartbeat":
         return self
 
     def __exit__(self, *exc: object) -> None:
         pass
 
 
-class Heartbeat(NullHeartbeat):
+class NullHeartbeat(BaseHeartbeat):
+    """No heartbeat (--heartbeat 0): a killed worker's trial stays RUNNING until a rerun."""
+
+    def beat(self) -> None:
+        pass
+
+
+class Heartbeat(BaseHeartbeat):
     """Records the trial's heartbeat while it trains, so a killed worker's trial goes stale. Optuna
     does this itself only inside Study.optimize; a sweep claims trials with ask/tell. A journal
-    storage has no heartbeats of its own: the time goes into a trial attribute instead."""
+    storage has no heartbeats of its own: the time goes into a trial attribute instead. A beat that
+    fails (a busy or unreachable database) must not stop training; beats that keep failing are
+    said once, since the trial will then be taken for dead and given to another worker."""
+
+    def __init__(self, storage: Any, trial: Any, interval: int, warn: Any = None):
+        self.storage, self.trial, self.interval = storage, trial, interval
+        self.warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=2))
+        self.failures, self.warned = 0, False
 
     def beat(self) -> None:
         if hasattr(self.storage, "record_heartbeat"):
@@ -189,13 +212,24 @@ class Heartbeat(NullHeartbeat):
         else:
             self.storage.set_trial_user_attr(self.trial._trial_id, "heartbeat_at", time.time())
 
+    def _beat_in_loop(self) -> None:
+        try:
+            self.beat()
+            self.failures = 0
+        except Exception as exc:  # the storage's driver raises its own types (SQLAlchemy, OSError, ...)
+            self.failures += 1
+            if self.failures >= HEARTBEAT_FAILURES_TO_WARN and not self.warned:
+                self.warned = True
+                self.warn(f"trial {self.trial.number}: {self.failures} heartbeats in a row failed "
+                          f"({type(exc).__name__}: {first_line(exc, 120)}); if this goes on, another worker will "
+                          "take the trial for dead and train it again")
+
     def __enter__(self) -> "Heartbeat":
         self._stop = threading.Event()
 
         def loop() -> None:
             while not self._stop.wait(self.interval):
-                with contextlib.suppress(Exception):  # a busy database must not kill training
-                    self.beat()
+                self._beat_in_loop()
 
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
@@ -206,8 +240,8 @@ class Heartbeat(NullHeartbeat):
         self._thread.join()
 
 
-def heartbeat_for(storage: Any, trial: Any, interval: int | None) -> NullHeartbeat:
-    return Heartbeat(storage, trial, interval) if interval else NullHeartbeat(storage, trial, interval)
+def heartbeat_for(storage: Any, trial: Any, interval: Optional[int], warn: Any = None) -> BaseHeartbeat:
+    return Heartbeat(storage, trial, interval, warn) if interval else NullHeartbeat()
 
 
 def fail_stale(study: Any, storage: Any, interval: int | None) -> None:
@@ -225,10 +259,10 @@ def fail_stale(study: Any, storage: Any, interval: int | None) -> None:
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.user_attrs.get("heartbeat_at")
-        if isinstance(beat, (int, float)) and now - beat > 3 * interval:
+        if isinstance(beat, (int, float)) and now - beat > grace_period(interval, sqlite=False):
             if _fail(storage, trial):
                 retries = int(trial.user_attrs.get("retries", 0))
-                if retries < 2 and "point" in trial.user_attrs:
+                if retries < MAX_RETRIES and "point" in trial.user_attrs:
                     study.enqueue_trial({}, user_attrs={"point": trial.user_attrs["point"],
                                                         "axes": trial.user_attrs.get("axes", {}),
                                                         "retries": retries + 1})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import traceback
 import socket
 import time
 import warnings
@@ -18,8 +19,10 @@ from typing import Any, Optional
 
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.artifacts.placement import RunLock, check_replaceable
+from budgetlora.artifacts.summary import PrunedRecord, RunSummary
 from budgetlora.config import Config
-from budgetlora.errors import BudgetLoraError, NotResumable, OverBudgetError, RunInterrupted, RunPaused, RunPruned
+from budgetlora.errors import (BudgetLoraError, NotResumable, OverBudgetError, RunInterrupted, RunPaused, RunPruned,
+                               first_line)
 from budgetlora.progress import Console
 from budgetlora.sweeps.plan import Planned, build_config, check_point, plan
 from budgetlora.sweeps.prune import RungJudge
@@ -41,6 +44,7 @@ class SweepOptions:
     trust_pickle: bool = False
     console: Console = field(default_factory=Console)
     pause_at: Optional[int] = None  # a synchronous rung: train each run to this step and pause it there
+    keep_going: bool = False  # go on after a trial's unexpected error (a bug) instead of stopping the sweep
 
     def say(self, message: str) -> None:
         self.console.say(f"[{self.worker}] {message}" if self.worker else message)
@@ -71,27 +75,35 @@ class Duplicate(Exception):
         self.of = of
 
 
-def summary_values(spec: StudySpec, summaries: list[dict[str, Any]]) -> list[float]:
-    accs = []
-    for s in summaries:
-        acc = s.get("best_val_acc")
-        if acc is None and isinstance(s.get("val"), dict):
-            acc = s["val"].get("accuracy")
-        if acc is None:
-            raise BudgetLoraError("the run has no validation accuracy to optimize (data.val_size: 0?)")
-        accs.append(float(acc))
-    values = {"val_acc": lambda: sum(accs) / len(accs),  # a run paused at a rung has only its accuracy
-              "trainable_params": lambda: float(summaries[0]["trainable_params"])}
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a trial's run gave: its summary when it finished, or where it paused at a rung."""
+
+    summary: Optional[RunSummary]
+    paused: Optional[rd.Paused]
+    reused: bool
+
+    @property
+    def val_acc(self) -> Optional[float]:
+        return self.summary.val_acc if self.summary is not None else (self.paused.val_acc if self.paused else None)
+
+
+def summary_values(spec: StudySpec, outcomes: list[RunOutcome]) -> list[float]:
+    """The objective values of a trial's runs (one per seed): mean validation accuracy, and the
+    trainable count (a run paused at a rung has no summary: the planner's count stands in)."""
+    accs = [o.val_acc for o in outcomes]
+    if any(a is None for a in accs):
+        raise BudgetLoraError("the run has no validation accuracy to optimize (data.val_size: 0?)")
+
+    def trainable() -> float:
+        finished = [o.summary.trainable_params for o in outcomes if o.summary is not None]
+        if not finished:
+            raise BudgetLoraError("a run paused at a rung has no trainable count; objectives of paused runs use "
+                                  "val_acc only")
+        return float(finished[0])
+
+    values = {"val_acc": lambda: sum(a for a in accs if a is not None) / len(accs), "trainable_params": trainable}
     return [values[o]() for o in spec.objectives]
-
-
-def _paused(run_dir: Path, step: int) -> Optional[dict[str, Any]]:
-    """The stand-in summary of a run paused at a synchronous rung (or past it), if it got there."""
-    record = rd.read_rung_from(run_dir, step)
-    acc = record.get("acc") if record is not None else None
-    if not isinstance(acc, (int, float)) or isinstance(acc, bool):
-        return None
-    return {"best_val_acc": float(acc), "paused_at": record.get("step", step)}
 
 
 def _free_overrides(run_dir: Path, cfg: Config) -> list[str]:
@@ -115,54 +127,55 @@ def _discard(run_dir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any = None) -> tuple[dict[str, Any], bool]:
-    """The run's summary, training it unless `run_dir` already holds the finished run of this config
-    (or, at a synchronous rung, the run paused there)."""
-    from budgetlora.recipe import RESUME_FREE_KEYS, resume_run, train_run
+def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any = None) -> RunOutcome:
+    """The run's outcome, training it unless `run_dir` already holds the finished run of this
+    config (or, at a synchronous rung, the run paused there): one decision on the run's status."""
+    from budgetlora.recipe import RESUME_FREE_KEYS
     from budgetlora.sweeps.prune import RungPause
 
-    if run_dir.is_symlink():
-        raise BudgetLoraError(f"{run_dir} is a symbolic link; a sweep writes its runs only inside --out")
-    if rd.is_finished(run_dir):
-        if not (run_dir / rd.CONFIG).is_file():
-            raise BudgetLoraError(f"{run_dir} has a {rd.SUMMARY} but no {rd.CONFIG}: not a run this sweep can "
-                                  "reuse; move it away or sweep into another --out")
-        diff = rd.config_differences(run_dir, cfg, RESUME_FREE_KEYS)
-        if diff:
+    judging = on_eval is not None or opts.pause_at is not None
+    status = rd.run_status(run_dir, cfg, opts.pause_at, RESUME_FREE_KEYS)
+    match status:
+        case rd.Finished(config_diff=diff) if diff:
             raise BudgetLoraError(f"{run_dir} holds a finished run of a different config (differs in "
                                   f"{', '.join(diff[:6])}); delete it or sweep into another --out")
-        return rd.read_summary(run_dir), True
-    pruned = rd.read_pruned(run_dir) if on_eval is not None or opts.pause_at else None
-    if pruned is not None:  # settled by an earlier pass of this sweep (its storage may be gone)
-        raise RunPruned(int(pruned.get("step", 0)), str(pruned.get("reason", "")), float(pruned.get("val_acc", 0)),
-                        run_dir.name)
+        case rd.Finished(summary=summary):
+            return RunOutcome(summary, None, reused=True)
+        case rd.Pruned(record=record) if judging:  # settled by an earlier pass of this sweep
+            raise RunPruned(record.step, record.reason, record.val_acc, run_dir.name)
+        case rd.Paused():
+            return RunOutcome(None, status, reused=True)
     if opts.pause_at is not None:
-        paused = _paused(run_dir, opts.pause_at)
-        if paused is not None:
-            return paused, True
         on_eval = RungPause(run_dir, opts.pause_at)
+    resumable = isinstance(status, (rd.Unfinished, rd.Pruned)) and status.resumable
     try:
-        if run_dir.exists():
-            resumable = ((run_dir / rd.CHECKPOINTS).is_dir() and (run_dir / rd.CONFIG).is_file()
-                         and not rd.config_differences(run_dir, cfg, RESUME_FREE_KEYS))
-            if resumable:
-                try:
-                    resume_run(run_dir, overrides=_free_overrides(run_dir, cfg), trust_pickle=opts.trust_pickle,
-                               verbose=opts.verbose, on_eval=on_eval)
-                    return rd.read_summary(run_dir), False
-                except NotResumable as exc:  # anything else (disk full, busy, tracker down) is the trial's fate
-                    opts.say(f"cannot resume {run_dir.name} ({str(exc).splitlines()[0]}); training it again")
-            _discard(run_dir)
-            if rd.is_finished(run_dir):
-                return rd.read_summary(run_dir), True
-        train_run(cfg, run_dir.parent, trust_pickle=opts.trust_pickle, verbose=opts.verbose, run_dir=run_dir,
-                  on_eval=on_eval)
+        return _train_run(cfg, run_dir, opts, on_eval, resumable, fresh=isinstance(status, rd.Absent))
     except RunPaused:
-        paused = _paused(run_dir, opts.pause_at or 0)
-        if paused is None:
+        paused = rd.run_status(run_dir, pause_at=opts.pause_at or 0)
+        if not isinstance(paused, rd.Paused):
             raise BudgetLoraError(f"{run_dir} paused at a rung but recorded no accuracy there") from None
-        return paused, False
-    return rd.read_summary(run_dir), False
+        return RunOutcome(None, paused, reused=False)
+
+
+def _train_run(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any, resumable: bool,
+               fresh: bool) -> RunOutcome:
+    """Resume the run (when it can), else start it again (a leftover is discarded first)."""
+    from budgetlora.recipe import resume_run, train_run
+
+    if resumable:
+        try:
+            resume_run(run_dir, overrides=_free_overrides(run_dir, cfg), trust_pickle=opts.trust_pickle,
+                       verbose=opts.verbose, on_eval=on_eval)
+            return RunOutcome(rd.read_summary(run_dir), None, reused=False)
+        except NotResumable as exc:  # anything else (disk full, busy, tracker down) is the trial's fate
+            opts.say(f"cannot resume {run_dir.name} ({str(exc).splitlines()[0]}); training it again")
+    if not fresh:
+        _discard(run_dir)
+        if rd.is_finished(run_dir):  # another worker finished it meanwhile
+            return RunOutcome(rd.read_summary(run_dir), None, reused=True)
+    train_run(cfg, run_dir.parent, trust_pickle=opts.trust_pickle, verbose=opts.verbose, run_dir=run_dir,
+              on_eval=on_eval)
+    return RunOutcome(rd.read_summary(run_dir), None, reused=False)
 
 
 def _superseded_by(study: Any, trial: Any, point: str) -> Optional[int]:
@@ -264,18 +277,16 @@ def _jobs(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned]) 
 
 
 def _train_jobs(study: Any, trial: Any, spec: StudySpec, jobs: list[tuple[str, Config]], opts: SweepOptions,
-                storage: Any) -> tuple[list[dict[str, Any]], bool]:
+                storage: Any) -> list[RunOutcome]:
     trial.set_user_attr("run_dirs", [name for name, _ in jobs])
-    summaries, reused = [], True
-    with heartbeat_for(storage, trial, opts.heartbeat):
+    outcomes = []
+    with heartbeat_for(storage, trial, opts.heartbeat, warn=opts.say):
         for name, cfg in jobs:
             opts.say(f"trial {trial.number}: {name}")
             asynchronous = spec.prune is not None and not (spec.sampler is None and spec.prune.synchronous)
             judge = RungJudge(spec.prune, study, trial, name, report=len(jobs) == 1) if asynchronous else None
-            summary, was_reused = train_or_reuse(cfg, opts.out / name, opts, judge)
-            summaries.append(summary)
-            reused = reused and was_reused
-    return summaries, reused
+            outcomes.append(train_or_reuse(cfg, opts.out / name, opts, judge))
+    return outcomes
 
 
 def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned], opts: SweepOptions,
@@ -287,8 +298,8 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planne
     point, start = trial.user_attrs.get("point") or f"trial {trial.number}", time.perf_counter()
     try:
         point, jobs = _jobs(study, trial, spec, planned)
-        summaries, reused = _train_jobs(study, trial, spec, jobs, opts, storage)
-        values = summary_values(spec, summaries)
+        outcomes = _train_jobs(study, trial, spec, jobs, opts, storage)
+        values = summary_values(spec, outcomes)
     except Skip as exc:
         _settle(study, trial, TrialState.PRUNED, {"empty": str(exc)})
     except OverBudgetError as exc:
@@ -300,22 +311,20 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planne
     except RunPruned as exc:
         stats.pruned += 1
         if rd.read_pruned(opts.out / (exc.run or point)) is None:
-            record = {"step": exc.step, "reason": exc.reason, "val_acc": exc.val_acc, "trial": trial.number}
-            rd.write_pruned(opts.out / (exc.run or point), record)
+            rd.write_pruned(opts.out / (exc.run or point), PrunedRecord(exc.step, exc.reason, exc.val_acc, trial.number))
         opts.say(f"PRUNE {point} at step {exc.step}: {exc.reason}")
         _settle(study, trial, TrialState.PRUNED, {"pruned_at": exc.step, "pruned_reason": exc.reason,
                                                   "val_acc_at_prune": exc.val_acc})
     except (RunInterrupted, KeyboardInterrupt):
         _settle(study, trial, TrialState.FAIL, {"error": "interrupted"})  # a rerun retries (or resumes) it
         raise
-    except Exception as exc:  # a failed trial is recorded, the sweep goes on
-        stats.failed += 1
-        reason = str(exc) if isinstance(exc, BudgetLoraError) else f"{type(exc).__name__}: {exc}"
-        _settle(study, trial, TrialState.FAIL, {"error": reason})
-        opts.say(f"FAIL  {point}: {reason.splitlines()[0] if reason else type(exc).__name__}")
+    except Exception as exc:  # the trial's fate, in one place (as Optuna's _run_trial)
+        _fail_trial(study, trial, point, exc, opts, stats)
     else:
-        test = [s["test"]["accuracy"] for s in summaries if isinstance(s.get("test"), dict)]
-        attrs = {"reused": reused, "trainable_params": summaries[0].get("trainable_params")}
+        finished = [o.summary for o in outcomes if o.summary is not None]
+        test = [s.test.accuracy for s in finished if s.test is not None]
+        reused = all(o.reused for o in outcomes)
+        attrs = {"reused": reused, "trainable_params": finished[0].trainable_params if finished else None}
         if test:
             attrs["test_acc"] = sum(test) / len(test)
         _settle(study, trial, TrialState.COMPLETE, attrs, values)
@@ -326,6 +335,28 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planne
         shown = "  ".join(f"{o} {v:.4g}" for o, v in zip(spec.objectives, values))
         opts.say(f"done  {point}: " + ("already finished, not retrained" if reused else
                                        f"{shown}  ({time.perf_counter() - start:.0f} s)") + _standing(study, spec))
+
+
+def _fail_trial(study: Any, trial: Any, point: str, exc: Exception, opts: SweepOptions, stats: WorkerStats) -> None:
+    """A failed trial is recorded and the sweep goes on. An error that is not a BudgetLoraError is
+    a bug: its traceback is kept in the trial record (`traceback`, printed with --verbose) and the
+    sweep stops there unless asked to keep going (Optuna's `catch`)."""
+    from optuna.trial import TrialState
+
+    stats.failed += 1
+    expected = isinstance(exc, BudgetLoraError)
+    reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+    attrs = {"error": reason}
+    if not expected:
+        attrs["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    _settle(study, trial, TrialState.FAIL, attrs)
+    opts.say(f"FAIL  {point}: {first_line(exc) if reason else type(exc).__name__}")
+    if not expected and opts.verbose:
+        opts.say(attrs["traceback"].rstrip())
+    if not expected and not opts.keep_going:
+        raise BudgetLoraError(f"trial {trial.number} ({point}) failed with an unexpected error ({reason.splitlines()[0][:200]}); "
+                              "its traceback is in the trial record (sweep --verbose prints it). The sweep stops here; "
+                              "pass --keep-going to go on past such failures") from exc
 
 
 def _settle(study: Any, trial: Any, state: Any, attrs: dict[str, Any], values: Optional[list[float]] = None) -> None:

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from budgetlora.config import TrainConfig
+from budgetlora.config import PredictionBatch, TrainConfig
 from budgetlora.data.tokens import TokenizedSet, bucketed_batches, collate, pad_multiple_for
 from budgetlora.distributed import all_reduce_sum, local_slice, wrap_model
 from budgetlora.errors import BudgetLoraError, RunDiverged
 from budgetlora.evaluate.metrics import cross_entropy
-from budgetlora.evaluate.predict import predict_logits
+from budgetlora.evaluate.predict import DEFAULT_BATCH, predict_logits
 from budgetlora.runtime import Runtime, autocast
 from budgetlora.training.optim import build_optimizer, build_scheduler
 from budgetlora.training.step import StepRunner, TrainStep, loss_function
@@ -177,10 +177,10 @@ def _log_window(window: _Window, progress: Resumable, stream: BatchStream, log: 
 
 
 def _evaluate(model: nn.Module, val_data: TokenizedSet, rt: Runtime, pad_id: int, progress: Resumable,
-              log: Sink) -> np.ndarray:
+              log: Sink, batch: PredictionBatch) -> np.ndarray:
     """Validation metrics into the log and the best-so-far tracking; returns per-row correctness."""
     state = progress.state
-    logits = predict_logits(model, val_data, rt, pad_id)
+    logits = predict_logits(model, val_data, rt, pad_id, batch)
     correct = logits.argmax(1) == val_data.labels
     acc = float(correct.mean())
     state.last_eval_loss = cross_entropy(logits, val_data.labels)
@@ -213,14 +213,15 @@ def _backward(module: nn.Module, runner: StepRunner, batch: dict[str, torch.Tens
 def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[TokenizedSet], cfg: TrainConfig,
                rt: Runtime, pad_id: int, log: Sink, resume: Optional[Resumable] = None,
                on_checkpoint: Optional[Hook] = None, should_stop: Callable[[], bool] = lambda: False,
-               runner: Optional[StepRunner] = None, on_eval: Optional[EvalHook] = None) -> Resumable:
+               runner: Optional[StepRunner] = None, on_eval: Optional[EvalHook] = None,
+               eval_batch: PredictionBatch = DEFAULT_BATCH) -> Resumable:
     """Train until the last step (or early stopping); evaluate on `val_data` every `eval_every` steps.
 
     `on_checkpoint(reason, progress)` is called at save/eval points and when `should_stop()` turns
     true (a signal); the loop then returns. `on_eval(step, correct)` sees each evaluation's per-row
     outcomes after its checkpoint (a pruner may raise there). `resume` continues a checkpointed run
     exactly. `runner` runs the step (`training.step.step_runner`: compiled for fixed widths, or
-    eagerly, the default). Under
+    eagerly, the default); validation predicts in `eval_batch`es (Config.prediction_batch). Under
     `rt.dist`, every rank draws the same global batches and trains on its slice of each; logged
     metrics and checkpointed sums are global, so a checkpoint resumes on any number of processes."""
     progress = resume or fresh_resumable(model, train_data, cfg, rt)
@@ -274,7 +275,7 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
         evaluating = bool(val_data is not None and len(val_data) > 0 and scheduled)
         if evaluating:
             window.check_finite(optimizer.param_groups[0]["lr"])
-            correct = _evaluate(model, val_data, rt, pad_id, progress, log)
+            correct = _evaluate(model, val_data, rt, pad_id, progress, log, eval_batch)
             window.start = time.perf_counter()  # evaluation time is not training throughput
         if checkpointing and (evaluating or (cfg.save_every and state.step % cfg.save_every == 0)):
             checkpoint("eval" if evaluating else "periodic")
