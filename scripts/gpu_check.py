@@ -37,15 +37,32 @@ def run(command: list[str], out: Path, name: str, timeout: int) -> dict:
     except subprocess.TimeoutExpired as exc:
         code, output = 124, f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {timeout} s"
     (out / f"{name}.log").write_text(output if isinstance(output, str) else output.decode(errors="replace"))
-    return {"exit_code": code, "wall_s": round(time.perf_counter() - start, 1),
-            "tail": "\n".join(str(output).splitlines()[-25:])}
+    return {
+        "exit_code": code,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "tail": "\n".join(str(output).splitlines()[-25:]),
+    }
 
 
 def cuda_tests(out: Path, args: argparse.Namespace) -> dict:
     select = ["-k", "captured_whole and cpu and roberta"] if args.smoke else ["-m", "cuda"]
     junit = out / "cuda-tests.xml"
-    result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select, "tests/test_gpu_recipe.py",
-                  f"--junitxml={junit}"], out, "a-cuda-tests", 900)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *select,
+            "tests/test_gpu_recipe.py",
+            f"--junitxml={junit}",
+        ],
+        out,
+        "a-cuda-tests",
+        900,
+    )
     result["tests"] = junit_outcomes(junit)
     return result
 
@@ -59,19 +76,38 @@ def junit_outcomes(path: Path) -> dict[str, str]:
     outcomes = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         kinds = {child.tag for child in case}
-        outcomes[case.get("name", "?")] = ("failed" if kinds & {"failure", "error"} else
-                                           "skipped" if "skipped" in kinds else "passed")
+        outcomes[case.get("name", "?")] = (
+            "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
+        )
     return outcomes
 
 
 def bench(out: Path, args: argparse.Namespace) -> dict:
     if args.smoke:
-        extra = ["--device", "cpu", "--model", str(args.tiny), "--synthetic", "--steps", "2", "--warmup", "1",
-                 "--predict-rows", "32", "--repeats", "1", "--fast-batch-size", "8,16", "--max-length", "32"]
+        extra = [
+            "--device",
+            "cpu",
+            "--model",
+            str(args.tiny),
+            "--synthetic",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--predict-rows",
+            "32",
+            "--repeats",
+            "1",
+            "--fast-batch-size",
+            "8,16",
+            "--max-length",
+            "32",
+        ]
     else:
         extra = ["--device", "cuda", "--fast-batch-size", ",".join(map(str, args.batches))]
-    result = run([sys.executable, "-m", "budgetlora", "bench", *extra, "--json", str(out / "bench.json")], out,
-                 "b-bench", 1200)
+    result = run(
+        [sys.executable, "-m", "budgetlora", "bench", *extra, "--json", str(out / "bench.json")], out, "b-bench", 1200
+    )
     if (out / "bench.json").is_file():
         result["numbers"] = json.loads((out / "bench.json").read_text())
     return result
@@ -79,21 +115,51 @@ def bench(out: Path, args: argparse.Namespace) -> dict:
 
 def offline_preset(out: Path, args: argparse.Namespace) -> dict:
     agnews = Path(args.agnews).resolve()
-    overrides = [f"model={Path(args.minilm).resolve()}", f"data.train_file={agnews / 'train_sample.csv'}",
-                 f"data.test_file={agnews / 'test.csv'}", f"data.classes_file={agnews / 'classes.txt'}"]
+    overrides = [
+        f"model={Path(args.minilm).resolve()}",
+        f"data.train_file={agnews / 'train_sample.csv'}",
+        f"data.test_file={agnews / 'test.csv'}",
+        f"data.classes_file={agnews / 'classes.txt'}",
+    ]
     if args.smoke:
         overrides[0] = f"model={args.tiny}"
-        overrides += ["train.max_steps=4", "train.eval_every=2", "data.max_test_rows=64", "data.max_length=64",
-                      "head.pooling=cls", "train.device=cpu"]
-    command = [sys.executable, "-m", "budgetlora", "train", "configs/agnews-minilm-offline.yaml", "--out",
-               str(out / "runs"), "--quiet", "--overwrite"]
+        overrides += [
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "data.max_test_rows=64",
+            "data.max_length=64",
+            "head.pooling=cls",
+            "train.device=cpu",
+        ]
+    command = [
+        sys.executable,
+        "-m",
+        "budgetlora",
+        "train",
+        "configs/agnews-minilm-offline.yaml",
+        "--out",
+        str(out / "runs"),
+        "--quiet",
+        "--overwrite",
+    ]
     result = run(command + [x for o in overrides for x in ("--set", o)], out, "c-offline-preset", 1200)
     summary = out / "runs" / "agnews-minilm" / "summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
-        result["summary"] = {k: s.get(k) for k in ("trainable_params", "steps", "train_time_s", "wall_time_s",
-                                                   "samples_per_s", "peak_memory_mb", "device", "precision",
-                                                   "compile")}
+        result["summary"] = {
+            k: s.get(k)
+            for k in (
+                "trainable_params",
+                "steps",
+                "train_time_s",
+                "wall_time_s",
+                "samples_per_s",
+                "peak_memory_mb",
+                "device",
+                "precision",
+                "compile",
+            )
+        }
         result["summary"]["test"] = {k: s["test"][k] for k in ("accuracy", "ci_low", "ci_high", "n", "macro_f1")}
     return result
 
@@ -141,31 +207,48 @@ print(json.dumps({{"rows": rows, "batch": batch, "steps": cfg.train.max_steps, "
 
 def report_markdown(report: dict) -> str:
     lines = [f"# budgetlora GPU check ({report['date']})", "", f"GPU: {report['gpu']}; torch {report['torch']}", ""]
-    for key, title in (("a", "(a) CUDA tests"), ("b", "(b) bench"), ("c", "(c) offline preset"), ("d", "(d) one epoch")):
+    for key, title in (
+        ("a", "(a) CUDA tests"),
+        ("b", "(b) bench"),
+        ("c", "(c) offline preset"),
+        ("d", "(d) one epoch"),
+    ):
         part = report.get(key, {})
         lines += [f"## {title}: exit {part.get('exit_code')}, {part.get('wall_s')} s", ""]
         if key == "a" and part.get("tests"):
             capture = {name: outcome for name, outcome in part["tests"].items() if "captured_whole" in name}
-            lines.append(f"fullgraph capture per family: {sum(o == 'passed' for o in capture.values())} of "
-                         f"{len(capture)} passed" + "".join(f"\n- {n}: {o}" for n, o in capture.items() if o != "passed"))
-            lines.append(f"all: {sum(o == 'passed' for o in part['tests'].values())} passed, "
-                         f"{sum(o == 'failed' for o in part['tests'].values())} failed")
+            lines.append(
+                f"fullgraph capture per family: {sum(o == 'passed' for o in capture.values())} of "
+                f"{len(capture)} passed" + "".join(f"\n- {n}: {o}" for n, o in capture.items() if o != "passed")
+            )
+            lines.append(
+                f"all: {sum(o == 'passed' for o in part['tests'].values())} passed, "
+                f"{sum(o == 'failed' for o in part['tests'].values())} failed"
+            )
         if key == "c" and part.get("summary", {}).get("compile"):
             c = part["summary"]["compile"]
-            lines.append(f"compile: {c['graphs']} graph(s) for widths {c['widths']} in {c['seconds']:.0f} s, "
-                         f"{c['recompiles']} recompile(s) after warm-up" + (f", failure: {c['failure']}" if c["failure"] else ""))
+            lines.append(
+                f"compile: {c['graphs']} graph(s) for widths {c['widths']} in {c['seconds']:.0f} s, "
+                f"{c['recompiles']} recompile(s) after warm-up" + (f", failure: {c['failure']}" if c["failure"] else "")
+            )
         if key == "c" and "summary" in part:
             t = part["summary"]["test"]
-            lines.append(f"test accuracy {100 * t['accuracy']:.2f}% (95% CI {100 * t['ci_low']:.2f}-"
-                         f"{100 * t['ci_high']:.2f}, n={t['n']}); CPU: {CPU_RESULT}; wall "
-                         f"{part['summary']['wall_time_s']:.0f} s")
+            lines.append(
+                f"test accuracy {100 * t['accuracy']:.2f}% (95% CI {100 * t['ci_low']:.2f}-"
+                f"{100 * t['ci_high']:.2f}, n={t['n']}); CPU: {CPU_RESULT}; wall "
+                f"{part['summary']['wall_time_s']:.0f} s"
+            )
         if key == "d" and "numbers" in part:
             n = part["numbers"]
-            lines.append(f"{n['rows']:,} rows, batch {n['batch']}: epoch {n['epoch_s']:.1f} s "
-                         f"({n['samples_per_s']:,.0f} samples/s) after {n['warm_up_s']:.0f} s of compile warm-up")
+            lines.append(
+                f"{n['rows']:,} rows, batch {n['batch']}: epoch {n['epoch_s']:.1f} s "
+                f"({n['samples_per_s']:,.0f} samples/s) after {n['warm_up_s']:.0f} s of compile warm-up"
+            )
             if n.get("compile"):
-                lines.append(f"compile: {n['compile']['graphs']} graph(s), {n['compile']['recompiles']} recompile(s) "
-                             "after warm-up")
+                lines.append(
+                    f"compile: {n['compile']['graphs']} graph(s), {n['compile']['recompiles']} recompile(s) "
+                    "after warm-up"
+                )
         lines += ["```", part.get("tail", ""), "```", ""]
     return "\n".join(lines)
 
@@ -175,8 +258,12 @@ def main() -> int:
     parser.add_argument("out", type=Path, help="folder for report.md, report.json and the logs")
     parser.add_argument("--minilm", default="minilm", help="MiniLM model directory (default: the packaged one)")
     parser.add_argument("--agnews", default=str(ROOT.parent / "shared" / "data" / "ag_news"), help="AG News folder")
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[32, 1024],
-                        help="budgetlora's training batches in the bench (default 32 = the hub preset's, 1024)")
+    parser.add_argument(
+        "--batches",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[32, 1024],
+        help="budgetlora's training batches in the bench (default 32 = the hub preset's, 1024)",
+    )
     parser.add_argument("--epoch-batch", type=int, default=1024, help="batch of the one-epoch timing (d)")
     parser.add_argument("--parts", default="abcd", help="which parts to run (default abcd)")
     parser.add_argument("--smoke", action="store_true", help="every part tiny, on the CPU (tests this script)")
@@ -185,8 +272,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)",
+    }
     for key, step in (("a", cuda_tests), ("b", bench), ("c", offline_preset), ("d", one_epoch)):
         if key in args.parts:
             report[key] = step(args.out, args)

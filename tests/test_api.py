@@ -36,8 +36,11 @@ def test_predict_evaluate_export_and_load(trained_run, synthetic_data, tmp_path)
     run = budgetlora.load(trained_run)
     one = run.predict("stocks market shares profit")
     many = run.predict(["stocks market shares profit", "match goal team coach"])
-    assert one.labels == ["2"] and many.labels == ["2", "1"] and many.texts == ["stocks market shares profit",
-                                                                               "match goal team coach"]
+    assert (
+        one.labels == ["2"]
+        and many.labels == ["2", "1"]
+        and many.texts == ["stocks market shares profit", "match goal team coach"]
+    )
     assert np.allclose(many.probabilities.sum(1), 1) and many.records()[0]["probabilities"]["2"] > 0.25
     from_file = run.predict(synthetic_data["test"])  # a labeled file predicts too; ids are row numbers
     assert len(from_file) == 120 and from_file.ids[:2] == ["0", "1"]
@@ -71,6 +74,7 @@ def test_plan_from_the_architecture_alone():
     assert budgetlora.plan("roberta-base", 500_000, ["q", "v"]).rank == 0
 
 
+@pytest.mark.slow
 def test_sweep_from_python(tiny_config, tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({**tiny_config, "train": {**tiny_config["train"], "max_steps": 4, "eval_every": 4}}))

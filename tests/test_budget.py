@@ -16,20 +16,28 @@ def roberta(**lora) -> "object":
     return config_from_dict({"model": "roberta-base", "data": {"train_file": "unused.csv"}, "lora": lora})
 
 
-@pytest.mark.parametrize("lora, expected", [
-    ({"r": 2, "targets": ["q", "v"]}, 667_396),
-    ({"r": 1, "targets": ["q", "k", "v", "o"], "bias": "lora_only"}, 704_260),
-    ({"r": 22, "targets": ["v"]}, 999_172),
-    ({"r": 8, "targets": ["q", "v"]}, 888_580),
-])
+@pytest.mark.parametrize(
+    "lora, expected",
+    [
+        ({"r": 2, "targets": ["q", "v"]}, 667_396),
+        ({"r": 1, "targets": ["q", "k", "v", "o"], "bias": "lora_only"}, 704_260),
+        ({"r": 22, "targets": ["v"]}, 999_172),
+        ({"r": 8, "targets": ["q", "v"]}, 888_580),
+    ],
+)
 def test_roberta_base_counts(lora, expected):
     assert count_trainable(build_meta_model(roberta(**lora), 4)).trainable == expected
 
 
 def test_head_alone_and_breakdown():
     report = count_trainable(build_meta_model(roberta(r=2, targets=["q", "v"]), 4))
-    assert report.breakdown == {"head": 593_668, "lora_A.q": 18_432, "lora_A.v": 18_432,
-                                "lora_B.q": 18_432, "lora_B.v": 18_432}
+    assert report.breakdown == {
+        "head": 593_668,
+        "lora_A.q": 18_432,
+        "lora_A.v": 18_432,
+        "lora_B.q": 18_432,
+        "lora_B.v": 18_432,
+    }
 
 
 @pytest.mark.parametrize("targets", [["v"], ["q", "v"], ["q", "k", "v", "o"]])
@@ -50,8 +58,9 @@ def test_ffn_out_is_not_confused_with_attention_output():
 def test_layers_and_rank_pattern_are_counted_from_the_model():
     only_top = count_trainable(build_meta_model(roberta(r=4, targets=["v"], layers=[10, 11]), 4))
     assert only_top.trainable == 593_668 + 2 * 4 * (768 + 768)
-    patterned = count_trainable(build_meta_model(
-        roberta(r=4, targets=["v"], rank_pattern={"layer.11.attention.self.value": 16}), 4))
+    patterned = count_trainable(
+        build_meta_model(roberta(r=4, targets=["v"], rank_pattern={"layer.11.attention.self.value": 16}), 4)
+    )
     assert patterned.trainable == 593_668 + 11 * 4 * 1536 + 16 * 1536
 
 
@@ -69,8 +78,13 @@ def test_plan_cli_prints_rank_and_count(capsys):
 
 
 def test_over_budget_is_refused_before_data_is_read(tmp_path):
-    cfg = config_from_dict({"model": "roberta-base", "data": {"train_file": str(tmp_path / "missing.csv")},
-                            "lora": {"r": 64, "targets": ["q", "k", "v"]}})
+    cfg = config_from_dict(
+        {
+            "model": "roberta-base",
+            "data": {"train_file": str(tmp_path / "missing.csv")},
+            "lora": {"r": 64, "targets": ["q", "k", "v"]},
+        }
+    )
     with pytest.raises(OverBudgetError, match=r"largest rank that fits .* r=7"):
         precheck_budget(cfg)
 

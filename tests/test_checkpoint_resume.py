@@ -26,11 +26,12 @@ from budgetlora.training.checkpoint import complete_checkpoints, load_checkpoint
 from budgetlora.cli import main as cli_main
 from budgetlora.config import load_config
 from budgetlora.errors import BudgetLoraError, RunInterrupted
-from budgetlora.recipe import resume_run, train_run
+from budgetlora.recipe import train_run
+from budgetlora.resume import resume_run
+from helpers import MAX_STEPS, adapter, assert_same_run, interrupt_at, metrics  # noqa: F401  (shared resume harness)
 
 pytestmark = pytest.mark.usefixtures("_restore_threads")
 
-from conftest import MAX_STEPS, adapter, assert_same_run, interrupt_at, metrics  # noqa: F401  (shared resume harness)
 
 def last_step(run: Path) -> int:
     path = run / "metrics.jsonl"
@@ -47,8 +48,13 @@ def last_step(run: Path) -> int:
 
 def start_cli_run(run_config: Path, out: Path, name: str, cache: Path) -> subprocess.Popen:
     env = dict(os.environ, BUDGETLORA_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
-    return subprocess.Popen([sys.executable, "-m", "budgetlora", "train", str(run_config), "--out", str(out),
-                             "--name", name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "budgetlora", "train", str(run_config), "--out", str(out), "--name", name],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 240.0) -> None:
@@ -63,6 +69,7 @@ def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float =
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_kill9_at_random_step_then_resume_is_bit_identical(run_config, reference, tmp_path):
     target = random.Random().randint(8, 90)  # anywhere: mid-epoch, mid-window, even mid-checkpoint
     run = tmp_path / "runs" / "killed"
@@ -80,6 +87,7 @@ def test_kill9_at_random_step_then_resume_is_bit_identical(run_config, reference
     assert_same_run(run, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_step_boundary_with_resumable_checkpoint(run_config, reference, tmp_path):
     run = tmp_path / "runs" / "termed"
     proc = start_cli_run(run_config, tmp_path / "runs", "termed", tmp_path / "cache")
@@ -164,8 +172,12 @@ def test_checkpoints_keep_last_k_and_best_and_hold_no_pickle(reference):
     assert names[-2:] == [f"step-{MAX_STEPS - 5:08d}", f"step-{MAX_STEPS:08d}"]  # keep_checkpoints: 2
     assert best in names and len(names) <= 3
     for path in paths:
-        assert {p.name for p in path.iterdir()} <= {"best.safetensors", "state.json", "state.safetensors",
-                                                    "trainable.safetensors"}
+        assert {p.name for p in path.iterdir()} <= {
+            "best.safetensors",
+            "state.json",
+            "state.safetensors",
+            "trainable.safetensors",
+        }
     final = load_checkpoint(paths[-1])
     assert final.step == final.state.step == MAX_STEPS and final.reason == "eval"  # the last step evaluates
     assert final.state.best_step == summary["best_step"]

@@ -14,15 +14,21 @@ def test_defaults_and_types():
     assert cfg.lora.targets == ["q", "k"] and cfg.budget == 1_000_000
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"train.learning_rate": 1e-4}, r"unknown config key 'train.learning_rate'.*valid keys in train: lr"),
-    ({"lora.r": "four"}, r"'lora.r': got 'four', expected an integer"),
-    ({"train.optimizer": "adam"}, r"'train.optimizer'.*one of 'adamw', 'rmsprop', 'adagrad', 'sgd'"),
-    ({"lora.targets": ["q", "query"]}, r"unknown target\(s\) \['query'\]; valid: q, k, v, qkv, o, ffn_in, ffn_out, head"),
-    ({"lora.dropout": 1.5}, r"'lora.dropout': got 1.5, must be in \[0, 1\)"),
-    ({"lora.bias": "some"}, r"'lora.bias'.*'none', 'lora_only', 'all'"),
-    ({"train.use_fp16": True}, r"unknown config key 'train.use_fp16'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.learning_rate": 1e-4}, r"unknown config key 'train.learning_rate'.*valid keys in train: lr"),
+        ({"lora.r": "four"}, r"'lora.r': got 'four', expected an integer"),
+        ({"train.optimizer": "adam"}, r"'train.optimizer'.*one of 'adamw', 'rmsprop', 'adagrad', 'sgd'"),
+        (
+            {"lora.targets": ["q", "query"]},
+            r"unknown target\(s\) \['query'\]; valid: q, k, v, qkv, o, ffn_in, ffn_out, head",
+        ),
+        ({"lora.dropout": 1.5}, r"'lora.dropout': got 1.5, must be in \[0, 1\)"),
+        ({"lora.bias": "some"}, r"'lora.bias'.*'none', 'lora_only', 'all'"),
+        ({"train.use_fp16": True}, r"unknown config key 'train.use_fp16'"),
+    ],
+)
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(BudgetLoraError, match=message):
         config_from_dict(BASE, overrides)

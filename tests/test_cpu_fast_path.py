@@ -33,7 +33,9 @@ from budgetlora.model import build_model, forward_logits
 CPU = torch.device("cpu")
 
 
-def _model(tiny_config, head: dict | None = None, dropout: float = 0.0, targets=("q", "k", "v", "o", "ffn_in", "ffn_out")):
+def _model(
+    tiny_config, head: dict | None = None, dropout: float = 0.0, targets=("q", "k", "v", "o", "ffn_in", "ffn_out")
+):
     tiny_config["lora"].update({"dropout": dropout, "targets": list(targets)})
     if head:
         tiny_config["head"] = head
@@ -57,6 +59,7 @@ def _batch(rows: int = 5, width: int = 14) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------- packed dropout
+
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
 def test_keep_mask_keeps_the_requested_fraction(p):
@@ -150,6 +153,7 @@ def test_cpu_training_preparation_uses_packed_masks_and_keeps_peft_input_dropout
 
 # ------------------------------------------------------------------------ first-token last layer
 
+
 def _grads(model, batch) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     forward_logits(model, batch).square().sum().backward()
@@ -167,8 +171,7 @@ def test_first_token_last_layer_gives_the_same_logits_and_gradients(tiny_config,
     for m in (model, reference):
         m.eval()
     with torch.no_grad():
-        torch.testing.assert_close(forward_logits(model, batch), forward_logits(reference, batch),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(forward_logits(model, batch), forward_logits(reference, batch), rtol=1e-5, atol=1e-6)
     for m in (model, reference):  # train mode, without dropout noise, to compare gradients
         m.train()
         for module in m.modules():
@@ -177,8 +180,9 @@ def test_first_token_last_layer_gives_the_same_logits_and_gradients(tiny_config,
     got, expected = _grads(model, batch), _grads(reference, batch)
     assert got.keys() == expected.keys() and len(got) > 4
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name], expected[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     last = [n for n in expected if ".layer.1." in n and "lora_B" in n]
     assert last and all(expected[n].abs().max() > 0 for n in last)  # the last layer's adapters do train
 
@@ -214,11 +218,15 @@ def test_merged_prediction_uses_the_first_token_layer_and_equals_the_adapter_mod
     lengths = rng.integers(3, 30, size=23)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     data = TokenizedSet(rng.integers(5, 40, size=int(offsets[-1])).astype(np.int32), offsets, None)
-    np.testing.assert_allclose(predict_logits(model, data, Runtime(CPU, 'fp32'), pad_id=1, merge=True),
-                               predict_logits(model, data, Runtime(CPU, 'fp32'), pad_id=1, merge=False), atol=1e-5)
+    np.testing.assert_allclose(
+        predict_logits(model, data, Runtime(CPU, "fp32"), pad_id=1, merge=True),
+        predict_logits(model, data, Runtime(CPU, "fp32"), pad_id=1, merge=False),
+        atol=1e-5,
+    )
 
 
 # ---------------------------------------------------------------------------------- padding
+
 
 def test_cpu_batches_pad_to_the_longest_row_and_gpus_to_a_multiple_of_8():
     assert pad_multiple_for(CPU) == 1 and pad_multiple_for(torch.device("cuda")) == 8
@@ -230,6 +238,7 @@ def test_cpu_batches_pad_to_the_longest_row_and_gpus_to_a_multiple_of_8():
 
 # ---------------------------------------------------------------------------------- allocator
 
+
 def test_allocator_thresholds_are_set_on_glibc_unless_the_user_chose(monkeypatch):
     import platform
 
@@ -240,8 +249,11 @@ def test_allocator_thresholds_are_set_on_glibc_unless_the_user_chose(monkeypatch
     monkeypatch.setattr(allocator, "_applied", None)
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert allocator.keep_freed_memory() is glibc
-    for env in ({"MALLOC_ARENA_MAX": "2"}, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},
-                {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}):
+    for env in (
+        {"MALLOC_ARENA_MAX": "2"},
+        {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+    ):
         with monkeypatch.context() as m:
             for key, value in env.items():
                 m.setenv(key, value)

@@ -13,7 +13,7 @@ from budgetlora.data.dataset import load_splits, load_text_set, stratified_split
 from budgetlora.data.sources import clean_text
 from budgetlora.data.tokens import bucketed_batches, collate, sorted_batches, tokenize, TokenizedSet
 from budgetlora.errors import BudgetLoraError
-from conftest import AG_NEWS
+from helpers import AG_NEWS
 
 
 def cfg(**kw) -> DataConfig:
@@ -30,7 +30,10 @@ def test_original_agnews_csv_is_detected_and_mapped():
 
 
 def test_clean_text():
-    assert clean_text("A second\\team won \\$10 #36;5 it#39;s &lt;b&gt;big&lt;/b&gt;") == "A second team won $10 $5 it's big"
+    assert (
+        clean_text("A second\\team won \\$10 #36;5 it#39;s &lt;b&gt;big&lt;/b&gt;")
+        == "A second team won $10 $5 it's big"
+    )
 
 
 def test_generic_csv_tsv_jsonl_parquet_agree(tmp_path):
@@ -41,11 +44,19 @@ def test_generic_csv_tsv_jsonl_parquet_agree(tmp_path):
     with (tmp_path / "d.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["title", "body", "topic"])
-        writer.writerows((t, t.upper(), l) for t, l in rows)
-    (tmp_path / "d.tsv").write_text("title\tbody\ttopic\n" + "".join(f"{t}\t{t.upper()}\t{l}\n" for t, l in rows))
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"title": t, "body": t.upper(), "topic": l}) + "\n" for t, l in rows))
-    pq.write_table(pa.table({"title": [t for t, _ in rows], "body": [t.upper() for t, _ in rows],
-                             "topic": [l for _, l in rows]}), tmp_path / "d.parquet")
+        writer.writerows((t, t.upper(), label) for t, label in rows)
+    (tmp_path / "d.tsv").write_text(
+        "title\tbody\ttopic\n" + "".join(f"{t}\t{t.upper()}\t{label}\n" for t, label in rows)
+    )
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"title": t, "body": t.upper(), "topic": label}) + "\n" for t, label in rows)
+    )
+    pq.write_table(
+        pa.table(
+            {"title": [t for t, _ in rows], "body": [t.upper() for t, _ in rows], "topic": [label for _, label in rows]}
+        ),
+        tmp_path / "d.parquet",
+    )
     c = cfg(text_columns=["title", "body"], label_column="topic")
     results = [load_text_set(str(tmp_path / f"d.{ext}"), c, None, True) for ext in ("csv", "tsv", "jsonl", "parquet")]
     for data, names in results:
@@ -54,16 +65,19 @@ def test_generic_csv_tsv_jsonl_parquet_agree(tmp_path):
         assert data.texts[2] == 'quote "x" here QUOTE "X" HERE'
 
 
-@pytest.mark.parametrize("content, message", [
-    ("text,label\nhello,0\n\"unclosed,1\n", r"bad.csv line 3: malformed row"),
-    ("text,label\nhello,0\nworld,1,extra\n", r"bad.csv line 3: expected 2 fields"),
-    ("text,label\nhello,0\n  ,1\n", r"bad.csv line 3: empty text"),
-    ("text,label\nhello,0\nworld,7\n", r"bad.csv line 3: label 7 out of range 0..3"),
-    ("text,label\nhello,World\nworld,Cats\n", r"bad.csv line 3: unknown label 'Cats'; known: World, Sports"),
-    ("body,label\nhello,0\n", r"bad.csv line 2: no text column 'text' \(columns: body, label\)"),
-    ("text,topic\nhello,0\n", r"bad.csv line 2: no label column 'label'"),
-    ("", r"bad.csv: the file is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('text,label\nhello,0\n"unclosed,1\n', r"bad.csv line 3: malformed row"),
+        ("text,label\nhello,0\nworld,1,extra\n", r"bad.csv line 3: expected 2 fields"),
+        ("text,label\nhello,0\n  ,1\n", r"bad.csv line 3: empty text"),
+        ("text,label\nhello,0\nworld,7\n", r"bad.csv line 3: label 7 out of range 0..3"),
+        ("text,label\nhello,World\nworld,Cats\n", r"bad.csv line 3: unknown label 'Cats'; known: World, Sports"),
+        ("body,label\nhello,0\n", r"bad.csv line 2: no text column 'text' \(columns: body, label\)"),
+        ("text,topic\nhello,0\n", r"bad.csv line 2: no label column 'label'"),
+        ("", r"bad.csv: the file is empty"),
+    ],
+)
 def test_bad_csv_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.csv"
     path.write_text(content)
@@ -115,8 +129,15 @@ def test_stratified_split_is_seeded_and_proportional():
 
 
 def test_load_splits_on_local_agnews():
-    splits = load_splits(cfg(train_file=str(AG_NEWS / "train_sample.csv"), test_file=str(AG_NEWS / "test.csv"),
-                             classes_file=str(AG_NEWS / "classes.txt"), val_size=500), seed=0)
+    splits = load_splits(
+        cfg(
+            train_file=str(AG_NEWS / "train_sample.csv"),
+            test_file=str(AG_NEWS / "test.csv"),
+            classes_file=str(AG_NEWS / "classes.txt"),
+            val_size=500,
+        ),
+        seed=0,
+    )
     assert (len(splits.train), len(splits.val), len(splits.test)) == (4500, 500, 7600)
     assert splits.label_names == ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -135,7 +156,7 @@ def test_tokenize_cache_and_batches(tiny_model_dir, tmp_path):
     batches = bucketed_batches(first.lengths, 8, seed=1, epoch=0)
     flat = np.concatenate(batches)
     assert len(flat) == 56 and len(set(flat)) == 56 and all(len(b) == 8 for b in batches)
-    assert not all(np.array_equal(a, b) for a, b in zip(batches, bucketed_batches(first.lengths, 8, 1, 1)))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, bucketed_batches(first.lengths, 8, 1, 1), strict=True))
     batch = collate(first, batches[0], pad_id=1)
     assert batch["input_ids"].shape[1] % 8 == 0
     assert batch["attention_mask"].sum().item() == first.lengths[batches[0]].sum()
@@ -148,6 +169,6 @@ def test_bucketed_batches_reduce_padding():
     lengths = rng.integers(10, 128, size=4000)
     data = TokenizedSet(np.zeros(lengths.sum(), np.int32), np.concatenate([[0], np.cumsum(lengths)]), None)
     padded = sum(len(b) * data.lengths[b].max() for b in bucketed_batches(data.lengths, 16, 0, 0))
-    shuffled = rng.permutation(4000)[:len(lengths) // 16 * 16].reshape(-1, 16)
+    shuffled = rng.permutation(4000)[: len(lengths) // 16 * 16].reshape(-1, 16)
     padded_random = sum(16 * lengths[b].max() for b in shuffled)
     assert padded < 0.7 * padded_random

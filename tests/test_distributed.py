@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +17,9 @@ from safetensors.torch import load_file
 
 from budgetlora.distributed import context_from_env
 from budgetlora.errors import BudgetLoraError
-from conftest import build_tiny_model
+from helpers import build_tiny_model, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.slow  # subprocesses and minutes of CPU: the full suite runs it
 
 
 def budgetlora(*args: str, procs: int = 1, cwd: Path) -> subprocess.CompletedProcess:
@@ -33,8 +28,17 @@ def budgetlora(*args: str, procs: int = 1, cwd: Path) -> subprocess.CompletedPro
     if procs == 1:
         cmd = [sys.executable, "-m", "budgetlora", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "budgetlora", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={procs}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "budgetlora",
+            *args,
+        ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -43,12 +47,28 @@ def ddp_setup(tmp_path_factory, synthetic_data):
     root = tmp_path_factory.mktemp("ddp")
     model = build_tiny_model(root / "model", dropout=0.0)  # dropout masks would differ per rank
     config = {
-        "name": "tiny", "model": str(model), "budget": 1_000_000,
-        "data": {"train_file": str(synthetic_data["train"]), "test_file": str(synthetic_data["test"]),
-                 "val_size": 40, "max_length": 64},
+        "name": "tiny",
+        "model": str(model),
+        "budget": 1_000_000,
+        "data": {
+            "train_file": str(synthetic_data["train"]),
+            "test_file": str(synthetic_data["test"]),
+            "val_size": 40,
+            "max_length": 64,
+        },
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"]},
-        "train": {"lr": 2e-2, "max_steps": 12, "batch_size": 16, "eval_every": 6, "log_every": 2,
-                  "save_every": 4, "keep_checkpoints": 10, "seed": 0, "warmup": 0.0, "num_threads": 1},
+        "train": {
+            "lr": 2e-2,
+            "max_steps": 12,
+            "batch_size": 16,
+            "eval_every": 6,
+            "log_every": 2,
+            "save_every": 4,
+            "keep_checkpoints": 10,
+            "seed": 0,
+            "warmup": 0.0,
+            "num_threads": 1,
+        },
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -75,10 +95,10 @@ def test_two_processes_equal_one(ddp_setup):
     assert [p.name for p in (root / "double").iterdir()] == ["tiny"]  # rank 0 alone wrote a run
     assert_adapters_close(single, double)
     assert (single / "test_predictions.csv").read_text() == (double / "test_predictions.csv").read_text()
-    s = [json.loads(l) for l in (single / "metrics.jsonl").read_text().splitlines()]
-    d = [json.loads(l) for l in (double / "metrics.jsonl").read_text().splitlines()]
+    s = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    d = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in s] == [r["step"] for r in d]  # one log, not one per rank
-    for a, b in zip(s, d):
+    for a, b in zip(s, d, strict=True):
         for key in ("train_loss", "eval_loss"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-5
@@ -90,8 +110,9 @@ def test_predict_under_torchrun_equals_single_process(ddp_setup, synthetic_data)
     outputs = {}
     for procs in (1, 2):
         out = root / f"predictions-{procs}.csv"
-        result = budgetlora("predict", str(single), "--data", str(synthetic_data["test"]), "--out", str(out),
-                            procs=procs, cwd=root)
+        result = budgetlora(
+            "predict", str(single), "--data", str(synthetic_data["test"]), "--out", str(out), procs=procs, cwd=root
+        )
         assert result.returncode == 0, result.stderr
         outputs[procs] = out.read_text()
     assert outputs[1] == outputs[2] and outputs[1].count("\n") == 121

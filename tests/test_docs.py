@@ -16,7 +16,8 @@ def test_the_readme_config_table_is_made_from_the_config_fields():
     table = README.split("<!-- config-table -->\n", 1)[1].split("<!-- /config-table -->", 1)[0]
     assert table == reference_markdown(), (
         "README's config table is out of date; regenerate it with: python3 -c \"from budgetlora.config import "
-        "reference_markdown; print(reference_markdown(), end='')\"")
+        "reference_markdown; print(reference_markdown(), end='')\""
+    )
 
 
 def test_every_linked_file_exists():

@@ -40,7 +40,7 @@ def _batch(rows: int = 6, width: int = 12, vocab: int = 40) -> dict[str, torch.T
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(5, vocab, (rows, width), generator=generator)
     mask = torch.ones(rows, width, dtype=torch.long)
-    mask[0, width // 2:] = 0
+    mask[0, width // 2 :] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -90,7 +90,9 @@ def test_lowrank_dropout_drops_low_rank_features_and_saves_less_memory(tiny_conf
     zero_fraction = float((out == 0).float().mean())
     assert 0.15 < zero_fraction < 0.45  # p = 0.3 of the r outputs are zeroed
     a.eval()
-    torch.testing.assert_close(a(torch.ones(2, a.in_features)), torch.nn.functional.linear(torch.ones(2, a.in_features), a.weight))
+    torch.testing.assert_close(
+        a(torch.ones(2, a.in_features)), torch.nn.functional.linear(torch.ones(2, a.in_features), a.weight)
+    )
 
 
 def test_lowrank_dropout_leaves_zero_dropout_and_dora_alone(tiny_config):
@@ -109,8 +111,8 @@ def test_merged_prediction_equals_adapter_model_and_leaves_it_untouched(tiny_con
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     data = TokenizedSet(rng.integers(5, 40, size=int(offsets[-1])).astype(np.int32), offsets, None)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = predict_logits(model, data, Runtime(CPU, 'fp32'), pad_id=1, merge=True)
-    unmerged = predict_logits(model, data, Runtime(CPU, 'fp32'), pad_id=1, merge=False)
+    merged = predict_logits(model, data, Runtime(CPU, "fp32"), pad_id=1, merge=True)
+    unmerged = predict_logits(model, data, Runtime(CPU, "fp32"), pad_id=1, merge=False)
     np.testing.assert_allclose(merged, unmerged, atol=1e-5)
     assert np.abs(unmerged).max() > 0.1  # a real prediction, not zeros
     for key, value in model.state_dict().items():
@@ -140,11 +142,31 @@ def test_cpu_defaults_keep_the_plain_math(tiny_config):
     assert fast.compiled and fast.dropout_position == "lowrank" and fast.pad_to == (32, 64)
 
 
+@pytest.mark.slow
 def test_bench_runs_both_stacks_and_ends_with_the_ratio_line(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--device", "cpu", "--model", str(tiny_model_dir), "--synthetic", "--steps", "3",
-                 "--warmup", "1", "--predict-rows", "64", "--repeats", "1", "--max-length", "64",
-                 "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            str(tiny_model_dir),
+            "--synthetic",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--predict-rows",
+            "64",
+            "--repeats",
+            "1",
+            "--max-length",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     match = re.fullmatch(r"train_speedup=(\d+\.\d\d) predict_speedup=(\d+\.\d\d)", lines[-1])

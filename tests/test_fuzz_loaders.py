@@ -32,25 +32,87 @@ from budgetlora.config import DataConfig
 from budgetlora.data.dataset import load_text_set
 from budgetlora.errors import BudgetLoraError
 
+pytestmark = pytest.mark.slow  # subprocesses and minutes of CPU: the full suite runs it
+
 EXAMPLES = 500
-FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                         suppress_health_check=list(HealthCheck))
+FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 MAX_MESSAGE = 1000  # one readable line, whatever the input holds
 
 # ------------------------------------------------------------------------------------------------
 # field contents
 
-SPECIAL = ["", " ", "\n", "\r", "\r\n", '"', '""', "'", ",", "\t", "a,b", 'say "hi"', "x\ty", "line\nbreak",
-           "\ufeff", "\u2028", "\x85", "\x00", "\\", "\\n", "#39;", "&lt;b&gt;", "<p>", "NaN", "null", "1", "0",
-           "é", "日本語", "🙂", "\x1b[31m"]
-LABEL_STRINGS = ["0", "1", "2", "3", "4", "7", "-1", " 2 ", "+1", "-0", "1.0", "2.5", "1e3", "nan", "inf", "",
-                 "a", "b", "c", "d", "World", "Sports", "²", "٣", "99999999999999999999", "0x1", "True"]
+SPECIAL = [
+    "",
+    " ",
+    "\n",
+    "\r",
+    "\r\n",
+    '"',
+    '""',
+    "'",
+    ",",
+    "\t",
+    "a,b",
+    'say "hi"',
+    "x\ty",
+    "line\nbreak",
+    "\ufeff",
+    "\u2028",
+    "\x85",
+    "\x00",
+    "\\",
+    "\\n",
+    "#39;",
+    "&lt;b&gt;",
+    "<p>",
+    "NaN",
+    "null",
+    "1",
+    "0",
+    "é",
+    "日本語",
+    "🙂",
+    "\x1b[31m",
+]
+LABEL_STRINGS = [
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "7",
+    "-1",
+    " 2 ",
+    "+1",
+    "-0",
+    "1.0",
+    "2.5",
+    "1e3",
+    "nan",
+    "inf",
+    "",
+    "a",
+    "b",
+    "c",
+    "d",
+    "World",
+    "Sports",
+    "²",
+    "٣",
+    "99999999999999999999",
+    "0x1",
+    "True",
+]
 COLUMN_NAMES = ["text", "label", "ID", "id", "title", "description", "", " text ", "Text", "label\n", 'te"xt']
 
-small_text = st.one_of(st.text(max_size=30), st.sampled_from(SPECIAL),
-                       st.lists(st.sampled_from(SPECIAL + ["word", "topic", "x"]), max_size=6).map("".join))
-words = st.lists(st.sampled_from(["match", "goal", "stocks", "market", "chip", "war", "the", "a"]),
-                 min_size=1, max_size=8).map(" ".join)
+small_text = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(SPECIAL),
+    st.lists(st.sampled_from(SPECIAL + ["word", "topic", "x"]), max_size=6).map("".join),
+)
+words = st.lists(
+    st.sampled_from(["match", "goal", "stocks", "market", "chip", "war", "the", "a"]), min_size=1, max_size=8
+).map(" ".join)
 field_text = st.one_of(words, words, small_text)
 label_text = st.one_of(st.sampled_from(LABEL_STRINGS), st.integers(-3, 6).map(str), small_text)
 id_text = st.one_of(st.integers(0, 6).map(str), small_text)  # small ints: duplicates are common
@@ -63,7 +125,8 @@ def huge_text(draw) -> str:
 # legal but awkward: quotes, delimiters, line breaks, tabs, non-ASCII, HTML remnants inside real words
 LEGAL_JOINS = [" ", ", ", '"', '""', "\n", "\r\n", "\t", "'", " é ", " 🙂 ", "\u2028", " &lt;b&gt; ", "\\", ";"]
 legal_text = st.lists(st.tuples(words, st.sampled_from(LEGAL_JOINS)), min_size=1, max_size=4).map(
-    lambda parts: "".join(w + j for w, j in parts) + "end")
+    lambda parts: "".join(w + j for w, j in parts) + "end"
+)
 CLEAN_NAMES = [None, None, ["a", "b", "c", "d"], ["0", "1"], ["World", "Sports", "Business", "Sci/Tech"]]
 
 
@@ -123,7 +186,7 @@ def mutate(draw, data: bytes) -> bytes:
         return data[:at] + draw(st.binary(min_size=1, max_size=16)) + data[at:]
     if kind == "flip" and data:
         at = draw(st.integers(0, len(data) - 1))
-        return data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1:]
+        return data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1 :]
     if kind == "random":
         return draw(st.binary(max_size=200))
     return data
@@ -134,8 +197,12 @@ def table_text(draw, header: Optional[list[str]], rows: list[list[str]], delimit
         lines = ([delimiter.join(header)] if header is not None else []) + [delimiter.join(r) for r in rows]
         return draw(st.sampled_from(["\n", "\r\n"])).join(lines)
     out = io.StringIO()
-    writer = csv.writer(out, delimiter=delimiter, quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])),
-                        lineterminator=draw(st.sampled_from(["\n", "\r\n"])))
+    writer = csv.writer(
+        out,
+        delimiter=delimiter,
+        quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])),
+        lineterminator=draw(st.sampled_from(["\n", "\r\n"])),
+    )
     if header is not None:
         writer.writerow(header)
     writer.writerows(rows)
@@ -165,7 +232,9 @@ def value_for(draw, column: str) -> str:
 
 
 def options(draw) -> tuple[Optional[list[str]], bool]:
-    names = draw(st.sampled_from([None, None, ["a", "b", "c", "d"], ["0", "1"], ["World", "Sports", "Business", "Sci/Tech"]]))
+    names = draw(
+        st.sampled_from([None, None, ["a", "b", "c", "d"], ["0", "1"], ["World", "Sports", "Business", "Sci/Tech"]])
+    )
     return names, draw(st.booleans())  # labeled=False is the predict path
 
 
@@ -173,10 +242,17 @@ def options(draw) -> tuple[Optional[list[str]], bool]:
 def delimited_files(draw, delimiter: str):
     if draw(st.integers(0, 2)) == 0:  # a file that should load
         names, labeled, with_ids = clean_options(draw)
-        header = draw(st.permutations(["text", "label"] + (["ID"] if with_ids else []) +
-                                      draw(st.lists(st.sampled_from(["title", "extra", "note"]), unique=True, max_size=2))))
-        records = [{"text": draw(legal_text), "label": clean_label(draw, names), "ID": f"row-{i}"}
-                   for i in range(draw(st.integers(1, 10)))]
+        header = draw(
+            st.permutations(
+                ["text", "label"]
+                + (["ID"] if with_ids else [])
+                + draw(st.lists(st.sampled_from(["title", "extra", "note"]), unique=True, max_size=2))
+            )
+        )
+        records = [
+            {"text": draw(legal_text), "label": clean_label(draw, names), "ID": f"row-{i}"}
+            for i in range(draw(st.integers(1, 10)))
+        ]
         header = one_defect(draw, records, list(header))
         rows = [[r.get(c, "x") for c in header] for r in records]
         if "text" in header and draw(st.integers(0, 10)) == 0:
@@ -202,8 +278,10 @@ def delimited_files(draw, delimiter: str):
 @st.composite
 def agnews_files(draw):
     if draw(st.integers(0, 2)) == 0:  # a file that should load
-        rows = [[draw(st.sampled_from(["1", "2", "3", "4"])), draw(legal_text), draw(legal_text)]
-                for _ in range(draw(st.integers(1, 10)))]
+        rows = [
+            [draw(st.sampled_from(["1", "2", "3", "4"])), draw(legal_text), draw(legal_text)]
+            for _ in range(draw(st.integers(1, 10)))
+        ]
         defect = draw(st.integers(0, 5))
         if defect == 0:
             rows[-1][0] = draw(st.sampled_from(["0", "5", "x", " 2 ", ""]))
@@ -214,8 +292,12 @@ def agnews_files(draw):
         names = draw(st.sampled_from([None, ["World", "Sports", "Business", "Sci/Tech"]]))
         data = table_text(draw, None, rows, ",").encode(draw(st.sampled_from(["utf-8", "utf-8-sig"])))
         return rarely_mutate(draw, data), DataConfig(format="agnews"), names, True
-    klass = st.one_of(st.sampled_from(["1", "2", "3", "4"]), st.sampled_from(["1", "2", "3", "4"]),
-                      st.sampled_from(["0", "5", " 3", "x", "", "1.0", "Class Index"]), small_text)
+    klass = st.one_of(
+        st.sampled_from(["1", "2", "3", "4"]),
+        st.sampled_from(["1", "2", "3", "4"]),
+        st.sampled_from(["0", "5", " 3", "x", "", "1.0", "Class Index"]),
+        small_text,
+    )
     rows = [ragged(draw, [draw(klass), draw(field_text), draw(field_text)]) for _ in range(draw(st.integers(0, 10)))]
     if rows and rows[0] and draw(st.integers(0, 15)) == 0:
         rows[0][-1] = huge_text(draw)
@@ -223,11 +305,19 @@ def agnews_files(draw):
     return mutate(draw, encode(draw, table_text(draw, None, rows, ","))), DataConfig(format="agnews"), names, True
 
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), small_text,
-                      st.sampled_from([10**30, -(10**30), 2**63, 1e300, -1e300, 1.0, 2.0, 3.5]))
-json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                             st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-                          max_leaves=6)
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    small_text,
+    st.sampled_from([10**30, -(10**30), 2**63, 1e300, -1e300, 1.0, 2.0, 3.5]),
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=6,
+)
 json_label = st.one_of(st.integers(-2, 6), st.integers(-2, 6), st.sampled_from(LABEL_STRINGS), json_value)
 
 
@@ -239,7 +329,10 @@ def jsonl_files(draw):
         records = []
         for i in range(draw(st.integers(1, 10))):
             label = clean_label(draw, names)
-            record = {"text": draw(legal_text), "label": int(label) if label.isdigit() and draw(st.booleans()) else label}
+            record = {
+                "text": draw(legal_text),
+                "label": int(label) if label.isdigit() and draw(st.booleans()) else label,
+            }
             if with_ids:
                 record["ID"] = draw(st.sampled_from([i, f"id-{i}"]))
             if draw(st.booleans()):
@@ -269,8 +362,11 @@ def jsonl_files(draw):
         else:
             record = {}
             for key in draw(st.lists(st.sampled_from(["text", "label", "ID", "title", "extra"]), max_size=5)):
-                record[key] = (draw(json_label) if key == "label" else
-                               draw(st.one_of(field_text, field_text, json_value, st.integers(0, 5))))
+                record[key] = (
+                    draw(json_label)
+                    if key == "label"
+                    else draw(st.one_of(field_text, field_text, json_value, st.integers(0, 5)))
+                )
             if "text" in record and draw(st.integers(0, 25)) == 0:
                 record["text"] = huge_text(draw)
             lines.append(json.dumps(record, ensure_ascii=draw(st.booleans())))
@@ -282,8 +378,26 @@ def jsonl_files(draw):
 def parquet_column(draw, column: str, n: int):
     import pyarrow as pa
 
-    kind = draw(st.sampled_from(["string", "string", "int", "large_string", "float", "bool", "binary", "list",
-                                 "struct", "null", "uint64", "dict", "timestamp"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "string",
+                "string",
+                "int",
+                "large_string",
+                "float",
+                "bool",
+                "binary",
+                "list",
+                "struct",
+                "null",
+                "uint64",
+                "dict",
+                "timestamp",
+            ]
+        )
+    )
+
     def nullable(s):
         return st.one_of(st.none(), s, s, s)
 
@@ -311,10 +425,20 @@ def parquet_column(draw, column: str, n: int):
         values = [draw(nullable(st.integers(0, 2**31))) for _ in range(n)]
     else:
         values = [None] * n
-    types = {"string": pa.string(), "large_string": pa.large_string(), "int": pa.int64(), "uint64": pa.uint64(),
-             "float": pa.float64(), "bool": pa.bool_(), "binary": pa.binary(), "list": pa.list_(pa.int64()),
-             "struct": pa.struct([("a", pa.int64())]), "null": pa.null(), "timestamp": pa.timestamp("s"),
-             "dict": pa.string()}
+    types = {
+        "string": pa.string(),
+        "large_string": pa.large_string(),
+        "int": pa.int64(),
+        "uint64": pa.uint64(),
+        "float": pa.float64(),
+        "bool": pa.bool_(),
+        "binary": pa.binary(),
+        "list": pa.list_(pa.int64()),
+        "struct": pa.struct([("a", pa.int64())]),
+        "null": pa.null(),
+        "timestamp": pa.timestamp("s"),
+        "dict": pa.string(),
+    }
     array = pa.array(values, type=types[kind])
     return array.dictionary_encode() if kind == "dict" else array
 
@@ -328,9 +452,14 @@ def parquet_files(draw):
         names, labeled, with_ids = clean_options(draw)
         n = draw(st.integers(1, 10))
         labels = [clean_label(draw, names) for _ in range(n)]
-        columns = {"text": pa.array([draw(legal_text) for _ in range(n)], type=draw(st.sampled_from([pa.string(), pa.large_string()]))),
-                   "label": pa.array([int(v) for v in labels]) if all(v.isdigit() for v in labels) and draw(st.booleans())
-                   else pa.array(labels)}
+        columns = {
+            "text": pa.array(
+                [draw(legal_text) for _ in range(n)], type=draw(st.sampled_from([pa.string(), pa.large_string()]))
+            ),
+            "label": pa.array([int(v) for v in labels])
+            if all(v.isdigit() for v in labels) and draw(st.booleans())
+            else pa.array(labels),
+        }
         if with_ids:
             columns["ID"] = pa.array(list(range(n)) if draw(st.integers(0, 4)) else [0] * n)  # dup IDs
         defect = draw(st.integers(0, 5))
@@ -347,11 +476,13 @@ def parquet_files(draw):
         out = io.BytesIO()
         pq.write_table(pa.table(columns), out)
         return rarely_mutate(draw, out.getvalue()), DataConfig(format="parquet"), names, labeled
-    columns = (["text", "label"] if draw(st.integers(0, 2)) else []) + \
-        draw(st.lists(st.one_of(st.sampled_from(COLUMN_NAMES), small_text), max_size=3))
+    columns = (["text", "label"] if draw(st.integers(0, 2)) else []) + draw(
+        st.lists(st.one_of(st.sampled_from(COLUMN_NAMES), small_text), max_size=3)
+    )
     n = draw(st.integers(0, 10))
-    table = pa.Table.from_arrays([parquet_column(draw, c, n) for c in columns], names=columns) \
-        if columns else pa.table({})
+    table = (
+        pa.Table.from_arrays([parquet_column(draw, c, n) for c in columns], names=columns) if columns else pa.table({})
+    )
     out = io.BytesIO()
     pq.write_table(table, out)
     names, labeled = options(draw)
@@ -424,20 +555,30 @@ def test_fuzz_parquet():
 # regressions the fuzzing found, kept as plain examples
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("huge.jsonl", '{"text": "a", "label": 100000000000000000000}\n{"text": "b", "label": 0}\n',
-     r"huge.jsonl line 1: label 100000000000000000000 is too large for a class index"),
-    ("digits.jsonl", '{"text": "a", "label": ' + '9' * 5000 + '}\n', r"digits.jsonl line 1: unreadable JSON"),
-    ("deep.jsonl", '{"text": ' + '[' * 100000 + ']' * 100000 + '}\n', r"deep.jsonl line 1: "),
-    ("digits.csv", 'text,label\na,' + '9' * 5000 + '\n', r"digits.csv line 2: label '9999.* is too large"),
-    ("minus.csv", 'text,label\na,--1\nb,0\n', r"minus.csv line 2: label '--1' mixes names"),
-    ("float.jsonl", '{"text": "a", "label": 1e300}\n{"text": "b", "label": 0}\n', r"float.jsonl line 1: label .* too large"),
-    ("sep.jsonl", '{"text": "a\u2028b", "label": 0}\n{"text": "c", "label": 1}\n', None),
-    ("sup.csv", "text,label\na,\u00b2\nb,0\n", r"sup.csv line 2: (label|unknown label)"),
-    ("utf8.parquet", None, r"utf8.parquet record 1: column text holds an unreadable value \(UnicodeDecodeError\)"),
-    ("nl.csv", '"te\nxt",label\na,0\n', r"nl.csv line 3: no text column 'text' \(columns: 'te\\nxt', label\)"),
-    ("name.parquet", None, r"name.parquet: the name of column 2 is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "huge.jsonl",
+            '{"text": "a", "label": 100000000000000000000}\n{"text": "b", "label": 0}\n',
+            r"huge.jsonl line 1: label 100000000000000000000 is too large for a class index",
+        ),
+        ("digits.jsonl", '{"text": "a", "label": ' + "9" * 5000 + "}\n", r"digits.jsonl line 1: unreadable JSON"),
+        ("deep.jsonl", '{"text": ' + "[" * 100000 + "]" * 100000 + "}\n", r"deep.jsonl line 1: "),
+        ("digits.csv", "text,label\na," + "9" * 5000 + "\n", r"digits.csv line 2: label '9999.* is too large"),
+        ("minus.csv", "text,label\na,--1\nb,0\n", r"minus.csv line 2: label '--1' mixes names"),
+        (
+            "float.jsonl",
+            '{"text": "a", "label": 1e300}\n{"text": "b", "label": 0}\n',
+            r"float.jsonl line 1: label .* too large",
+        ),
+        ("sep.jsonl", '{"text": "a\u2028b", "label": 0}\n{"text": "c", "label": 1}\n', None),
+        ("sup.csv", "text,label\na,\u00b2\nb,0\n", r"sup.csv line 2: (label|unknown label)"),
+        ("utf8.parquet", None, r"utf8.parquet record 1: column text holds an unreadable value \(UnicodeDecodeError\)"),
+        ("nl.csv", '"te\nxt",label\na,0\n', r"nl.csv line 3: no text column 'text' \(columns: 'te\\nxt', label\)"),
+        ("name.parquet", None, r"name.parquet: the name of column 2 is not UTF-8 text"),
+    ],
+)
 def test_fuzz_regressions(tmp_path, name, content, message):
     path = tmp_path / name
     if name == "utf8.parquet":  # a byte flipped inside a string value of an uncompressed column
@@ -448,14 +589,15 @@ def test_fuzz_regressions(tmp_path, name, content, message):
         pq.write_table(pa.table({"text": ["hello wörld", "abc"], "label": [0, 1]}), out, compression="none")
         data = out.getvalue()
         at = data.index("wörld".encode()) + 1
-        path.write_bytes(data[:at] + b"\xf4" + data[at + 1:])
+        path.write_bytes(data[:at] + b"\xf4" + data[at + 1 :])
     elif name == "name.parquet":  # a column name that is not UTF-8 (the footer stores it as bytes)
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         out = io.BytesIO()
-        pq.write_table(pa.table({"text": ["a", "b"], "lab\u00e9l": [0, 1]}), out, compression="none",
-                       store_schema=False)
+        pq.write_table(
+            pa.table({"text": ["a", "b"], "lab\u00e9l": [0, 1]}), out, compression="none", store_schema=False
+        )
         path.write_bytes(out.getvalue().replace("lab\u00e9l".encode(), b"lab\x89\x89l"))
     else:
         path.write_text(content, encoding="utf-8")
@@ -499,7 +641,9 @@ def test_config_yaml_is_safe_loaded(tmp_path):
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.yaml"
-    path.write_text(f"name: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]\n")
+    path.write_text(
+        f"name: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]\n"
+    )
     with pytest.raises(BudgetLoraError, match=r"evil.yaml line 1: invalid YAML"):
         load_config(path)
     assert not marker.exists()
@@ -516,11 +660,16 @@ def finished_run(tiny_model_dir, synthetic_data, tmp_path_factory) -> Path:
     from budgetlora.config import config_from_dict
     from budgetlora.recipe import train_run
 
-    cfg = config_from_dict({
-        "name": "fuzz", "model": str(tiny_model_dir), "budget": 1_000_000,
-        "data": {"train_file": str(synthetic_data["train"]), "val_size": 0, "max_length": 32},
-        "lora": {"r": 2, "targets": ["q"]},
-        "train": {"max_steps": 2, "batch_size": 8, "eval_every": None, "device": "cpu", "precision": "fp32"}})
+    cfg = config_from_dict(
+        {
+            "name": "fuzz",
+            "model": str(tiny_model_dir),
+            "budget": 1_000_000,
+            "data": {"train_file": str(synthetic_data["train"]), "val_size": 0, "max_length": 32},
+            "lora": {"r": 2, "targets": ["q"]},
+            "train": {"max_steps": 2, "batch_size": 8, "eval_every": None, "device": "cpu", "precision": "fp32"},
+        }
+    )
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.mktemp("fuzz-cache")))
@@ -531,8 +680,15 @@ def finished_run(tiny_model_dir, synthetic_data, tmp_path_factory) -> Path:
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", BUDGETLORA_CACHE=str(cwd / "cache"))
-    return subprocess.run([sys.executable, "-m", "budgetlora", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "budgetlora", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def assert_one_error_line(stderr: str, *fragments: str) -> None:
@@ -563,16 +719,19 @@ def test_cli_predict_duplicate_ids_exits_2_and_writes_no_predictions(finished_ru
     assert not out.exists() and not list(tmp_path.glob(".preds.csv*"))
 
 
-@pytest.mark.parametrize("name, content", [
-    ("random.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
-    ("latin1.csv", "text,label\ncaf\u00e9,0\n".encode("latin-1")),
-    ("utf16.tsv", "text\tlabel\na\t0\n".encode("utf-16")),
-    ("trunc.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "lab'),
-    ("nonobj.jsonl", b'[1, 2]\n'),
-    ("empty.csv", b""),
-    ("range.csv", b"text,label\na,0\nb,9\n"),
-    ("nolabel.parquet", b"PAR1garbagePAR1"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("random.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
+        ("latin1.csv", "text,label\ncaf\u00e9,0\n".encode("latin-1")),
+        ("utf16.tsv", "text\tlabel\na\t0\n".encode("utf-16")),
+        ("trunc.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "lab'),
+        ("nonobj.jsonl", b"[1, 2]\n"),
+        ("empty.csv", b""),
+        ("range.csv", b"text,label\na,0\nb,9\n"),
+        ("nolabel.parquet", b"PAR1garbagePAR1"),
+    ],
+)
 def test_cli_eval_hostile_files_one_line_no_output(finished_run, tmp_path, capsys, name, content):
     from budgetlora.cli import main
 
@@ -594,8 +753,12 @@ def test_cli_predict_pickle_needs_trust_and_keeps_old_predictions(finished_run, 
     assert main(["predict", str(finished_run), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 2
     assert_one_error_line(capsys.readouterr().err, str(data), "--trust-pickle")
     assert out.read_text() == "old\n"
-    assert main(["predict", str(finished_run), "--data", str(data), "--out", str(out), "--device", "cpu",
-                 "--trust-pickle"]) == 0
+    assert (
+        main(
+            ["predict", str(finished_run), "--data", str(data), "--out", str(out), "--device", "cpu", "--trust-pickle"]
+        )
+        == 0
+    )
     assert out.read_text().splitlines()[0] == "ID,Label" and len(out.read_text().splitlines()) == 3
 
 
@@ -624,9 +787,14 @@ def test_failed_training_before_a_checkpoint_leaves_no_run_dir(tiny_model_dir, s
         raise BudgetLoraError("simulated failure inside training")
 
     monkeypatch.setattr(recipe, "train_loop", broken_loop)
-    cfg = config_from_dict({"name": "doomed", "model": str(tiny_model_dir),
-                            "data": {"train_file": str(synthetic_data["train"]), "max_length": 32},
-                            "train": {"max_steps": 2, "device": "cpu"}})
+    cfg = config_from_dict(
+        {
+            "name": "doomed",
+            "model": str(tiny_model_dir),
+            "data": {"train_file": str(synthetic_data["train"]), "max_length": 32},
+            "train": {"max_steps": 2, "device": "cpu"},
+        }
+    )
     with pytest.raises(BudgetLoraError, match="simulated failure"):
         recipe.train_run(cfg, tmp_path / "runs", verbose=False)
     assert not (tmp_path / "runs" / "doomed").exists()

@@ -28,40 +28,74 @@ from budgetlora.config import config_from_dict
 from budgetlora.data.tokens import TokenizedSet, collate
 from budgetlora.model import build_model
 from budgetlora.runtime import Runtime, autocast
-from conftest import build_tiny_encoder, build_tiny_model
+from helpers import build_tiny_encoder, build_tiny_model, free_port
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-               not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
+]
 FAMILY_TARGETS = {"modernbert": ["qkv", "o", "ffn_in", "ffn_out"]}
 
 
 def recipe_dict(model_dir: Path, data: dict, device: str, **train) -> dict:
     """The GPU recipe forced: compile, bf16, low-rank dropout, first-token head, every linear layer."""
-    return {"name": "recipe", "model": str(model_dir), "budget": 1_000_000,
-            "data": {"train_file": str(data["train"]), "test_file": str(data["test"]), "val_size": 40,
-                     "max_length": 32},
-            "head": {"type": "auto"},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "dropout_position": "lowrank",
-                     "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]},
-            "train": {"lr": 1e-2, "max_steps": 60, "batch_size": 16, "eval_every": 10, "log_every": 1,
-                      "save_every": 5, "seed": 0, "warmup": 0.0, "compile": True, "precision": "bf16",
-                      "device": device, **train}}
+    return {
+        "name": "recipe",
+        "model": str(model_dir),
+        "budget": 1_000_000,
+        "data": {"train_file": str(data["train"]), "test_file": str(data["test"]), "val_size": 40, "max_length": 32},
+        "head": {"type": "auto"},
+        "lora": {
+            "r": 4,
+            "alpha": 8,
+            "dropout": 0.1,
+            "dropout_position": "lowrank",
+            "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"],
+        },
+        "train": {
+            "lr": 1e-2,
+            "max_steps": 60,
+            "batch_size": 16,
+            "eval_every": 10,
+            "log_every": 1,
+            "save_every": 5,
+            "seed": 0,
+            "warmup": 0.0,
+            "compile": True,
+            "precision": "bf16",
+            "device": device,
+            **train,
+        },
+    }
 
 
 def tokens(n: int = 64, seed: int = 0, vocab: int = 60) -> TokenizedSet:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(6, 30, size=n)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return TokenizedSet(rng.integers(5, vocab, size=int(offsets[-1])).astype(np.int32), offsets,
-                        rng.integers(0, 4, size=n))
+    return TokenizedSet(
+        rng.integers(5, vocab, size=int(offsets[-1])).astype(np.int32), offsets, rng.integers(0, 4, size=n)
+    )
 
 
 # ----- capture: one graph, no break, on every supported family
 
+
+FAMILY_CASES = [
+    pytest.param(
+        family, head, id=f"{head}-{family}", marks=() if (family, head) == ("roberta", "auto") else pytest.mark.slow
+    )
+    for family in ("roberta", "bert", "distilbert", "deberta-v2", "modernbert")
+    for head in ("auto", "linear")
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", ["roberta", "bert", "distilbert", "deberta-v2", "modernbert"])
-@pytest.mark.parametrize("head", ["auto", "linear"])
+@pytest.mark.parametrize("family, head", FAMILY_CASES)
 def test_the_training_step_is_captured_whole_on_every_family(family, head, device, tmp_path):
     """fullgraph=True (a graph break raises) through PEFT, the Transformers layers, low-rank dropout
     and, where it applies, the first-token layer; forward and backward. The `aot_eager` backend
@@ -70,17 +104,27 @@ def test_the_training_step_is_captured_whole_on_every_family(family, head, devic
     from budgetlora.training.step import step_runner
 
     path = build_tiny_model(tmp_path / family) if family == "roberta" else build_tiny_encoder(tmp_path / family, family)
-    cfg = config_from_dict({"model": str(path), "head": {"type": head, "pooling": "cls"},
-                            "data": {"train_file": "unused.csv", "max_length": 32},
-                            "lora": {"r": 4, "dropout": 0.1, "dropout_position": "lowrank",
-                                     "targets": FAMILY_TARGETS.get(family, ["q", "k", "v", "o", "ffn_in", "ffn_out"])},
-                            "train": {"compile": True, "batch_size": 4, "device": device}})
+    cfg = config_from_dict(
+        {
+            "model": str(path),
+            "head": {"type": head, "pooling": "cls"},
+            "data": {"train_file": "unused.csv", "max_length": 32},
+            "lora": {
+                "r": 4,
+                "dropout": 0.1,
+                "dropout_position": "lowrank",
+                "targets": FAMILY_TARGETS.get(family, ["q", "k", "v", "o", "ffn_in", "ffn_out"]),
+            },
+            "train": {"compile": True, "batch_size": 4, "device": device},
+        }
+    )
     model = build_model(cfg, 4).to(device)
     fast = prepare_for_training(model, cfg, torch.device(device), "fp32", pad_id=0)
     assert fast.compiled and fast.lowrank_adapters > 0
     rt = Runtime(torch.device(device), "fp32")
-    runner = step_runner(model, cfg.train, rt, tokens(vocab=model.config.vocab_size), 0, fast.pad_to,
-                         backend="aot_eager")
+    runner = step_runner(
+        model, cfg.train, rt, tokens(vocab=model.config.vocab_size), 0, fast.pad_to, backend="aot_eager"
+    )
     assert runner.report.failure is None, runner.report.failure
     assert runner.report.graphs == 1  # one width, one graph: no break anywhere
 
@@ -89,8 +133,14 @@ def test_a_model_that_cannot_be_captured_whole_trains_eagerly_with_one_line(tiny
     from budgetlora.speedups import prepare_for_training
     from budgetlora.training.step import step_runner
 
-    cfg = config_from_dict({"model": str(tiny_model_dir), "data": {"train_file": "x.csv", "max_length": 32},
-                            "lora": {"r": 4, "targets": ["q", "v"]}, "train": {"compile": True, "batch_size": 4}})
+    cfg = config_from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "data": {"train_file": "x.csv", "max_length": 32},
+            "lora": {"r": 4, "targets": ["q", "v"]},
+            "train": {"compile": True, "batch_size": 4},
+        }
+    )
     model = build_model(cfg, 4)
 
     class Breaks(torch.nn.Module):  # data-dependent Python control flow: a graph break
@@ -100,11 +150,13 @@ def test_a_model_that_cannot_be_captured_whole_trains_eagerly_with_one_line(tiny
     model.base_model.model.classifier.add_module("breaks", Breaks())
     real = model.base_model.model.classifier.forward
     model.base_model.model.classifier.forward = lambda features, **kw: model.base_model.model.classifier.breaks(
-        real(features, **kw))
+        real(features, **kw)
+    )
     fast = prepare_for_training(model, cfg, torch.device("cpu"), "fp32", pad_id=1)
     data = tokens(vocab=model.config.vocab_size)
-    runner = step_runner(model, cfg.train, Runtime(torch.device("cpu"), "fp32"), data, 1, fast.pad_to,
-                         backend="aot_eager")
+    runner = step_runner(
+        model, cfg.train, Runtime(torch.device("cpu"), "fp32"), data, 1, fast.pad_to, backend="aot_eager"
+    )
     assert runner.report.failure is not None and runner.pad_to is None
     assert runner.report.describe().startswith("compile: not used (") and "\n" not in runner.report.describe()
     batch = collate(data, np.arange(4), 1)
@@ -113,6 +165,7 @@ def test_a_model_that_cannot_be_captured_whole_trains_eagerly_with_one_line(tiny
 
 
 # ----- one whole run of the recipe: checkpoints, evaluations, kill -9 and resume
+
 
 @pytest.fixture(scope="module", params=DEVICES)
 def recipe_run(request, tmp_path_factory, synthetic_data):
@@ -131,6 +184,7 @@ def recipe_run(request, tmp_path_factory, synthetic_data):
     return device, root, run
 
 
+@pytest.mark.slow
 def test_the_recipe_compiles_once_per_width_and_never_again(recipe_run):
     _, _, run = recipe_run
     summary = json.loads((run / "summary.json").read_text())
@@ -143,6 +197,7 @@ def test_the_recipe_compiles_once_per_width_and_never_again(recipe_run):
     assert summary["test"]["accuracy"] > 0.35  # chance is 0.25
 
 
+@pytest.mark.slow
 def test_checkpoints_and_adapter_files_carry_the_plain_parameter_names(recipe_run):
     _, _, run = recipe_run
     files = [run / "adapter" / "adapter_model.safetensors"]
@@ -153,6 +208,7 @@ def test_checkpoints_and_adapter_files_carry_the_plain_parameter_names(recipe_ru
         assert names and not any("_orig_mod" in n or n.startswith("model.base_model") for n in names), path
 
 
+@pytest.mark.slow
 def test_merged_bf16_prediction_is_argmax_equal_to_the_adapter_model(recipe_run):
     from budgetlora.artifacts.loading import load_trained
     from budgetlora.evaluate.predict import predict_logits
@@ -189,9 +245,24 @@ def test_kill9_and_resume_continue_the_same_loss_curve(recipe_run, tmp_path):
     order of atomic adds in some backward kernels."""
     device, root, reference = recipe_run
     env = dict(os.environ, BUDGETLORA_CACHE=str(root / "cache"), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-m", "budgetlora", "train", str(root / "recipe.yaml"), "--out",
-                             str(tmp_path), "--name", "killed", "--quiet"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "budgetlora",
+            "train",
+            str(root / "recipe.yaml"),
+            "--out",
+            str(tmp_path),
+            "--name",
+            "killed",
+            "--quiet",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run, deadline = tmp_path / "killed", time.monotonic() + 600
     while len(_train_losses(run)) < 17:  # past the checkpoints of steps 5, 10 and 15
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -200,8 +271,13 @@ def test_kill9_and_resume_continue_the_same_loss_curve(recipe_run, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    resumed = subprocess.run([sys.executable, "-m", "budgetlora", "train", "--resume", str(run)], env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "budgetlora", "train", "--resume", str(run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Recompiling" not in resumed.stderr and "recompile_limit" not in resumed.stderr
     got, want = _train_losses(run), _train_losses(reference)
@@ -213,6 +289,7 @@ def test_kill9_and_resume_continue_the_same_loss_curve(recipe_run, tmp_path):
 
 # ----- first step of each precision against fp32 eager
 
+
 def _first_step(runner, batch, device: torch.device, precision: str) -> tuple[float, dict]:
     runner.step.train()
     with autocast(device, precision):
@@ -222,10 +299,12 @@ def _first_step(runner, batch, device: torch.device, precision: str) -> tuple[fl
     return float(loss.detach()), grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision, loss_tolerance, grad_tolerance", [("bf16", 1e-2, 0.1), ("fp16", 2e-3, 0.03)])
-def test_first_step_matches_fp32_eager_within_the_precision_tolerance(device, precision, loss_tolerance,
-                                                                      grad_tolerance, tmp_path):
+def test_first_step_matches_fp32_eager_within_the_precision_tolerance(
+    device, precision, loss_tolerance, grad_tolerance, tmp_path
+):
     """Dropout off, in the encoder and the adapters (the compiled graph draws other random numbers
     than eager). bf16 keeps 8 bits of mantissa (a relative rounding of 2^-8), fp16 11 (2^-11); over
     the 2-layer model the loss moved 2e-3 (bf16) and the largest gradient element 3% (bf16) and 0.7%
@@ -236,9 +315,14 @@ def test_first_step_matches_fp32_eager_within_the_precision_tolerance(device, pr
 
     dev = torch.device(device)
     tiny_model_dir = build_tiny_model(tmp_path / "model", dropout=0.0)
-    cfg = config_from_dict({"model": str(tiny_model_dir), "data": {"train_file": "x.csv", "max_length": 32},
-                            "lora": {"r": 4, "dropout": 0.0, "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]},
-                            "train": {"compile": True, "batch_size": 8, "precision": precision, "device": device}})
+    cfg = config_from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "data": {"train_file": "x.csv", "max_length": 32},
+            "lora": {"r": 4, "dropout": 0.0, "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]},
+            "train": {"compile": True, "batch_size": 8, "precision": precision, "device": device},
+        }
+    )
     torch.manual_seed(0)
     reference = build_model(cfg, 4).to(dev)
     fast = build_model(cfg, 4).to(dev)
@@ -277,6 +361,7 @@ def test_first_step_matches_fp32_eager_within_the_precision_tolerance(device, pr
 
 # ----- a sweep trial and data-parallel training with compile on
 
+
 @pytest.mark.slow
 def test_a_sweep_trial_trains_compiled(recipe_run, tmp_path):
     from budgetlora.api import sweep
@@ -285,8 +370,9 @@ def test_a_sweep_trial_trains_compiled(recipe_run, tmp_path):
     base = yaml.safe_load((root / "recipe.yaml").read_text())
     base["train"].update(max_steps=20, save_every=None, early_stopping_patience=1)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "compiled", "base": "base.yaml",
-                                                          "grid": {"lora.r": [4]}}))
+    (tmp_path / "study.yaml").write_text(
+        yaml.safe_dump({"name": "compiled", "base": "base.yaml", "grid": {"lora.r": [4]}})
+    )
     out = sweep(tmp_path / "study.yaml", out=tmp_path / "out", quiet=True).out
     summaries = list(Path(out).rglob("summary.json"))
     assert summaries
@@ -304,12 +390,28 @@ def test_two_gloo_processes_train_the_compiled_step(tmp_path, synthetic_data):
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", BUDGETLORA_CACHE=str(tmp_path / "cache"))
-    from test_distributed import free_port
-
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "budgetlora", "train",
-                           str(tmp_path / "ddp.yaml"), "--out", str(tmp_path / "runs"), "--quiet"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "budgetlora",
+            "train",
+            str(tmp_path / "ddp.yaml"),
+            "--out",
+            str(tmp_path / "runs"),
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "recipe" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 12

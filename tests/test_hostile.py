@@ -9,6 +9,7 @@ none: a failed command leaves no run directory, no half-written file, no deleted
 from __future__ import annotations
 
 import errno
+import re
 import hashlib
 import os
 import shutil
@@ -21,18 +22,23 @@ import yaml
 from budgetlora.cli import main
 
 
-
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every entry under root: (kind, mode, content hash) by relative path."""
     out = {}
     for path in sorted(root.rglob("*")):
         info = path.lstat()
         if stat.S_ISREG(info.st_mode):
-            out[str(path.relative_to(root))] = ("file", stat.S_IMODE(info.st_mode),
-                                                hashlib.sha256(path.read_bytes()).hexdigest())
+            out[str(path.relative_to(root))] = (
+                "file",
+                stat.S_IMODE(info.st_mode),
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+            )
         else:
-            out[str(path.relative_to(root))] = ("dir" if stat.S_ISDIR(info.st_mode) else "other",
-                                                stat.S_IMODE(info.st_mode), None)
+            out[str(path.relative_to(root))] = (
+                "dir" if stat.S_ISDIR(info.st_mode) else "other",
+                stat.S_IMODE(info.st_mode),
+                None,
+            )
     return out
 
 
@@ -51,12 +57,28 @@ def base_sandbox(tmp_path_factory, tiny_model_dir, synthetic_data) -> Path:
     (root / "precious" / "sub").mkdir(parents=True)
     (root / "precious" / "notes.txt").write_text("a week of experiments\n")
     (root / "precious" / "sub" / "results.csv").write_text("ID,Label\n1,2\n")
-    config = {"name": "tiny", "model": str(tiny_model_dir), "budget": 1_000_000,
-              "data": {"train_file": str(data / "train.csv"), "test_file": str(data / "test.csv"), "val_size": 40,
-                       "max_length": 64},
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"]},
-              "train": {"lr": 2e-2, "max_steps": 4, "batch_size": 16, "eval_every": 2, "log_every": 2, "seed": 0,
-                        "warmup": 0.0, "device": "cpu"}}
+    config = {
+        "name": "tiny",
+        "model": str(tiny_model_dir),
+        "budget": 1_000_000,
+        "data": {
+            "train_file": str(data / "train.csv"),
+            "test_file": str(data / "test.csv"),
+            "val_size": 40,
+            "max_length": 64,
+        },
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"]},
+        "train": {
+            "lr": 2e-2,
+            "max_steps": 4,
+            "batch_size": 16,
+            "eval_every": 2,
+            "log_every": 2,
+            "seed": 0,
+            "warmup": 0.0,
+            "device": "cpu",
+        },
+    }
     (root / "cfg.yaml").write_text(yaml.safe_dump(config))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BUDGETLORA_CACHE", str(tmp_path_factory.mktemp("sandbox-cache")))
@@ -83,7 +105,7 @@ def expect_refusal(sandbox: Path, capsys, argv: list[str], message: str = "", al
     assert code == 2, (code, err[-2000:])
     assert "Traceback" not in err
     errors = [line for line in lines if line.startswith("budgetlora: error:")]
-    assert len(errors) == 1 and all(line.startswith("  ") for line in lines[lines.index(errors[0]) + 1:]), err
+    assert len(errors) == 1 and all(line.startswith("  ") for line in lines[lines.index(errors[0]) + 1 :]), err
     assert message.replace("{sb}", str(sandbox)) in err, err
     after = snapshot(sandbox)
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
@@ -118,7 +140,10 @@ CONFIG_CASES = [
     ("train.warmup=1.5", "'train.warmup': got 1.5: a fraction (< 1) or a whole number"),
     ("train.warmup=-1", "'train.warmup': got -1.0, must be >= 0"),
     ("lora.rank_pattern={nope: 4}", "'lora.rank_pattern': 'nope' matches none of the adapted modules"),
-    ("lora.alpha_pattern={layer.9.attention.self.value: 4}", "'lora.alpha_pattern': 'layer.9.attention.self.value' matches none"),
+    (
+        "lora.alpha_pattern={layer.9.attention.self.value: 4}",
+        "'lora.alpha_pattern': 'layer.9.attention.self.value' matches none",
+    ),
     ("lora.rank_pattern={layer.0.attention.self.value: 0}", "must be in [1, 4096]"),
     ("lora.rank_pattern={layer.0.attention.self.value: -3}", "must be in [1, 4096]"),
     ("lora.rank_pattern={'[': 4}", "is not a valid pattern"),
@@ -190,7 +215,10 @@ CONFIG_CASES = [
     ("data.label_names=[a]", "'data.label_names': needs at least two class names"),
     ("data.label_names=[a, a]", "'data.label_names': lists a class twice"),
     ("data.label_names=['', b]", "class names must be non-empty printable strings"),
-    ("data.classes_file={sb}/data/classes.txt", "'data.classes_file': set data.label_names or data.classes_file, not both"),
+    (
+        "data.classes_file={sb}/data/classes.txt",
+        "'data.classes_file': set data.label_names or data.classes_file, not both",
+    ),
     ("data.dataset=ag_news", "set data.train_file or data.dataset, not both"),
     ("train.learning_rate=0.1", "unknown config key 'train.learning_rate' (did you mean"),
     ("lora.rank=4", "unknown config key 'lora.rank' (did you mean r"),
@@ -209,10 +237,19 @@ def test_nonsense_config_values_are_refused_before_any_work(sandbox, capsys, ite
 
 # ----- 2. names and places: the run lives under --out and nowhere else ----------------------------
 
-NAME_CASES = [("..", "is not a run name"), (".", "is not a run name"), ("/abs/dir", "is not a run name"),
-              ("../../x", "is not a run name"), ("a/b", "is not a run name"), ("", "is not a run name"),
-              (".hidden", "is not a run name"), ("x" * 101, "is not a run name"), ("with space", "is not a run name"),
-              ("naïve", "is not a run name"), ("-dash", "is not a run name")]
+NAME_CASES = [
+    ("..", "is not a run name"),
+    (".", "is not a run name"),
+    ("/abs/dir", "is not a run name"),
+    ("../../x", "is not a run name"),
+    ("a/b", "is not a run name"),
+    ("", "is not a run name"),
+    (".hidden", "is not a run name"),
+    ("x" * 101, "is not a run name"),
+    ("with space", "is not a run name"),
+    ("naïve", "is not a run name"),
+    ("-dash", "is not a run name"),
+]
 
 
 @pytest.mark.parametrize("name, message", NAME_CASES, ids=[repr(c[0])[:20] for c in NAME_CASES])
@@ -221,24 +258,38 @@ def test_a_run_name_is_one_path_component(sandbox, capsys, name, message):
 
 
 def test_overwrite_replaces_only_a_run(sandbox, capsys):
-    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "precious", "--overwrite",
-                                     "--quiet"], "{sb}/precious is not a budgetlora run directory; budgetlora will not --overwrite it")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "precious", "--overwrite", "--quiet"],
+        "{sb}/precious is not a budgetlora run directory; budgetlora will not --overwrite it",
+    )
     (sandbox / "afile").write_text("x")
-    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "afile", "--overwrite",
-                                     "--quiet"], "afile is not a budgetlora run directory")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "afile", "--overwrite", "--quiet"],
+        "afile is not a budgetlora run directory",
+    )
 
 
 def test_a_failing_overwrite_leaves_the_old_run_whole(sandbox, capsys):
-    expect_refusal(sandbox, capsys, TRAIN + ["--overwrite", "--set", "data.test_file={sb}/data/missing.csv"],
-                   "data file not found")
+    expect_refusal(
+        sandbox, capsys, TRAIN + ["--overwrite", "--set", "data.test_file={sb}/data/missing.csv"], "data file not found"
+    )
 
 
 def test_out_under_a_regular_file_is_one_error_naming_the_users_path(sandbox, capsys):
-    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}/precious/notes.txt/runs", "--quiet"],
-                   "cannot create the run directory under {sb}/precious/notes.txt/runs")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["train", "{sb}/cfg.yaml", "--out", "{sb}/precious/notes.txt/runs", "--quiet"],
+        "cannot create the run directory under {sb}/precious/notes.txt/runs",
+    )
 
 
 # ----- 3. unbounded or wrong kinds of input -----------------------------------------------------------
+
 
 @pytest.fixture()
 def fifo(sandbox) -> Path:
@@ -248,8 +299,10 @@ def fifo(sandbox) -> Path:
 
 
 DATA_PATH_CASES = [
-    ("/dev/zero", "/dev/zero is not a regular file"), ("/dev/urandom", "/dev/urandom is not a regular file"),
-    ("{sb}/data", "is a directory, expected a data file"), ("{sb}/data/missing.csv", "data file not found"),
+    ("/dev/zero", "/dev/zero is not a regular file"),
+    ("/dev/urandom", "/dev/urandom is not a regular file"),
+    ("{sb}/data", "is a directory, expected a data file"),
+    ("{sb}/data/missing.csv", "data file not found"),
     ("{sb}/data/pipe.csv", "is not a regular file (a device, pipe or socket)"),
 ]
 
@@ -268,10 +321,15 @@ def test_prediction_data_must_be_regular_files(sandbox, capsys, fifo, path, mess
 
 
 CLASSES_CASES = [
-    ("/dev/zero", "is not a regular file"), ("{sb}/data", "is a directory"), ("{sb}/data/nope.txt", "classes file not found"),
-    ("/etc/passwd", "classes have no training rows"), ("{sb}/data/binary.txt", "not a UTF-8 text file"),
-    ("{sb}/data/one.txt", "expected two or more distinct class names"), ("{sb}/data/dupes.txt", "distinct class names"),
-    ("{sb}/data/long.txt", "is not a class name"), ("{sb}/data/huge.txt", "over 1 MiB"),
+    ("/dev/zero", "is not a regular file"),
+    ("{sb}/data", "is a directory"),
+    ("{sb}/data/nope.txt", "classes file not found"),
+    ("/etc/passwd", "classes have no training rows"),
+    ("{sb}/data/binary.txt", "not a UTF-8 text file"),
+    ("{sb}/data/one.txt", "expected two or more distinct class names"),
+    ("{sb}/data/dupes.txt", "distinct class names"),
+    ("{sb}/data/long.txt", "is not a class name"),
+    ("{sb}/data/huge.txt", "over 1 MiB"),
     ("{sb}/data/empty.txt", "the file is empty (0 bytes)"),
 ]
 
@@ -288,10 +346,15 @@ def test_a_classes_file_is_a_small_list_of_names(sandbox, capsys, path, message)
     expect_refusal(sandbox, capsys, TRAIN + ["--set", f"data.classes_file={path}"], message)
 
 
-CONFIG_FILE_CASES = [("/dev/zero", "is not a regular file"), ("{sb}/data", "is not a regular file"),
-                     ("{sb}/missing.yaml", "config file not found"), ("{sb}/list.yaml", "the top level must be a mapping"),
-                     ("{sb}/bad.yaml", "invalid YAML"), ("{sb}/binary.yaml", "not a UTF-8 text file"),
-                     ("{sb}/huge.yaml", "larger than 1 MiB")]
+CONFIG_FILE_CASES = [
+    ("/dev/zero", "is not a regular file"),
+    ("{sb}/data", "is not a regular file"),
+    ("{sb}/missing.yaml", "config file not found"),
+    ("{sb}/list.yaml", "the top level must be a mapping"),
+    ("{sb}/bad.yaml", "invalid YAML"),
+    ("{sb}/binary.yaml", "not a UTF-8 text file"),
+    ("{sb}/huge.yaml", "larger than 1 MiB"),
+]
 
 
 @pytest.mark.parametrize("path, message", CONFIG_FILE_CASES, ids=[c[0] for c in CONFIG_FILE_CASES])
@@ -308,7 +371,10 @@ def test_config_files_are_small_yaml_mappings(sandbox, capsys, path, message):
 LABEL_FILES = {
     "only3.csv": ("text,label\nmatch goal team,3\nstocks market,3\n", "classes have no training rows (0, 1, 2)"),
     "onerow.csv": ("text,label\nmatch goal team,3\n", "classes have no training rows"),
-    "gap.csv": ("text,label\n" + "".join(f"row {i},{2 * (i % 2)}\n" for i in range(20)), "1 of 3 classes have no training rows"),
+    "gap.csv": (
+        "text,label\n" + "".join(f"row {i},{2 * (i % 2)}\n" for i in range(20)),
+        "1 of 3 classes have no training rows",
+    ),
     "one.csv": ("text,label\nmatch,0\ngoal,0\n", "only one class"),
     "float.csv": ("text,label\nmatch,1.5\ngoal,0\n", "label '1.5' is not a class index or class name"),
     "mixed.csv": ("text,label\nmatch,1\ngoal,sports\n", "mixes names with integer labels"),
@@ -317,8 +383,13 @@ LABEL_FILES = {
     "empty_label.csv": ("text,label\nmatch,\ngoal,0\n", "is not a class index or class name"),
     "no_label.csv": ("text,other\nmatch,1\n", "no label column 'label'"),
     "empty_text.csv": ("text,label\n  ,1\ngoal,0\n", "empty text"),
-    "quote.csv": ("text,label\n" + "".join(f"row {i},{i % 4}\n" for i in range(29)) + '"unclosed,1\n'
-                  + "".join(f"row {i},{i % 4}\n" for i in range(29)), "line 31: malformed row"),
+    "quote.csv": (
+        "text,label\n"
+        + "".join(f"row {i},{i % 4}\n" for i in range(29))
+        + '"unclosed,1\n'
+        + "".join(f"row {i},{i % 4}\n" for i in range(29)),
+        "line 31: malformed row",
+    ),
     "fields.csv": ("text,label\nmatch,1,extra\n", "line 2: expected 2 fields"),
     "nul.csv": ("text,label\nma\x00tch,1\n", "contains a NUL byte"),
     "latin1.csv": (b"text,label\ncaf\xe9,1\ngoal,0\n", "line 2: not valid UTF-8 text"),
@@ -334,11 +405,16 @@ def test_labels_and_rows_that_cannot_train_a_classifier(sandbox, capsys, name):
 
 
 def test_too_many_label_names_for_the_data(sandbox, capsys):
-    expect_refusal(sandbox, capsys, TRAIN + ["--set", "data.label_names=[a, b, c, d, e]"],
-                   "1 of 5 classes have no training rows (e)")
+    expect_refusal(
+        sandbox,
+        capsys,
+        TRAIN + ["--set", "data.label_names=[a, b, c, d, e]"],
+        "1 of 5 classes have no training rows (e)",
+    )
 
 
 # ----- 5. trust: only the command line lets a pickle load --------------------------------------------
+
 
 class _Payload:
     def __reduce__(self):
@@ -363,8 +439,12 @@ def test_a_config_file_cannot_grant_trust(sandbox, capsys, evil_pickle):
     raw = yaml.safe_load((sandbox / "cfg.yaml").read_text())
     raw["data"].update(trust_pickle=True, train_file=str(evil_pickle))
     (sandbox / "evil.yaml").write_text(yaml.safe_dump(raw))
-    expect_refusal(sandbox, capsys, ["train", "{sb}/evil.yaml", "--out", "{sb}/runs", "--quiet"],
-                   "pass --trust-pickle (trust comes from the command line")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["train", "{sb}/evil.yaml", "--out", "{sb}/runs", "--quiet"],
+        "pass --trust-pickle (trust comes from the command line",
+    )
     _assert_not_run()
 
 
@@ -374,8 +454,9 @@ def test_a_runs_saved_config_cannot_grant_trust(sandbox, capsys, evil_pickle):
     raw["data"]["trust_pickle"] = True
     config.write_text(yaml.safe_dump(raw))
     for command in (["predict", "--out", "{sb}/p.csv"], ["eval", "--json", "{sb}/m.json"]):
-        expect_refusal(sandbox, capsys, [command[0], "{sb}/runs/tiny", "--data", str(evil_pickle)] + command[1:],
-                       "--trust-pickle")
+        expect_refusal(
+            sandbox, capsys, [command[0], "{sb}/runs/tiny", "--data", str(evil_pickle)] + command[1:], "--trust-pickle"
+        )
     _assert_not_run()
 
 
@@ -384,19 +465,28 @@ def test_a_pickle_under_another_name_or_format_is_still_refused(sandbox, capsys,
     disguised = sandbox / "data" / "disguised.pkl"
     shutil.copy(evil_pickle, disguised)
     target = disguised if fmt == "auto" else sandbox / "data" / "train.csv"
-    expect_refusal(sandbox, capsys, ["predict", "{sb}/runs/tiny", "--data", str(target), "--format", fmt,
-                                     "--out", "{sb}/p.csv"], "--trust-pickle")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["predict", "{sb}/runs/tiny", "--data", str(target), "--format", fmt, "--out", "{sb}/p.csv"],
+        "--trust-pickle",
+    )
     _assert_not_run()
 
 
 def test_an_adapter_saved_only_as_a_torch_pickle_is_refused(sandbox, capsys):
     adapter = sandbox / "runs" / "tiny" / "adapter"
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
-    expect_refusal(sandbox, capsys, ["classify", "{sb}/runs/tiny", "match goal"],
-                   "adapter_model.bin is a torch pickle; budgetlora loads weights only from safetensors")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["classify", "{sb}/runs/tiny", "match goal"],
+        "adapter_model.bin is a torch pickle; budgetlora loads weights only from safetensors",
+    )
 
 
 # ----- 6. damaged artifacts: one line, never a traceback, never a silent half-load ---------------------
+
 
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: max(8, path.stat().st_size // 3)])
@@ -407,24 +497,43 @@ def _garble(path: Path) -> None:
 
 
 DAMAGE = {
-    "truncated adapter": (lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"), "not a readable safetensors"),
-    "garbage adapter": (lambda run: _garble(run / "adapter" / "adapter_model.safetensors"), "not a readable safetensors"),
+    "truncated adapter": (
+        lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"),
+        "not a readable safetensors",
+    ),
+    "garbage adapter": (
+        lambda run: _garble(run / "adapter" / "adapter_model.safetensors"),
+        "not a readable safetensors",
+    ),
     "no adapter weights": (lambda run: (run / "adapter" / "adapter_model.safetensors").unlink(), "is missing"),
     "labels not json": (lambda run: (run / "labels.json").write_text("{names"), "labels.json: not valid JSON"),
-    "labels wrong shape": (lambda run: (run / "labels.json").write_text('{"names": "World"}'), "expected {\"names\""),
+    "labels wrong shape": (lambda run: (run / "labels.json").write_text('{"names": "World"}'), 'expected {"names"'),
     "labels one name": (lambda run: (run / "labels.json").write_text('{"names": ["a"]}'), "two or more distinct"),
-    "labels duplicate": (lambda run: (run / "labels.json").write_text('{"names": ["a", "a", "b", "c"]}'),
-                         "two or more distinct"),
-    "labels more than the head": (lambda run: (run / "labels.json").write_text('{"names": ["a", "b", "c", "d", "e"]}'),
-                                  "the weights do not fit this model (size mismatch"),
+    "labels duplicate": (
+        lambda run: (run / "labels.json").write_text('{"names": ["a", "a", "b", "c"]}'),
+        "two or more distinct",
+    ),
+    "labels more than the head": (
+        lambda run: (run / "labels.json").write_text('{"names": ["a", "b", "c", "d", "e"]}'),
+        "the weights do not fit this model (size mismatch",
+    ),
     "labels missing": (lambda run: (run / "labels.json").unlink(), "labels.json is missing"),
     "config garbage": (lambda run: (run / "config.yaml").write_text("name: [oops\n"), "invalid YAML"),
-    "config wrong values": (lambda run: (run / "config.yaml").write_text(
-        (run / "config.yaml").read_text().replace("r: 4", "r: -4")), "'lora.r': got -4"),
+    "config wrong values": (
+        lambda run: (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("r: 4", "r: -4")),
+        "'lora.r': got -4",
+    ),
     "config missing": (lambda run: (run / "config.yaml").unlink(), "neither a budgetlora run"),
-    "config max_length too long": (lambda run: (run / "config.yaml").write_text(
-        (run / "config.yaml").read_text().replace("max_length: 64", "max_length: 5000")), "is longer than model"),
-    "tokenizer garbage": (lambda run: (run / "tokenizer" / "tokenizer.json").write_text("{"), "cannot load a tokenizer"),
+    "config max_length too long": (
+        lambda run: (run / "config.yaml").write_text(
+            (run / "config.yaml").read_text().replace("max_length: 64", "max_length: 5000")
+        ),
+        "is longer than model",
+    ),
+    "tokenizer garbage": (
+        lambda run: (run / "tokenizer" / "tokenizer.json").write_text("{"),
+        "cannot load a tokenizer",
+    ),
     "adapter of another model": (lambda run: _other_adapter(run), "the weights do not belong to this model"),
     "adapter values NaN": (lambda run: _nan_adapter(run), "holds NaN or infinite values"),
 }
@@ -445,7 +554,10 @@ def _other_adapter(run: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    save_file({"base_model.model.nothing.lora_A.weight": torch.zeros(2, 2)}, str(run / "adapter" / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.nothing.lora_A.weight": torch.zeros(2, 2)},
+        str(run / "adapter" / "adapter_model.safetensors"),
+    )
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -454,9 +566,11 @@ def test_damaged_runs_are_one_error(sandbox, capsys, damage, command):
     run = sandbox / "runs" / "tiny"
     corrupt, message = DAMAGE[damage]
     corrupt(run)
-    argv = {"classify": ["classify", str(run), "match goal"],
-            "predict": ["predict", str(run), "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"],
-            "export": ["export", str(run), "--merged", "{sb}/export"]}[command]
+    argv = {
+        "classify": ["classify", str(run), "match goal"],
+        "predict": ["predict", str(run), "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"],
+        "export": ["export", str(run), "--merged", "{sb}/export"],
+    }[command]
     expect_refusal(sandbox, capsys, argv, message)
 
 
@@ -481,8 +595,13 @@ def test_damaged_checkpoints_and_results_inputs(sandbox, capsys):
     for checkpoint in complete_checkpoints(run):
         (checkpoint / "state.json").write_text("{")
     (run / "summary.json").unlink()
-    expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"], "checkpoint(s) loads (each is damaged",
-                   allowed=("runs/tiny",))
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["train", "--resume", str(run), "--quiet"],
+        "checkpoint(s) loads (each is damaged",
+        allowed=("runs/tiny",),
+    )
     (run / "summary.json").write_text("{not json")
     expect_refusal(sandbox, capsys, ["results", "{sb}/runs"], "summary.json: not valid JSON")
     expect_refusal(sandbox, capsys, ["report", "{sb}/runs"], "summary.json: not valid JSON")
@@ -512,8 +631,12 @@ def test_export_targets(sandbox, capsys, target, message):
 def test_an_earlier_export_is_replaced_only_with_overwrite(sandbox, capsys):
     assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "export")]) == 0
     capsys.readouterr()
-    expect_refusal(sandbox, capsys, ["export", "{sb}/runs/tiny", "--merged", "{sb}/export"],
-                   "holds an earlier export; pass --overwrite")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["export", "{sb}/runs/tiny", "--merged", "{sb}/export"],
+        "holds an earlier export; pass --overwrite",
+    )
     assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "export"), "--overwrite"]) == 0
 
 
@@ -524,16 +647,24 @@ def test_a_full_disk_during_export_leaves_nothing(sandbox, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "save_tensors", full)
-    monkeypatch.setattr(export.AutoModelForSequenceClassification if hasattr(export, "AutoModelForSequenceClassification")
-                        else export, "__doc__", export.__doc__)
+    monkeypatch.setattr(
+        export.AutoModelForSequenceClassification if hasattr(export, "AutoModelForSequenceClassification") else export,
+        "__doc__",
+        export.__doc__,
+    )
     from transformers import PreTrainedModel
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
-    expect_refusal(sandbox, capsys, ["export", "{sb}/runs/tiny", "--merged", "{sb}/export"],
-                   "cannot write {sb}/export: No space left on device")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["export", "{sb}/runs/tiny", "--merged", "{sb}/export"],
+        "cannot write {sb}/export: No space left on device",
+    )
 
 
 # ----- 8. one writer per run --------------------------------------------------------------------------
+
 
 def test_a_second_writer_fails_at_once_naming_the_holder(sandbox, capsys):
     from budgetlora.artifacts.placement import RunLock
@@ -541,29 +672,51 @@ def test_a_second_writer_fails_at_once_naming_the_holder(sandbox, capsys):
     run = sandbox / "runs" / "tiny"
     (run / "summary.json").unlink()  # resumable again
     with RunLock(run, "train into it"):
-        expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"],
-                       f"is in use by process {os.getpid()}", allowed=("runs/tiny/.lock",))
-        expect_refusal(sandbox, capsys, TRAIN + ["--overwrite"], f"is in use by process {os.getpid()}",
-                       allowed=("runs/tiny/.lock",))
+        expect_refusal(
+            sandbox,
+            capsys,
+            ["train", "--resume", str(run), "--quiet"],
+            f"is in use by process {os.getpid()}",
+            allowed=("runs/tiny/.lock",),
+        )
+        expect_refusal(
+            sandbox,
+            capsys,
+            TRAIN + ["--overwrite"],
+            f"is in use by process {os.getpid()}",
+            allowed=("runs/tiny/.lock",),
+        )
 
 
 # ----- 9. outputs and messages --------------------------------------------------------------------------
 
 OUTPUT_CASES = [
     (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/precious"], "is a directory"),
-    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/precious/notes.txt/p.csv"],
-     "cannot write {sb}/precious/notes.txt/p.csv"),
-    (["eval", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--json", "{sb}/precious/notes.txt/m.json"],
-     "cannot write {sb}/precious/notes.txt/m.json"),
-    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--format", "xml"],
-     "argument --format: invalid choice: 'xml'"),
-    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--backend", "tf"],
-     "argument --backend: invalid choice"),
+    (
+        ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/precious/notes.txt/p.csv"],
+        "cannot write {sb}/precious/notes.txt/p.csv",
+    ),
+    (
+        ["eval", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--json", "{sb}/precious/notes.txt/m.json"],
+        "cannot write {sb}/precious/notes.txt/m.json",
+    ),
+    (
+        ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--format", "xml"],
+        "argument --format: invalid choice: 'xml'",
+    ),
+    (
+        ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--backend", "tf"],
+        "argument --backend: invalid choice",
+    ),
     (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv"], "the following arguments are required: --out"),
-    (["predict", "{sb}/precious", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"],
-     "is neither a budgetlora run"),
-    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--text-columns", "nope"],
-     "no text column 'nope'"),
+    (
+        ["predict", "{sb}/precious", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"],
+        "is neither a budgetlora run",
+    ),
+    (
+        ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv", "--text-columns", "nope"],
+        "no text column 'nope'",
+    ),
     (["eval", "{sb}/runs/tiny", "--data", "{sb}/data/unlabeled.csv", "--json", "{sb}/m.json"], "no label column"),
     (["classify", "{sb}/runs/tiny", " "], "empty text"),
     (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
@@ -583,15 +736,23 @@ OUTPUT_CASES = [
     (["bench", "--device", "cpu", "--data", "{sb}/precious"], "no train_sample.csv or test.csv there"),
     (["plan", "--targets", ""], "--targets is empty"),
     (["plan", "--budget", "10"], "no rank fits"),
-    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/runs/tiny/summary.json"],
-     "would replace a file of the run"),
-    (["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/data/test.csv"],
-     "is the input data file"),
-    (["eval", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--json", "{sb}/runs/tiny/labels.json"],
-     "would replace a file of the run"),
+    (
+        ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/runs/tiny/summary.json"],
+        "would replace a file of the run",
+    ),
+    (
+        ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/data/test.csv"],
+        "is the input data file",
+    ),
+    (
+        ["eval", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--json", "{sb}/runs/tiny/labels.json"],
+        "would replace a file of the run",
+    ),
     (["compare", "{sb}/runs/tiny", "{sb}/runs/tiny", "--out", "{sb}/runs/tiny"], "is inside the run"),
-    (["predict", "{sb}/runs/tiny", "--data", "/proc/self/status", "--format", "csv", "--out", "{sb}/p.csv"],
-     "the file is empty (0 bytes)"),
+    (
+        ["predict", "{sb}/runs/tiny", "--data", "/proc/self/status", "--format", "csv", "--out", "{sb}/p.csv"],
+        "the file is empty (0 bytes)",
+    ),
 ]
 
 
@@ -605,8 +766,12 @@ def test_an_unreachable_hub_model_fails_fast_and_quietly(sandbox, capsys):
     import time
 
     start = time.perf_counter()
-    err = expect_refusal(sandbox, capsys, TRAIN + ["--set", "model=someone/not-downloaded-model"],
-                         "model 'someone/not-downloaded-model' is not available offline")
+    err = expect_refusal(
+        sandbox,
+        capsys,
+        TRAIN + ["--set", "model=someone/not-downloaded-model"],
+        "model 'someone/not-downloaded-model' is not available offline",
+    )
     assert time.perf_counter() - start < 30 and len(err.splitlines()) == 1
 
 
@@ -623,14 +788,16 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(sandbox, capsys, monkey
         return (loss * float("nan"), logits) if calls["n"] >= 3 else (loss, logits)
 
     monkeypatch.setattr(TrainStep, "forward", poisoned)
-    expect_refusal(sandbox, capsys, TRAIN + ["--name", "diverged"], "the training loss became NaN or infinite at step 3")
+    expect_refusal(
+        sandbox, capsys, TRAIN + ["--name", "diverged"], "the training loss became NaN or infinite at step 3"
+    )
     assert torch.isfinite(torch.tensor(1.0))
 
 
 def test_outputs_are_csv_quoted_and_follow_the_umask(sandbox, capsys):
     import csv
 
-    ids = ['a,b', 'say "hi"', "two\nlines", "plain"]
+    ids = ["a,b", 'say "hi"', "two\nlines", "plain"]
     path = sandbox / "data" / "odd.csv"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -638,8 +805,20 @@ def test_outputs_are_csv_quoted_and_follow_the_umask(sandbox, capsys):
         writer.writerows([[i, "match goal team"] for i in ids])
     old = os.umask(0o027)
     try:
-        assert main(["predict", str(sandbox / "runs" / "tiny"), "--data", str(path), "--out", str(sandbox / "p.csv"),
-                     "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(sandbox / "runs" / "tiny"),
+                    "--data",
+                    str(path),
+                    "--out",
+                    str(sandbox / "p.csv"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(old)
     with (sandbox / "p.csv").open(newline="") as handle:
@@ -683,13 +862,18 @@ def test_every_artifact_follows_the_umask(sandbox, capsys):
 
 # ----- 10. what only looks like a run is never replaced, and nothing is written through a link ------------
 
+
 def test_a_folder_that_only_looks_like_a_run_is_not_overwritten(sandbox, capsys):
     project = sandbox / "myproj"
     (project / "checkpoints").mkdir(parents=True)
     (project / "config.yaml").write_text("x: 1\n")
     (project / "train.py").write_text("print('my code')\n")
-    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "myproj", "--overwrite",
-                                     "--quiet"], "has no .budgetlora-run marker")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["train", "{sb}/cfg.yaml", "--out", "{sb}", "--name", "myproj", "--overwrite", "--quiet"],
+        "has no .budgetlora-run marker",
+    )
 
 
 def test_a_symlinked_run_is_not_overwritten(sandbox, capsys):
@@ -711,8 +895,13 @@ def test_a_run_folder_linked_outside_is_refused_on_resume(sandbox, capsys):
     (run / "summary.json").unlink()
     shutil.move(str(run / "checkpoints"), str(sandbox / "elsewhere"))
     (run / "checkpoints").symlink_to(sandbox / "elsewhere")
-    expect_refusal(sandbox, capsys, ["train", "--resume", str(run), "--quiet"], "checkpoints is a symbolic link",
-                   allowed=("runs/tiny/.lock",))
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["train", "--resume", str(run), "--quiet"],
+        "checkpoints is a symbolic link",
+        allowed=("runs/tiny/.lock",),
+    )
 
 
 def test_a_staged_overwrite_does_not_replace_what_took_the_runs_place(sandbox):
@@ -733,10 +922,18 @@ def test_export_overwrite_never_deletes_a_run_put_inside(sandbox, capsys):
     assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "export")]) == 0
     capsys.readouterr()
     shutil.copytree(sandbox / "runs" / "tiny", sandbox / "export" / "inner")
-    expect_refusal(sandbox, capsys, ["export", "{sb}/runs/tiny", "--merged", "{sb}/export", "--overwrite"],
-                   "holds the run {sb}/export/inner")
-    expect_refusal(sandbox, capsys, ["train", "{sb}/cfg.yaml", "--out", "{sb}/export", "--quiet"],
-                   "is a budgetlora export; put runs in another --out")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["export", "{sb}/runs/tiny", "--merged", "{sb}/export", "--overwrite"],
+        "holds the run {sb}/export/inner",
+    )
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["train", "{sb}/cfg.yaml", "--out", "{sb}/export", "--quiet"],
+        "is a budgetlora export; put runs in another --out",
+    )
 
 
 def test_integer_labels_do_not_silently_index_names_sorted_from_another_file(sandbox, capsys):
@@ -747,8 +944,12 @@ def test_integer_labels_do_not_silently_index_names_sorted_from_another_file(san
         rows = list(csv.reader(handle))
     with (sandbox / "data" / "named.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([rows[0]] + [[text, names[int(label)]] for text, label in rows[1:]])
-    expect_refusal(sandbox, capsys, TRAIN + ["--set", "data.train_file={sb}/data/named.csv"],
-                   "integer label 0 where the classes are names")
+    expect_refusal(
+        sandbox,
+        capsys,
+        TRAIN + ["--set", "data.train_file={sb}/data/named.csv"],
+        "integer label 0 where the classes are names",
+    )
 
 
 def test_a_non_finite_validation_loss_stops_the_run(sandbox, capsys, monkeypatch):
@@ -758,13 +959,27 @@ def test_a_non_finite_validation_loss_stops_the_run(sandbox, capsys, monkeypatch
 
     real = loop.predict_logits
     monkeypatch.setattr(loop, "predict_logits", lambda *a, **k: real(*a, **k) * np.inf)
-    expect_refusal(sandbox, capsys, TRAIN + ["--name", "overflow"], "the validation loss became NaN or infinite at step 2")
+    expect_refusal(
+        sandbox, capsys, TRAIN + ["--name", "overflow"], "the validation loss became NaN or infinite at step 2"
+    )
 
 
 def test_an_unreachable_mlflow_store_is_one_error_and_leaves_no_run(sandbox, capsys):
     pytest.importorskip("mlflow")
-    expect_refusal(sandbox, capsys, TRAIN + ["--name", "tracked", "--set", "train.report_to=[mlflow]", "--set",
-                                             "train.mlflow_tracking_uri=bogus://nowhere"], "MLflow at bogus://nowhere: cannot")
+    expect_refusal(
+        sandbox,
+        capsys,
+        TRAIN
+        + [
+            "--name",
+            "tracked",
+            "--set",
+            "train.report_to=[mlflow]",
+            "--set",
+            "train.mlflow_tracking_uri=bogus://nowhere",
+        ],
+        "MLflow at bogus://nowhere: cannot",
+    )
 
 
 def test_damaged_summaries_and_checkpoint_counters_are_one_error(sandbox, capsys):
@@ -776,9 +991,13 @@ def test_damaged_summaries_and_checkpoint_counters_are_one_error(sandbox, capsys
     run = sandbox / "runs" / "tiny"
     summary = json.loads((run / "summary.json").read_text())
     summary["test"]["accuracy"] = "high"
+    shutil.copytree(run, sandbox / "runs" / "other")
     (run / "summary.json").write_text(json.dumps(summary))
-    for command in (["results", "{sb}/runs"], ["report", "{sb}/runs/tiny"], ["compare", "{sb}/runs/tiny", "{sb}/runs/tiny",
-                                                                              "--out", "{sb}/cmp"]):
+    for command in (
+        ["results", "{sb}/runs"],
+        ["report", "{sb}/runs/tiny"],
+        ["compare", "{sb}/runs/tiny", "{sb}/runs/other", "--out", "{sb}/cmp"],
+    ):
         expect_refusal(sandbox, capsys, command, "test.accuracy is not a number in its range")
     checkpoint = complete_checkpoints(run)[-1]
     state = json.loads((checkpoint / "state.json").read_text())
@@ -825,6 +1044,7 @@ def test_a_sweep_never_deletes_or_reuses_what_it_did_not_make(sandbox, tmp_path)
 
 # ----- 11. faults while a sweep resumes, lock and marker damage, outputs into exports -------------------
 
+
 def _unfinished_copy(sandbox: Path, name: str) -> Path:
     run = sandbox / "sweep" / name
     shutil.copytree(sandbox / "runs" / "tiny", run)
@@ -833,7 +1053,7 @@ def _unfinished_copy(sandbox: Path, name: str) -> Path:
 
 
 def test_a_sweep_keeps_the_checkpoints_of_a_trial_that_fails_for_a_passing_reason(sandbox, monkeypatch):
-    from budgetlora import recipe
+    from budgetlora import recipe, resume
     from budgetlora.errors import NotResumable, WriteError
     from budgetlora.artifacts.run_dir import read_run_config
     from budgetlora.sweeps.worker import SweepOptions, train_or_reuse
@@ -845,7 +1065,7 @@ def test_a_sweep_keeps_the_checkpoints_of_a_trial_that_fails_for_a_passing_reaso
     def disk_full(*args, **kwargs):
         raise WriteError("cannot write: no space left on device")
 
-    monkeypatch.setattr(recipe, "resume_run", disk_full)
+    monkeypatch.setattr(resume, "resume_run", disk_full)
     with pytest.raises(WriteError, match="no space left"):
         train_or_reuse(cfg, run, opts)
     assert (run / "checkpoints").is_dir()  # a full disk is no reason to throw away the trial's progress
@@ -854,9 +1074,12 @@ def test_a_sweep_keeps_the_checkpoints_of_a_trial_that_fails_for_a_passing_reaso
         raise NotResumable("none of its 2 checkpoint(s) loads")
 
     trained = []
-    monkeypatch.setattr(recipe, "resume_run", not_resumable)
-    monkeypatch.setattr(recipe, "train_run", lambda *a, **k: trained.append(k["run_dir"]) or
-                        shutil.copytree(sandbox / "runs" / "tiny", k["run_dir"]))
+    monkeypatch.setattr(resume, "resume_run", not_resumable)
+    monkeypatch.setattr(
+        recipe,
+        "train_run",
+        lambda *a, **k: trained.append(k["run_dir"]) or shutil.copytree(sandbox / "runs" / "tiny", k["run_dir"]),
+    )
     train_or_reuse(cfg, run, opts)
     assert trained == [run] and (run / "summary.json").is_file()
 
@@ -898,8 +1121,12 @@ def test_a_damaged_marker_never_points_a_resume_outside_its_folder(sandbox):
 def test_outputs_never_write_into_an_export(sandbox, capsys):
     assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "export")]) == 0
     capsys.readouterr()
-    expect_refusal(sandbox, capsys, ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out",
-                                     "{sb}/export/budgetlora.json"], "would write into the export {sb}/export")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--out", "{sb}/export/budgetlora.json"],
+        "would write into the export {sb}/export",
+    )
 
 
 def test_rung_decisions_keep_the_points_an_earlier_pass_pruned(tmp_path):
@@ -974,6 +1201,7 @@ def marker(tmp_path, monkeypatch) -> Path:
 
 # ----- code execution: nothing from the working directory, a run or an export ever runs -------------
 
+
 def test_budgetlora_processes_never_import_from_the_working_directory(tmp_path, marker):
     import subprocess
     import sys
@@ -982,10 +1210,11 @@ def test_budgetlora_processes_never_import_from_the_working_directory(tmp_path, 
 
     (tmp_path / "yaml.py").write_text(MARKER_CODE)
     (tmp_path / "torch.py").write_text(MARKER_CODE)
-    for command in (python_command("--version"), [sys.executable, "-m", "budgetlora", "plan", "--model", "roberta-base",
-                                                  "--targets", "q,v"]):
-        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ))
+    for command in (
+        python_command("--version"),
+        [sys.executable, "-m", "budgetlora", "plan", "--model", "roberta-base", "--targets", "q,v"],
+    ):
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ))
         assert done.returncode == 0, done.stderr[-2000:]
         assert not marker.exists(), command
 
@@ -1020,15 +1249,19 @@ def test_code_shipped_in_a_run_or_an_export_never_runs(sandbox, exports, capsys,
         target = exports["merged"]
         config = json.loads((target / "config.json").read_text())
         if planted == "auto_map":
-            config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
-                                  "AutoModelForSequenceClassification": "evil.EvilModel"}
+            config["auto_map"] = {
+                "AutoConfig": "evil.EvilConfig",
+                "AutoModelForSequenceClassification": "evil.EvilModel",
+            }
         else:
             config["model_type"] = "evil-net"
         (target / "config.json").write_text(json.dumps(config))
         (target / "evil.py").write_text(MARKER_CODE)
         where, allowed = "{sb}/exports/merged", ("exports",)
-    for command in (["classify", where, "match goal", "--json"],
-                    ["predict", where, "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"]):
+    for command in (
+        ["classify", where, "match goal", "--json"],
+        ["predict", where, "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"],
+    ):
         expect_refusal(sandbox, capsys, command, "", allowed=allowed)
         assert not marker.exists()
     assert "[y/N]" not in capsys.readouterr().out
@@ -1042,6 +1275,7 @@ def test_an_edited_modeling_file_in_an_export_never_runs(sandbox, exports, capsy
 
 
 # ----- data loss: outputs never replace what is not a file, nor files budgetlora did not write ------
+
 
 def test_outputs_write_through_devices_fifos_and_stdout_links(sandbox, capsys):
     import threading
@@ -1068,16 +1302,21 @@ def test_outputs_write_through_devices_fifos_and_stdout_links(sandbox, capsys):
     assert main(["predict", run, "--data", data, "--out", str(sandbox / "link.csv"), "--quiet"]) == 0
     assert (sandbox / "link.csv").is_symlink() and real.read_text().startswith("ID,Label")
     (sandbox / "dangling.csv").symlink_to(sandbox / "nowhere" / "x.csv")
-    expect_refusal(sandbox, capsys, ["predict", run, "--data", data, "--out", "{sb}/dangling.csv"],
-                   "symbolic link to nothing")
+    expect_refusal(
+        sandbox, capsys, ["predict", run, "--data", data, "--out", "{sb}/dangling.csv"], "symbolic link to nothing"
+    )
 
 
-@pytest.mark.parametrize("command, names", [
-    (["results", "{sb}/runs"], ["results.md", "results.csv"]),
-    (["report", "{sb}/runs"], ["report.md", "report.html", "results.md"]),
-    (["compare", "{sb}/runs/tiny", "{sb}/runs/tiny", "--out", "{sb}/precious"], ["compare.md", "compare.csv"]),
-])
+@pytest.mark.parametrize(
+    "command, names",
+    [
+        (["results", "{sb}/runs"], ["results.md", "results.csv"]),
+        (["report", "{sb}/runs"], ["report.md", "report.html", "results.md"]),
+        (["compare", "{sb}/runs/tiny", "{sb}/runs/other", "--out", "{sb}/precious"], ["compare.md", "compare.csv"]),
+    ],
+)
 def test_outputs_never_replace_a_users_files_of_the_same_name(sandbox, capsys, command, names):
+    shutil.copytree(sandbox / "runs" / "tiny", sandbox / "runs" / "other")
     folder = sandbox / ("precious" if command[0] == "compare" else "runs")
     for name in names:
         (folder / name).write_text("my own notes\n")
@@ -1101,8 +1340,12 @@ def test_a_study_cannot_name_its_folder_outside_sweeps(sandbox, capsys, name):
 def test_a_sweep_into_a_folder_with_the_users_results_is_refused_before_training(sandbox, capsys):
     (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "grid": {"lora.r": [2]}}))
     (sandbox / "precious" / "results.md").write_text("mine\n")
-    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--out", "{sb}/precious"],
-                   "results.md exists and budgetlora did not write it")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["sweep", "{sb}/study.yaml", "--out", "{sb}/precious"],
+        "results.md exists and budgetlora did not write it",
+    )
 
 
 def test_out_paths_expand_the_home_directory(sandbox, capsys, monkeypatch):
@@ -1115,6 +1358,7 @@ def test_out_paths_expand_the_home_directory(sandbox, capsys, monkeypatch):
 
 
 # ----- stores: never inside a run or an export, never into a user's own database or file ------------
+
 
 def test_optuna_storage_never_joins_a_foreign_file_or_lands_inside_a_run(sandbox, capsys):
     import sqlite3
@@ -1139,22 +1383,49 @@ def test_mlflow_never_writes_into_a_users_database_or_the_working_directory(sand
     users = sandbox / "precious" / "users.db"
     with sqlite3.connect(users) as db:
         db.execute("CREATE TABLE customers (name TEXT)")
-    expect_refusal(sandbox, capsys, TRAIN + ["--set", "train.report_to=[mlflow]", "--set",
-                                             f"train.mlflow_tracking_uri=sqlite:///{users}"],
-                   "a SQLite database of something else")
+    expect_refusal(
+        sandbox,
+        capsys,
+        TRAIN + ["--set", "train.report_to=[mlflow]", "--set", f"train.mlflow_tracking_uri=sqlite:///{users}"],
+        "a SQLite database of something else",
+    )
     monkeypatch.chdir(sandbox / "precious")
     store = sandbox / "stores" / "ml.db"
-    assert main([a.replace("{sb}", str(sandbox)) for a in TRAIN] + [
-        "--set", "train.report_to=[mlflow]", "--set", f"train.mlflow_tracking_uri=sqlite:///{store}",
-        "--name", "tracked"]) == 0
+    assert (
+        main(
+            [a.replace("{sb}", str(sandbox)) for a in TRAIN]
+            + [
+                "--set",
+                "train.report_to=[mlflow]",
+                "--set",
+                f"train.mlflow_tracking_uri=sqlite:///{store}",
+                "--name",
+                "tracked",
+            ]
+        )
+        == 0
+    )
     assert not (sandbox / "precious" / "mlruns").exists() and (sandbox / "stores" / "mlruns").is_dir()
 
 
 # ----- exports held to the rules of runs -------------------------------------------------------------
 
+
+def _unsealed(export: Path) -> None:
+    """Drop the weight hash from budgetlora.json: the export then stands for a foreign or older one,
+    whose damage the deeper checks must catch."""
+    import json
+
+    meta = json.loads((export / "budgetlora.json").read_text())
+    meta.pop("weights_sha256", None)
+    (export / "budgetlora.json").write_text(json.dumps(meta))
+
+
 def _refuse_export(sandbox, capsys, export: Path, message: str) -> None:
-    for command in (["classify", str(export), "match goal"],
-                    ["predict", str(export), "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"]):
+    for command in (
+        ["classify", str(export), "match goal"],
+        ["predict", str(export), "--data", "{sb}/data/test.csv", "--out", "{sb}/p.csv"],
+    ):
         expect_refusal(sandbox, capsys, command, message)
 
 
@@ -1165,6 +1436,9 @@ def test_damaged_merged_exports_are_one_error(sandbox, exports, capsys):
     merged = exports["merged"]
     weights = merged / "model.safetensors"
     good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    _refuse_export(sandbox, capsys, merged, "is not the file this export wrote (its sha256 differs")
+    _unsealed(merged)
     weights.write_bytes(good[: len(good) // 2])
     _refuse_export(sandbox, capsys, merged, "not a loadable export")
     tensors = load_file(str(sandbox / "runs" / "tiny" / "adapter" / "adapter_model.safetensors"))
@@ -1176,7 +1450,9 @@ def test_damaged_merged_exports_are_one_error(sandbox, exports, capsys):
     _refuse_export(sandbox, capsys, merged, "holds NaN or infinite values")
     weights.unlink()
     torch.save(tensors, merged / "pytorch_model.bin")
-    _refuse_export(sandbox, capsys, merged, "pytorch_model.bin is there: budgetlora loads weights only from safetensors")
+    _refuse_export(
+        sandbox, capsys, merged, "pytorch_model.bin is there: budgetlora loads weights only from safetensors"
+    )
 
 
 def test_an_export_without_tokenizer_files_is_refused(sandbox, exports, capsys):
@@ -1200,15 +1476,26 @@ def test_an_edited_pooling_is_refused_in_exports_and_runs(sandbox, exports, caps
     raw = yaml.safe_load((run / "config.yaml").read_text())
     raw["head"]["pooling"] = "cls"
     (run / "config.yaml").write_text(yaml.safe_dump(raw))
-    expect_refusal(sandbox, capsys, ["classify", str(run), "match goal"], "head.pooling is 'cls' but the adapter was "
-                   "trained with 'mean'")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["classify", str(run), "match goal"],
+        "head.pooling is 'cls' but the adapter was trained with 'mean'",
+    )
 
 
 def _onnx_graph(path: Path, module, inputs: tuple, names: list[str]) -> None:
     import torch
 
-    torch.onnx.export(module, inputs, str(path), input_names=names, output_names=["logits"], dynamo=False,
-                      dynamic_axes={n: {0: "batch", 1: "length"} for n in names})
+    torch.onnx.export(
+        module,
+        inputs,
+        str(path),
+        input_names=names,
+        output_names=["logits"],
+        dynamo=False,
+        dynamic_axes={n: {0: "batch", 1: "length"} for n in names},
+    )
 
 
 class _Width(__import__("torch").nn.Module):
@@ -1250,6 +1537,9 @@ def test_foreign_or_damaged_onnx_graphs_are_one_error(sandbox, exports, capsys):
 
     file = exports["onnx"] / "model.onnx"
     ids = torch.ones(2, 8, dtype=torch.long)
+    _onnx_graph(file, _Width(4), (ids, ids), ["input_ids", "attention_mask"])  # constant logits, right signature
+    _refuse_export(sandbox, capsys, exports["onnx"], "is not the file this export wrote (its sha256 differs")
+    _unsealed(exports["onnx"])
     cases = [
         (_Width(7), "expected a 'logits' output of batch x 4 classes"),
         (_Width(4, rank3=True), "expected a 'logits' output of batch x 4 classes"),
@@ -1261,23 +1551,33 @@ def test_foreign_or_damaged_onnx_graphs_are_one_error(sandbox, exports, capsys):
         _refuse_export(sandbox, capsys, exports["onnx"], message)
     _onnx_graph(file, _ThreeInputs(), (ids, ids, ids), ["input_ids", "attention_mask", "token_type_ids"])
     _refuse_export(sandbox, capsys, exports["onnx"], "expected the inputs input_ids and attention_mask")
-    constant = helper.make_node("Constant", [], ["shape"], value=helper.make_tensor(
-        "s", TensorProto.INT64, [2], [40_000_000_000, 4]))  # 160 GB of float32
-    nodes = [constant,
-             helper.make_node("ConstantOfShape", ["shape"], ["big"],
-                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
-             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=1),
-             helper.make_node("Constant", [], ["shape4"], value=helper.make_tensor("s4", TensorProto.INT64, [2], [1, 4])),
-             helper.make_node("Expand", ["total", "shape4"], ["logits"])]
+    constant = helper.make_node(
+        "Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [2], [40_000_000_000, 4])
+    )  # 160 GB of float32
+    nodes = [
+        constant,
+        helper.make_node(
+            "ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+        ),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=1),
+        helper.make_node("Constant", [], ["shape4"], value=helper.make_tensor("s4", TensorProto.INT64, [2], [1, 4])),
+        helper.make_node("Expand", ["total", "shape4"], ["logits"]),
+    ]
     graph = helper.make_graph(
-        nodes, "huge", [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "length"])
-                        for n in ("input_ids", "attention_mask")],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
+        nodes,
+        "huge",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "length"])
+            for n in ("input_ids", "attention_mask")
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(file))
     _refuse_export(sandbox, capsys, exports["onnx"], "ONNX Runtime")
 
 
 # ----- the Python API: type misuse is a BudgetLoraError, never a TypeError or AssertionError --------
+
 
 def test_api_type_misuse_is_one_budgetlora_error(sandbox, exports):
     import budgetlora
@@ -1285,14 +1585,24 @@ def test_api_type_misuse_is_one_budgetlora_error(sandbox, exports):
 
     run = budgetlora.load(sandbox / "runs" / "tiny")
     cases = [
-        lambda: budgetlora.load(None), lambda: budgetlora.load(123), lambda: budgetlora.load(""),
+        lambda: budgetlora.load(None),
+        lambda: budgetlora.load(123),
+        lambda: budgetlora.load(""),
         lambda: budgetlora.train(str(sandbox / "cfg.yaml"), out=123),
-        lambda: budgetlora.train(12.5), lambda: budgetlora.resume(None),
-        lambda: run.predict(None), lambda: run.predict(t for t in ["match goal"]), lambda: run.predict([1, 2]),
-        lambda: run.predict([]), lambda: run.evaluate(["match goal"]), lambda: run.evaluate(None),
-        lambda: run.export(None), lambda: run.export(3),
-        lambda: budgetlora.sweep(None), lambda: budgetlora.sweep(5),
-        lambda: budgetlora.plan("roberta-base", num_labels=10**9), lambda: budgetlora.plan("roberta-base", num_labels=1.5),
+        lambda: budgetlora.train(12.5),
+        lambda: budgetlora.resume(None),
+        lambda: run.predict(None),
+        lambda: run.predict(t for t in ["match goal"]),
+        lambda: run.predict([1, 2]),
+        lambda: run.predict([]),
+        lambda: run.evaluate(["match goal"]),
+        lambda: run.evaluate(None),
+        lambda: run.export(None),
+        lambda: run.export(3),
+        lambda: budgetlora.sweep(None),
+        lambda: budgetlora.sweep(5),
+        lambda: budgetlora.plan("roberta-base", num_labels=10**9),
+        lambda: budgetlora.plan("roberta-base", num_labels=1.5),
         lambda: budgetlora.load(sandbox / "runs" / "tiny", device=None),
         lambda: budgetlora.load(sandbox / "runs" / "tiny", backend="tensorflow"),
     ]
@@ -1303,8 +1613,9 @@ def test_api_type_misuse_is_one_budgetlora_error(sandbox, exports):
 
 # ----- bounded: hostile study and config files return within seconds --------------------------------
 
-BOMB = ('a: &a ["x","x","x","x","x","x","x","x","x","x"]\n'
-        + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)))
+BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x","x"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)
+)
 
 
 def test_yaml_alias_bombs_are_refused_at_once(sandbox, capsys):
@@ -1325,16 +1636,26 @@ def test_a_huge_grid_or_search_is_refused_before_it_expands(sandbox, capsys):
     (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "grid": grid}))
     start = time.perf_counter()
     expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--dry-run"], "the grid has 90,000 points")
-    (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "n_trials": 10**9,
-                                                        "random": {"lora.r": {"low": 1, "high": 8}}}))
-    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--dry-run"],
-                   "study key 'n_trials': got 1000000000, must be in [1, 100,000]")
-    expect_refusal(sandbox, capsys, ["plan", "--model", "roberta-base", "--num-labels", "1000000000"],
-                   "num_labels must be an integer in [2, 100,000]")
+    (sandbox / "study.yaml").write_text(
+        yaml.safe_dump({"base": "cfg.yaml", "n_trials": 10**9, "random": {"lora.r": {"low": 1, "high": 8}}})
+    )
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["sweep", "{sb}/study.yaml", "--dry-run"],
+        "study key 'n_trials': got 1000000000, must be in [1, 100,000]",
+    )
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["plan", "--model", "roberta-base", "--num-labels", "1000000000"],
+        "num_labels must be an integer in [2, 100,000]",
+    )
     assert time.perf_counter() - start < 20
 
 
 # ----- silent nonsense -------------------------------------------------------------------------------
+
 
 def test_prediction_csvs_neutralise_formula_cells(sandbox, capsys):
     import csv
@@ -1343,12 +1664,13 @@ def test_prediction_csvs_neutralise_formula_cells(sandbox, capsys):
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["ID", "text"])
-        writer.writerows([["=HYPERLINK(\"http://x\")", "match goal"], ["+1+2", "stocks market"], ["-5", "war"],
-                          ["@SUM(A1)", "chip"]])
+        writer.writerows(
+            [['=HYPERLINK("http://x")', "match goal"], ["+1+2", "stocks market"], ["-5", "war"], ["@SUM(A1)", "chip"]]
+        )
     out = sandbox / "p.csv"
     assert main(["predict", str(sandbox / "runs" / "tiny"), "--data", str(path), "--out", str(out), "--names"]) == 0
     ids = [row[0] for row in csv.reader(out.read_text().splitlines())][1:]
-    assert ids == ["'=HYPERLINK(\"http://x\")", "'+1+2", "-5", "'@SUM(A1)"]  # numbers stay numbers
+    assert ids == ['\'=HYPERLINK("http://x")', "'+1+2", "-5", "'@SUM(A1)"]  # numbers stay numbers
 
 
 def test_class_names_that_differ_only_by_normalisation_are_one_name(sandbox, capsys):
@@ -1356,19 +1678,25 @@ def test_class_names_that_differ_only_by_normalisation_are_one_name(sandbox, cap
 
     nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
     (sandbox / "data" / "classes2.txt").write_text(f"{nfc}\n{nfd}\n")
-    expect_refusal(sandbox, capsys, TRAIN + ["--set", "data.classes_file={sb}/data/classes2.txt"],
-                   "expected two or more distinct class names")
+    expect_refusal(
+        sandbox,
+        capsys,
+        TRAIN + ["--set", "data.classes_file={sb}/data/classes2.txt"],
+        "expected two or more distinct class names",
+    )
     expect_refusal(sandbox, capsys, TRAIN + ["--set", f"data.label_names=[{nfc}, {nfd}]"], "lists a class twice")
     from budgetlora.data.dataset import map_labels
     from budgetlora.data.sources import Row
 
-    labels, names = map_labels([Row("a", {"label": nfc}), Row("b", {"label": nfd}), Row("c", {"label": "tea"})],
-                               "label", None)
+    labels, names = map_labels(
+        [Row("a", {"label": nfc}), Row("b", {"label": nfd}), Row("c", {"label": "tea"})], "label", None
+    )
     assert names == [nfc, "tea"] and list(labels) == [0, 0, 1]
 
 
-@pytest.mark.parametrize("field, value", [("accuracy", 5.0), ("accuracy", -1.0), ("ci_high", 2.0), ("n", -3),
-                                          ("n", 1.5)])
+@pytest.mark.parametrize(
+    "field, value", [("accuracy", 5.0), ("accuracy", -1.0), ("ci_high", 2.0), ("n", -3), ("n", 1.5)]
+)
 def test_summaries_with_absurd_metrics_are_one_error(sandbox, capsys, field, value):
     import json
 
@@ -1379,7 +1707,7 @@ def test_summaries_with_absurd_metrics_are_one_error(sandbox, capsys, field, val
     expect_refusal(sandbox, capsys, ["results", "{sb}/runs"], f"test.{field} is not a")  # number / an integer
 
 
-@pytest.mark.parametrize("text", ["{\"test\": NaN}", "{\"best_val_acc\": 1e999}", "[" * 100_000 + "]" * 100_000])
+@pytest.mark.parametrize("text", ['{"test": NaN}', '{"best_val_acc": 1e999}', "[" * 100_000 + "]" * 100_000])
 def test_run_files_with_non_finite_or_deep_json_are_one_error(sandbox, capsys, text):
     (sandbox / "runs" / "tiny" / "summary.json").write_text(text)
     for command in (["results", "{sb}/runs"], ["report", "{sb}/runs/tiny"]):
@@ -1387,9 +1715,15 @@ def test_run_files_with_non_finite_or_deep_json_are_one_error(sandbox, capsys, t
 
 
 def test_a_lone_surrogate_in_jsonl_is_one_error_naming_the_line(sandbox, capsys):
-    (sandbox / "data" / "bad.jsonl").write_text('{"text": "match goal", "label": 0}\n{"text": "a \\ud800 b", "label": 1}\n')
-    expect_refusal(sandbox, capsys, ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/bad.jsonl", "--out",
-                                     "{sb}/p.csv"], "bad.jsonl line 2: field 'text' holds a lone surrogate")
+    (sandbox / "data" / "bad.jsonl").write_text(
+        '{"text": "match goal", "label": 0}\n{"text": "a \\ud800 b", "label": 1}\n'
+    )
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["predict", "{sb}/runs/tiny", "--data", "{sb}/data/bad.jsonl", "--out", "{sb}/p.csv"],
+        "bad.jsonl line 2: field 'text' holds a lone surrogate",
+    )
 
 
 def test_a_model_whose_config_cannot_build_the_architecture_is_one_error(sandbox, capsys, tiny_model_dir):
@@ -1400,8 +1734,9 @@ def test_a_model_whose_config_cannot_build_the_architecture_is_one_error(sandbox
     config = json.loads((model / "config.json").read_text())
     config["num_attention_heads"] = 3  # 32 is not a multiple of 3
     (model / "config.json").write_text(json.dumps(config))
-    expect_refusal(sandbox, capsys, TRAIN + ["--set", f"model={model}"],
-                   "is not a multiple of the number of attention heads")  # the cause, kept
+    expect_refusal(
+        sandbox, capsys, TRAIN + ["--set", f"model={model}"], "is not a multiple of the number of attention heads"
+    )  # the cause, kept
 
 
 def test_a_planted_token_cache_entry_is_rebuilt(sandbox, monkeypatch, tmp_path):
@@ -1424,3 +1759,270 @@ def test_non_finite_trial_values_rank_nowhere():
     assert finite_values([0.9, 10.0]) == [0.9, 10.0]
     assert finite_values([float("nan")]) is None and finite_values([float("inf"), 1]) is None
     assert finite_values(None) is None and finite_values([]) is None
+
+
+# ----- from the round-two hostile pass on a clone ------------------------------------------------------
+
+
+def test_yes_no_options_of_the_api_take_only_booleans(sandbox, exports, marker):
+    import pickle
+
+    import budgetlora
+    from budgetlora.errors import BudgetLoraError
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (MARKER_CODE,)
+
+    evil = sandbox / "data" / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Payload()))
+    run = budgetlora.load(sandbox / "runs" / "tiny")
+    for value in ("no", "false", 1, None):
+        with pytest.raises(BudgetLoraError, match="trust_pickle must be True or False"):
+            run.predict(evil, trust_pickle=value)
+    assert not marker.exists()
+    before = snapshot(exports["merged"])
+    for kwargs in ({"overwrite": "no"}, {"onnx": "yes"}, {"int8": 1}):
+        with pytest.raises(BudgetLoraError, match="must be True or False"):
+            run.export(exports["merged"], **kwargs)
+    assert snapshot(exports["merged"]) == before
+    with pytest.raises(BudgetLoraError, match="sweep option 'prune': got 'no'"):
+        budgetlora.sweep(sandbox / "cfg.yaml", prune="no")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"workers": "2"}, "sweep option 'workers': got '2'"),
+        ({"storage": 5}, "sweep option 'storage': got 5"),
+        ({"confirm_top": "x"}, "sweep option 'confirm_top'"),
+        ({"heartbeat": "x"}, "sweep option 'heartbeat'"),
+        ({"confirm_top": 1, "confirm_seeds": 10**20}, "sweep option 'confirm_seeds'"),
+        ({"confirm_top": 1, "confirm_seeds": -3}, "sweep option 'confirm_seeds'"),
+        ({"threads": 0}, "sweep option 'threads'"),
+        ({"study_name": 5}, "sweep option 'study_name'"),
+        ({"seeds": []}, "give at least one seed"),
+        ({"overrides": "train.lr=1"}, "expected a list of"),
+        ({"storage": "postgresql+nodriver://x/y"}, "--storage"),
+    ],
+)
+def test_sweep_options_are_checked_once_with_one_wording(sandbox, kwargs, message):
+    import budgetlora
+    from budgetlora.errors import BudgetLoraError
+
+    with pytest.raises(BudgetLoraError, match=re.escape(message)):
+        budgetlora.sweep(sandbox / "cfg.yaml", **kwargs)
+
+
+def test_more_api_misuse_is_one_budgetlora_error(sandbox):
+    import budgetlora
+    from budgetlora.errors import BudgetLoraError
+
+    run = budgetlora.load(sandbox / "runs" / "tiny")
+    for case in (
+        lambda: budgetlora.plan("roberta-base", targets=5),
+        lambda: budgetlora.train("x" * 5000),
+        lambda: run.predict(["match goal"], format=5),
+        lambda: run.predict(["match goal"], text_columns=[3]),
+    ):
+        with pytest.raises(BudgetLoraError):
+            case()
+    one_column = run.predict(str(sandbox / "data" / "test.csv"), text_columns="text")  # a name, not its letters
+    assert len(one_column) == 120
+
+
+def test_export_overwrite_never_deletes_what_the_export_did_not_hold(sandbox, exports, capsys):
+    (exports["merged"] / "NOTES.txt").write_text("mine\n")
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["export", "{sb}/runs/tiny", "--merged", "{sb}/exports/merged", "--overwrite"],
+        "holds NOTES.txt, which the earlier export did not write",
+    )
+    (exports["merged"] / "NOTES.txt").unlink()
+    (sandbox / "link").symlink_to(exports["merged"])
+    expect_refusal(
+        sandbox, capsys, ["export", "{sb}/runs/tiny", "--merged", "{sb}/link", "--overwrite"], "is a symbolic link"
+    )
+    assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(exports["merged"]), "--overwrite"]) == 0
+
+
+def test_regular_files_outside_descriptor_names_are_replaced_not_appended(sandbox, capsys, tmp_path):
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    target = shm / f"budgetlora-test-{os.getpid()}.csv"
+    target.write_text("mine\n")
+    try:
+        (sandbox / "shm.csv").symlink_to(target)
+        args = [
+            "predict",
+            str(sandbox / "runs" / "tiny"),
+            "--data",
+            str(sandbox / "data" / "test.csv"),
+            "--out",
+            str(sandbox / "shm.csv"),
+            "--quiet",
+        ]
+        assert main(args) == 0 and main(args) == 0
+        text = target.read_text()
+        assert text.startswith("ID,Label\n") and text.count("ID,Label") == 1 and "mine" not in text
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def test_a_sweep_trains_again_a_point_whose_run_directory_is_gone(sandbox, capsys):
+    (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "grid": {"lora.r": [2, 4]}}))
+    command = ["sweep", str(sandbox / "study.yaml"), "--out", str(sandbox / "sw")]
+    assert main(command) == 0
+    shutil.rmtree(sandbox / "sw" / "r2")
+    capsys.readouterr()
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "this process: 1 trained," in out and (sandbox / "sw" / "r2" / "summary.json").is_file()
+    assert "r2" in (sandbox / "sw" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "study, message",
+    [
+        ({"confirm": {"top": 100_000_000, "seeds": 100_000_000}}, "at most 10,000 configurations and 1,000 seeds"),
+        ({"confirm": {"top": 1, "seeds": 10**20}}, "study key 'confirm.seeds'"),
+        ({"sampler_seed": "1e999", "n_trials": 2, "random": {"lora.r": [2, 4]}}, "study key 'sampler_seed'"),
+        ({"n_trials": 2, "random": {"train.lr": {"low": 0, "high": 1, "log": True}}}, "a log range needs low > 0"),
+        ({"n_trials": 2, "random": {"train.lr": {"low": float("nan"), "high": 1}}}, "finite numbers"),
+    ],
+)
+def test_study_values_that_would_explode_later_are_refused_at_once(sandbox, capsys, study, message):
+    import time
+
+    raw = {"base": "cfg.yaml", **({} if "random" in study else {"grid": {"lora.r": [2]}}), **study}
+    (sandbox / "study.yaml").write_text(yaml.safe_dump(raw))
+    start = time.perf_counter()
+    expect_refusal(sandbox, capsys, ["sweep", "{sb}/study.yaml", "--dry-run"], message)
+    assert time.perf_counter() - start < 10
+
+
+def test_one_huge_text_field_is_cut_before_it_is_tokenized(sandbox, capsys):
+    import resource
+    import time
+
+    path = sandbox / "data" / "huge.csv"
+    path.write_text("text\n" + "bank " * 2_000_000 + "\nmatch goal\n")
+    start = time.perf_counter()
+    assert (
+        main(
+            ["predict", str(sandbox / "runs" / "tiny"), "--data", str(path), "--out", str(sandbox / "p.csv"), "--quiet"]
+        )
+        == 0
+    )
+    assert time.perf_counter() - start < 20 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 2**20
+
+
+def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_one_error(sandbox, capsys):
+    import json
+
+    tokenizer = sandbox / "runs" / "tiny" / "tokenizer" / "tokenizer.json"
+    data = json.loads(tokenizer.read_text())
+    data["model"]["vocab"]["goal"] = 99_999
+    tokenizer.write_text(json.dumps(data))
+    expect_refusal(
+        sandbox, capsys, ["classify", "{sb}/runs/tiny", "match goal"], "gives token id 99,999 but the model embeds only"
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.update(trainable_params=10**400), "not valid JSON (the integer"),
+        (lambda s: s["test"].update(accuracy=0.99), "test.accuracy is not correct / n"),
+    ],
+)
+def test_summaries_with_huge_or_inconsistent_numbers_are_one_error(sandbox, capsys, edit, message):
+    import json
+
+    path = sandbox / "runs" / "tiny" / "summary.json"
+    summary = json.loads(path.read_text())
+    edit(summary)
+    path.write_text(json.dumps(summary))
+    shutil.copytree(sandbox / "runs" / "tiny", sandbox / "other")
+    for command in (["results", "{sb}/runs"], ["compare", "{sb}/runs/tiny", "{sb}/other", "--out", "{sb}/c"]):
+        expect_refusal(sandbox, capsys, command, message)
+
+
+def test_damaged_storage_and_export_records_are_one_error(sandbox, exports, capsys):
+    import json
+
+    (sandbox / "study.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml", "grid": {"lora.r": [2]}}))
+    journal = sandbox / "precious" / "journal.log"
+    journal.write_text('{"op_code": 0, "worker_id": "x"}\n')
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["sweep", "{sb}/study.yaml", "--out", "{sb}/sw", "--storage", f"journal:{journal}"],
+        "the journal cannot be replayed",
+    )
+    meta = json.loads((exports["merged"] / "budgetlora.json").read_text())
+    meta["config"] = "x"
+    (exports["merged"] / "budgetlora.json").write_text(json.dumps(meta))
+    _refuse_export(sandbox, capsys, exports["merged"], "the saved config is missing or not a mapping")
+
+
+def test_an_edited_adapter_setting_in_config_yaml_is_refused(sandbox, capsys):
+    run = sandbox / "runs" / "tiny"
+    for key, value in (("alpha", 64), ("use_rslora", True)):
+        raw = yaml.safe_load((run / "config.yaml").read_text())
+        original = raw["lora"][key]
+        raw["lora"][key] = value
+        (run / "config.yaml").write_text(yaml.safe_dump(raw))
+        expect_refusal(
+            sandbox,
+            capsys,
+            ["eval", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv"],
+            "but the adapter was trained with",
+            allowed=("runs/tiny",),
+        )
+        raw["lora"][key] = original
+        (run / "config.yaml").write_text(yaml.safe_dump(raw))
+
+
+def test_an_onnx_graph_that_never_ends_is_stopped(sandbox, exports, capsys, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from budgetlora.artifacts import onnx as onnx_module
+
+    monkeypatch.setattr(onnx_module, "PROBE_TIMEOUT_S", 2.0)
+    body = helper.make_graph(
+        [helper.make_node("Add", ["x_in", "one"], ["x_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [1, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1, 4]),
+        ],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+    nodes = [
+        helper.make_node("Constant", [], ["trip"], value=helper.make_tensor("t", TensorProto.INT64, [], [10**15])),
+        helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+        helper.make_node("Constant", [], ["x0"], value=helper.make_tensor("x", TensorProto.FLOAT, [1, 4], [0] * 4)),
+        helper.make_node("Loop", ["trip", "cond", "x0"], ["logits"], body=body),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "loop",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "l"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 4])],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(exports["onnx"] / "model.onnx")
+    )
+    _unsealed(exports["onnx"])
+    expect_refusal(sandbox, capsys, ["classify", "{sb}/exports/onnx", "match goal"], "after 2 s, and was stopped")
+
+
+def test_comparing_a_run_with_itself_is_refused(sandbox, capsys):
+    expect_refusal(sandbox, capsys, ["compare", "{sb}/runs/tiny", "{sb}/runs/tiny/", "--out", "{sb}/c"], "given twice")

@@ -18,12 +18,21 @@ import yaml
 
 import budgetlora
 
+pytestmark = pytest.mark.slow  # subprocesses and minutes of CPU: the full suite runs it
+
 pytest.importorskip("onnxruntime")
 
-TEXTS = ["stocks market shares profit", "match goal team coach player", "war election president troops",
-         "software internet chip nasa", "the a of in", "profit team nasa war", "x"]
+TEXTS = [
+    "stocks market shares profit",
+    "match goal team coach player",
+    "war election president troops",
+    "software internet chip nasa",
+    "the a of in",
+    "profit team nasa war",
+    "x",
+]
 
-PLAIN = textwrap.dedent('''
+PLAIN = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import numpy as np, torch
@@ -61,25 +70,53 @@ PLAIN = textwrap.dedent('''
     out["onnx"] = session.run(["logits"], {k: v.numpy() for k, v in batch.items()})[0].tolist()
     out["budgetlora_imported"] = any(m == "budgetlora" or m.startswith("budgetlora.") for m in sys.modules)
     print(json.dumps(out))
-''')
+""")
 
 
 def _train(model_dir: Path, data: dict, tmp_path: Path, head: dict, model: str | None = None) -> budgetlora.Run:
-    return budgetlora.train({"name": "interop", "model": model or str(model_dir), "head": head,
-                             "data": {"train_file": str(data["train"]), "test_file": str(data["test"]), "val_size": 40,
-                                      "max_length": 64},
-                             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"]},
-                             "train": {"lr": 2e-2, "max_steps": 12, "batch_size": 16, "eval_every": 12, "seed": 0}},
-                            out=tmp_path / "runs", quiet=True)
+    return budgetlora.train(
+        {
+            "name": "interop",
+            "model": model or str(model_dir),
+            "head": head,
+            "data": {
+                "train_file": str(data["train"]),
+                "test_file": str(data["test"]),
+                "val_size": 40,
+                "max_length": 64,
+            },
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v"]},
+            "train": {"lr": 2e-2, "max_steps": 12, "batch_size": 16, "eval_every": 12, "seed": 0},
+        },
+        out=tmp_path / "runs",
+        quiet=True,
+    )
 
 
 def _plain(run: budgetlora.Run, base: str, pooled: bool, tmp_path: Path) -> dict:
     export, onnx_dir = run.export(tmp_path / "export"), run.export(tmp_path / "onnx", onnx=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf-modules"), TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf-modules"), TOKENIZERS_PARALLELISM="false"
+    )
     env.pop("PYTHONPATH", None)
-    result = subprocess.run([sys.executable, "-c", PLAIN, str(run.path), str(export), str(onnx_dir), base,
-                             "1" if pooled else "0", json.dumps(TEXTS)], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PLAIN,
+            str(run.path),
+            str(export),
+            str(onnx_dir),
+            base,
+            "1" if pooled else "0",
+            json.dumps(TEXTS),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -153,13 +190,31 @@ def test_budgetlora_reads_its_own_exports(trained_run_with_export, synthetic_dat
     onnx_dir = budgetlora.load(run).export(tmp_path / "onnx", onnx=True)
     summary = json.loads((run / "summary.json").read_text())
     for target in (export, onnx_dir):
-        assert main(["eval", str(target), "--data", str(synthetic_data["test"]), "--json", str(tmp_path / "m.json")]) == 0
-        assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(summary["test"]["accuracy"],
-                                                                                          abs=0.02)
+        assert (
+            main(["eval", str(target), "--data", str(synthetic_data["test"]), "--json", str(tmp_path / "m.json")]) == 0
+        )
+        assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(
+            summary["test"]["accuracy"], abs=0.02
+        )
         assert main(["classify", str(target), "stocks market shares"]) == 0
-        assert main(["predict", str(target), "--data", str(synthetic_data["test"]), "--out", str(tmp_path / "p.csv")]) == 0
-    assert main(["predict", str(export), "--data", str(synthetic_data["test"]), "--out", str(tmp_path / "p.csv"),
-                 "--backend", "onnxruntime"]) == 2
+        assert (
+            main(["predict", str(target), "--data", str(synthetic_data["test"]), "--out", str(tmp_path / "p.csv")]) == 0
+        )
+    assert (
+        main(
+            [
+                "predict",
+                str(export),
+                "--data",
+                str(synthetic_data["test"]),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--backend",
+                "onnxruntime",
+            ]
+        )
+        == 2
+    )
     assert "needs an ONNX export" in capsys.readouterr().err
 
 

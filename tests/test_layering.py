@@ -15,10 +15,27 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "budgetlora"
 THIN_LAYERS = ("budgetlora.cli", "budgetlora.sweeps", "budgetlora.results", "budgetlora.bench", "budgetlora.api")
-STAGES = ("budgetlora.config", "budgetlora.data", "budgetlora.model", "budgetlora.speedups", "budgetlora.training",
-          "budgetlora.evaluate", "budgetlora.artifacts", "budgetlora.recipe", "budgetlora.runtime",
-          "budgetlora.atomic", "budgetlora.distributed", "budgetlora.hub", "budgetlora.errors",
-          "budgetlora.progress", "budgetlora.tracking")
+STAGES = (
+    "budgetlora.config",
+    "budgetlora.data",
+    "budgetlora.model",
+    "budgetlora.speedups",
+    "budgetlora.training",
+    "budgetlora.evaluate",
+    "budgetlora.artifacts",
+    "budgetlora.recipe",
+    "budgetlora.resume",
+    "budgetlora.jsonfile",
+    "budgetlora.launch",
+    "budgetlora.stores",
+    "budgetlora.runtime",
+    "budgetlora.atomic",
+    "budgetlora.distributed",
+    "budgetlora.hub",
+    "budgetlora.errors",
+    "budgetlora.progress",
+    "budgetlora.tracking",
+)
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 80
 
 
@@ -40,7 +57,9 @@ def imports_of(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
@@ -53,8 +72,11 @@ def in_package(name: str, packages: tuple[str, ...]) -> bool:
 
 
 def test_stage_packages_never_import_the_thin_layers():
-    offenders = {name: sorted(i for i in imports_of(name) if in_package(i, THIN_LAYERS))
-                 for name in MODULES if in_package(name, STAGES)}
+    offenders = {
+        name: sorted(i for i in imports_of(name) if in_package(i, THIN_LAYERS))
+        for name in MODULES
+        if in_package(name, STAGES)
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
@@ -94,16 +116,23 @@ def test_no_import_cycles():
 
 def _loaded(code: str) -> set[str]:
     marker = "@@modules@@"
-    result = subprocess.run([sys.executable, "-c", code + f"\nimport sys; print({marker!r}, *sys.modules)"],
-                            capture_output=True, text=True, cwd=SRC.parent, env={"PYTHONPATH": str(SRC), "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", code + f"\nimport sys; print({marker!r}, *sys.modules)"],
+        capture_output=True,
+        text=True,
+        cwd=SRC.parent,
+        env={"PYTHONPATH": str(SRC), "PATH": ""},
+    )
     assert result.returncode == 0, result.stderr
     return set(result.stdout.rsplit(marker, 1)[1].split())
 
 
 def test_results_and_the_run_directory_schema_load_without_torch():
-    loaded = _loaded("import budgetlora.results, budgetlora.results.verdict, budgetlora.artifacts.run_dir, "
-                     "budgetlora.artifacts.placement, budgetlora.artifacts.model_card, budgetlora.evaluate.stats, "
-                     "budgetlora.config")
+    loaded = _loaded(
+        "import budgetlora.results, budgetlora.results.verdict, budgetlora.artifacts.run_dir, "
+        "budgetlora.artifacts.placement, budgetlora.artifacts.model_card, budgetlora.evaluate.stats, "
+        "budgetlora.config"
+    )
     assert "torch" not in loaded
 
 
@@ -133,6 +162,9 @@ def test_no_module_or_function_grows_past_its_limit():
 
 
 def test_library_modules_know_nothing_of_argparse():
-    users = [name for name in MODULES if not in_package(name, ("budgetlora.cli",))
-             and "argparse" in MODULES[name].read_text(encoding="utf-8")]
+    users = [
+        name
+        for name in MODULES
+        if not in_package(name, ("budgetlora.cli",)) and "argparse" in MODULES[name].read_text(encoding="utf-8")
+    ]
     assert not users

@@ -13,13 +13,13 @@ from budgetlora.config import config_from_dict, load_config
 from budgetlora.errors import RunInterrupted
 from budgetlora.model import build_model
 from budgetlora.training.optim import MuonWithAdamW, build_optimizer, build_scheduler
-from budgetlora.recipe import resume_run, train_run
+from budgetlora.recipe import train_run
+from budgetlora.resume import resume_run
+from helpers import assert_same_run, interrupt_at
 
 # the resume harness: its config fixture (dropout on, a checkpoint every 5 steps, one thread) and
 # the autouse fixture that gives the session its thread count back
 pytestmark = pytest.mark.usefixtures("_restore_threads")
-
-from conftest import assert_same_run, interrupt_at
 
 
 def _model_and_cfg(tiny_config, **train):
@@ -60,7 +60,9 @@ def test_muon_takes_the_adapter_matrices_and_adamw_the_rest(tiny_config):
     # the schedule drives both inner optimizers through the shared group dicts
     scheduler = build_scheduler(optimizer, cfg.train, total_steps=10)
     assert all("initial_lr" in g for g in muon.param_groups + adamw.param_groups)
-    model(input_ids=torch.tensor([[0, 7, 9, 2]]), attention_mask=torch.ones(1, 4, dtype=torch.long)).logits.sum().backward()
+    model(
+        input_ids=torch.tensor([[0, 7, 9, 2]]), attention_mask=torch.ones(1, 4, dtype=torch.long)
+    ).logits.sum().backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer.step()
     scheduler.step()
@@ -74,8 +76,11 @@ def test_muon_trains_and_resumes_bit_identically(run_config, tmp_path, monkeypat
     cfg = load_config(run_config, ["train.optimizer=muon", "train.max_steps=30", "train.lr=2e-2"])
     reference = train_run(cfg, tmp_path / "ref", verbose=False)
     summary = json.loads((reference / "summary.json").read_text())
-    losses = [json.loads(line)["train_loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()
-              if "train_loss" in line]
+    losses = [
+        json.loads(line)["train_loss"]
+        for line in (reference / "metrics.jsonl").read_text().splitlines()
+        if "train_loss" in line
+    ]
     assert sum(losses[-5:]) < sum(losses[:5]) and summary["test"]["accuracy"] > 0.25  # it learns
     interrupt_at(monkeypatch, 12)
     with pytest.raises(RunInterrupted):
@@ -84,4 +89,3 @@ def test_muon_trains_and_resumes_bit_identically(run_config, tmp_path, monkeypat
     run = tmp_path / "runs" / "tiny"
     assert resume_run(run, verbose=False) == run
     assert_same_run(run, reference)
-

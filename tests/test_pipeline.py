@@ -16,23 +16,35 @@ from budgetlora.config import config_from_dict
 from budgetlora.recipe import train_run
 
 
-from conftest import tiny_dict as _tiny_dict
+from helpers import tiny_config as _tiny_dict
 
 
 def test_run_directory_contents(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "adapter", "labels.json", "tokenizer",
-            "test_predictions.csv"} <= names
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter",
+        "labels.json",
+        "tokenizer",
+        "test_predictions.csv",
+    } <= names
     assert {p.name for p in (trained_run / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["trainable_params"] == sum(summary["breakdown"].values())
-    assert summary["test"]["n"] == 120 and summary["test"]["ci_low"] < summary["test"]["accuracy"] < summary["test"]["ci_high"]
+    assert (
+        summary["test"]["n"] == 120
+        and summary["test"]["ci_low"] < summary["test"]["accuracy"] < summary["test"]["ci_high"]
+    )
     assert summary["test"]["accuracy"] > 0.4  # random features, learnable topics; chance is 0.25
-    records = [json.loads(l) for l in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if "train_loss" in r]
     assert train_steps == list(range(5, 61, 5))
     assert [r["step"] for r in records if "eval_acc" in r] == list(range(10, 61, 10))
-    assert records[-1]["step"] == 60 and summary["best_val_acc"] == max(r["eval_acc"] for r in records if "eval_acc" in r)
+    assert records[-1]["step"] == 60 and summary["best_val_acc"] == max(
+        r["eval_acc"] for r in records if "eval_acc" in r
+    )
     saved = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert saved["lora"]["r"] == 4 and saved["data"]["train_file"].endswith("train.csv")
 
@@ -53,7 +65,9 @@ def test_adapter_loads_with_plain_peft(trained_run, tiny_model_dir):
 
 
 def test_eval_predict_classify_export(trained_run, synthetic_data, tmp_path, capsys):
-    assert main(["eval", str(trained_run), "--data", str(synthetic_data["test"]), "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(["eval", str(trained_run), "--data", str(synthetic_data["test"]), "--json", str(tmp_path / "m.json")]) == 0
+    )
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "m.json").read_text())
     summary = json.loads((trained_run / "summary.json").read_text())
@@ -65,7 +79,9 @@ def test_eval_predict_classify_export(trained_run, synthetic_data, tmp_path, cap
         csv.writer(handle).writerows([["text"], ["stocks market shares profit"], ["match goal team coach"]])
     assert main(["predict", str(trained_run), "--data", str(unlabeled), "--out", str(tmp_path / "p.csv")]) == 0
     assert (tmp_path / "p.csv").read_text() == "ID,Label\n0,2\n1,1\n"
-    assert main(["predict", str(trained_run), "--data", str(unlabeled), "--out", str(tmp_path / "n.csv"), "--names"]) == 0
+    assert (
+        main(["predict", str(trained_run), "--data", str(unlabeled), "--out", str(tmp_path / "n.csv"), "--names"]) == 0
+    )
     assert (tmp_path / "n.csv").read_text().splitlines()[1:] == ["0,2", "1,1"]  # synthetic labels are 0..3
 
     capsys.readouterr()
@@ -83,7 +99,7 @@ def test_eval_predict_classify_export(trained_run, synthetic_data, tmp_path, cap
     import budgetlora
 
     adapter_model = budgetlora.load(trained_run, "cpu").trained.model
-    texts = [l.split(",")[0] for l in synthetic_data["test"].read_text().splitlines()[1:40]]
+    texts = [line.split(",")[0] for line in synthetic_data["test"].read_text().splitlines()[1:40]]
     batch = tok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         merged_logits = model(**batch).logits
@@ -99,24 +115,36 @@ def test_training_is_seeded(tiny_model_dir, synthetic_data, tmp_path):
     a = train_run(config_from_dict(raw), tmp_path, verbose=False)
     b = train_run(config_from_dict(raw), tmp_path, verbose=False)
     assert b.name == "tiny-2"  # a rerun never clobbers the first run
+
     def trajectory(run):  # every logged number but the throughput, which depends on the machine's load
-        return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert len(trajectory(a)) == 2 and trajectory(a) == trajectory(b)
     from safetensors.torch import load_file
 
-    wa, wb = load_file(str(a / "adapter/adapter_model.safetensors")), load_file(str(b / "adapter/adapter_model.safetensors"))
+    wa, wb = (
+        load_file(str(a / "adapter/adapter_model.safetensors")),
+        load_file(str(b / "adapter/adapter_model.safetensors")),
+    )
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lora": {"targets": ["q", "query"]}}, "unknown target(s) ['query']; valid: q, k, v, qkv, o, ffn_in, ffn_out, head"),
-    ({"model": "someone/not-downloaded-model"}, "is not available offline"),
-    ({"data": {"train_file": "MISSING"}}, "data file not found"),
-    ({"lora": {"r": 4096, "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]}}, "exceed the budget"),
-    ({"lora": {"layers": [0, 5]}}, "'lora.layers': [0, 5] outside 0..1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"lora": {"targets": ["q", "query"]}},
+            "unknown target(s) ['query']; valid: q, k, v, qkv, o, ffn_in, ffn_out, head",
+        ),
+        ({"model": "someone/not-downloaded-model"}, "is not available offline"),
+        ({"data": {"train_file": "MISSING"}}, "data file not found"),
+        ({"lora": {"r": 4096, "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]}}, "exceed the budget"),
+        ({"lora": {"layers": [0, 5]}}, "'lora.layers': [0, 5] outside 0..1"),
+    ],
+)
 def test_bad_input_one_line_no_run_dir(tiny_model_dir, synthetic_data, tmp_path, capsys, change, message):
     raw = _tiny_dict(tiny_model_dir, synthetic_data)
     for key, value in change.items():
@@ -138,7 +166,10 @@ def test_predict_refuses_pickle_without_opt_in(trained_run, tmp_path, capsys):
     path.write_bytes(pickle.dumps({"text": ["match goal"]}))
     code = main(["predict", str(trained_run), "--data", str(path), "--out", str(tmp_path / "p.csv")])
     assert code == 2 and "--trust-pickle" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
-    assert main(["predict", str(trained_run), "--data", str(path), "--out", str(tmp_path / "p.csv"), "--trust-pickle"]) == 0
+    assert (
+        main(["predict", str(trained_run), "--data", str(path), "--out", str(tmp_path / "p.csv"), "--trust-pickle"])
+        == 0
+    )
     assert (tmp_path / "p.csv").read_text().startswith("ID,Label\n0,")
 
 

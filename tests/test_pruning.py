@@ -67,16 +67,20 @@ def test_rung_records_survive_the_storage_round_trip():
     assert back.run == "r2" and back.step == 100 and (back.correct == original.correct).all()
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"rungs": []}, "study key 'prune.rungs': give the evaluation steps"),
-    ({"rungs": [10, 10]}, "study key 'prune.rungs': lists a step twice"),
-    ({"rungs": [0]}, r"study key 'prune.rungs\[0\]': got 0, must be >= 1"),
-    ({"rungs": [10], "test": "ttest"}, "study key 'prune.test': got 'ttest'"),
-    ({"rungs": [10], "alpha": 0}, r"study key 'prune.alpha': got 0.0, must be in \(0, 0.5\]"),
-    ({"rungs": [10], "eta": 0.5}, "study key 'prune.eta'"), ({"rungs": [10], "min_trials": 1}, "prune.min_trials"),
-    ({"rungs": [10], "every": 5}, "unknown study key 'prune.every'"),
-    ({"rungs": [10], "comparisons": 5}, "unknown study key 'prune.comparisons'"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"rungs": []}, "study key 'prune.rungs': give the evaluation steps"),
+        ({"rungs": [10, 10]}, "study key 'prune.rungs': lists a step twice"),
+        ({"rungs": [0]}, r"study key 'prune.rungs\[0\]': got 0, must be >= 1"),
+        ({"rungs": [10], "test": "ttest"}, "study key 'prune.test': got 'ttest'"),
+        ({"rungs": [10], "alpha": 0}, r"study key 'prune.alpha': got 0.0, must be in \(0, 0.5\]"),
+        ({"rungs": [10], "eta": 0.5}, "study key 'prune.eta'"),
+        ({"rungs": [10], "min_trials": 1}, "prune.min_trials"),
+        ({"rungs": [10], "every": 5}, "unknown study key 'prune.every'"),
+        ({"rungs": [10], "comparisons": 5}, "unknown study key 'prune.comparisons'"),
+    ],
+)
 def test_prune_section_errors_name_the_key(raw, message):
     with pytest.raises(BudgetLoraError, match=message):
         parse_prune(Path("study.yaml"), raw)
@@ -94,8 +98,12 @@ def study(tiny_config, tiny_bert_dir, tmp_path):
     """On the tiny BERT with a mean-pooled head, lr 2e-2 learns the synthetic task in about 25
     steps (82% of the 40 validation rows) while lr 1e-7 stays at 37%: at the rung (step 25 of 30)
     the second is far behind the first on the same rows."""
-    base = {**tiny_config, "model": str(tiny_bert_dir), "head": {"type": "linear", "pooling": "mean"},
-            "train": {**tiny_config["train"], "max_steps": 30, "eval_every": 5, "save_every": None}}
+    base = {
+        **tiny_config,
+        "model": str(tiny_bert_dir),
+        "head": {"type": "linear", "pooling": "mean"},
+        "train": {**tiny_config["train"], "max_steps": 30, "eval_every": 5, "save_every": None},
+    }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
 
     def write(extra: dict) -> Path:
@@ -114,9 +122,10 @@ def _trials(out: Path) -> dict:
     return {t["point"]: t for t in json.loads((out / "trials.json").read_text())}
 
 
+@pytest.mark.slow
 def test_a_pruned_sweep_stops_the_hopeless_trial_resumes_without_redoing_it_and_names_a_winner(study, tmp_path):
     from budgetlora import load
-    from budgetlora.recipe import resume_run
+    from budgetlora.resume import resume_run
 
     out = tmp_path / "out"
     outcome = _sweep(study({"prune": {"rungs": [25]}}), out)
@@ -151,24 +160,29 @@ def test_a_pruned_sweep_stops_the_hopeless_trial_resumes_without_redoing_it_and_
     assert retrained.summary.steps == 4  # best.yaml is a config `train` takes as is
 
 
+@pytest.mark.slow
 def test_without_prune_every_trial_runs_to_the_end(study, tmp_path):
     out = tmp_path / "out"
     outcome = _sweep(study({"prune": {"rungs": [25]}}), out, prune=False, overrides=["train.max_steps=10"])
     assert outcome.stats.trained == 2 and outcome.stats.pruned == 0
 
 
+@pytest.mark.slow
 def test_confirmation_reruns_the_best_with_more_seeds(study, tmp_path):
     out = tmp_path / "out"
     outcome = _sweep(study({}), out, confirm_top=1, confirm_seeds=2, overrides=["train.max_steps=10"])
     confirmed = sorted(p.name for p in (out / "confirm").iterdir() if (p / "summary.json").is_file())
     assert confirmed == ["lr0.02-seed1", "lr0.02-seed2"]
-    seeds = [yaml.safe_load((out / "confirm" / name / "config.yaml").read_text())["train"]["seed"] for name in confirmed]
+    seeds = [
+        yaml.safe_load((out / "confirm" / name / "config.yaml").read_text())["train"]["seed"] for name in confirmed
+    ]
     assert seeds == [1, 2]
     verdict = (out / "verdict.md").read_text()
     assert "winner: lr0.02" in verdict and "sd over 2 seeds" in verdict and "confirmation runs" in verdict
     assert outcome.stats.trained == 2  # the main phase; the confirmation phase trained 2 more
 
 
+@pytest.mark.slow
 def test_journal_storage_works_like_sqlite(study, tmp_path):
     out = tmp_path / "out"
     journal = f"journal:{tmp_path / 'study.log'}"
@@ -178,6 +192,7 @@ def test_journal_storage_works_like_sqlite(study, tmp_path):
     assert _sweep(study({}), out, storage=journal, overrides=short).stats.trained == 0
 
 
+@pytest.mark.slow
 def test_optuna_pruners_are_options(study, tmp_path):
     out = tmp_path / "out"
     outcome = _sweep(study({"prune": {"rungs": [25], "test": "median"}}), out)

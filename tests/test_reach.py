@@ -67,8 +67,10 @@ def test_truncation_is_reported_in_the_log_and_the_summary(tiny_config, tmp_path
     cut = json.loads((run / "summary.json").read_text())["truncation"]
     assert cut["train"]["max_length"] == 8 and cut["train"]["truncated"] > 0
     assert cut["train"]["p99"] >= cut["train"]["p50"] > 8 and cut["train"]["max"] > 8
-    assert re.search(r"train: [\d,]+ of 280 rows \([\d.]+%\) cut at data.max_length 8 \(token lengths p50 \d+",
-                     capsys.readouterr().err)
+    assert re.search(
+        r"train: [\d,]+ of 280 rows \([\d.]+%\) cut at data.max_length 8 \(token lengths p50 \d+",
+        capsys.readouterr().err,
+    )
 
 
 def test_a_test_split_off_the_training_file_is_seeded_and_stratified(tiny_config, tmp_path):

@@ -42,16 +42,26 @@ def write_fake_run(
     predictions: bool = True,
     params: int | None = None,
     truncated_metrics: bool = False,
+    val_correct: np.ndarray | None = None,
 ) -> Path:
     """A finished run written through the run directory's own writers (artifacts.run_dir):
-    config.yaml, metrics.jsonl, summary.json and (optionally) test_predictions.csv."""
+    config.yaml, metrics.jsonl, summary.json and (optionally) test_predictions.csv.
+
+    Validation: 500 rows at 0.8 + r/1000 without per-row outcomes, or, given `val_correct`, those
+    per-row outcomes (with val_predictions.csv when `predictions`)."""
     path.mkdir(parents=True)
-    rd.write_config(config_from_dict({
-        "name": path.name.lstrip("."), "model": "minilm",
-        "data": {"train_file": "/abs/data/train.csv", "test_file": "/abs/data/test.csv", "max_length": 128},
-        "lora": {"r": r, "alpha": 2 * r, "targets": targets},
-        "train": {"lr": 5e-4, "seed": seed, "max_steps": 100},
-    }), path)
+    rd.write_config(
+        config_from_dict(
+            {
+                "name": path.name.lstrip("."),
+                "model": "minilm",
+                "data": {"train_file": "/abs/data/train.csv", "test_file": "/abs/data/test.csv", "max_length": 128},
+                "lora": {"r": r, "alpha": 2 * r, "targets": targets},
+                "train": {"lr": 5e-4, "seed": seed, "max_steps": 100},
+            }
+        ),
+        path,
+    )
     lines = []
     for step in range(10, 101, 10):
         lines.append(
@@ -93,6 +103,13 @@ def write_fake_run(
         "precision": "fp32",
         "label_names": LABELS,
     }
+    if val_correct is not None:
+        val_labels = np.arange(len(val_correct)) % 4
+        val_preds = np.where(val_correct, val_labels, (val_labels + 1) % 4)
+        summary["val"] = _split(int(val_correct.sum()), len(val_correct))
+        if predictions:
+            ids = [f"v{i:04d}" for i in range(len(val_correct))]
+            rd.write_test_predictions(path, ids, val_labels, val_preds, rd.VAL_PREDICTIONS)
     if correct is not None:
         preds = np.where(correct, labels, (labels + 1) % 4)
         cm = np.zeros((4, 4), dtype=int)
@@ -107,8 +124,14 @@ def write_fake_run(
 
 def _split(correct: int, n: int) -> dict[str, Any]:
     low, high = wilson_interval(correct, n)
-    return {"accuracy": correct / n, "n": n, "correct": correct, "ci_low": low, "ci_high": high,
-            "macro_f1": correct / n}
+    return {
+        "accuracy": correct / n,
+        "n": n,
+        "correct": correct,
+        "ci_low": low,
+        "ci_high": high,
+        "macro_f1": correct / n,
+    }
 
 
 def nested(k: int) -> np.ndarray:
@@ -119,7 +142,8 @@ def nested(k: int) -> np.ndarray:
 
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
-    """Five runs forming a lora.r × lora.targets grid, with a seed repeat.
+    """Five runs forming a lora.r × lora.targets grid, with a seed repeat; each run's validation
+    rows have the same outcomes as its test rows, so the choosing split orders them as below.
 
     a  r16 QV  s1  910 correct                       best
     b  r8  QV  s1  905, 5 vs 10 discordant with a    tie (McNemar p≈0.30)
@@ -130,12 +154,18 @@ def sweep(tmp_path: Path) -> Path:
     root = tmp_path / "sweep"
     b = nested(900)
     b[910:915] = True
-    write_fake_run(root / "a", r=16, targets=QV, seed=1, correct=nested(910))
-    write_fake_run(root / "b", r=8, targets=QV, seed=1, correct=b, truncated_metrics=True)
-    write_fake_run(root / "c", r=8, targets=QV, seed=2, correct=nested(895))
-    write_fake_run(root / "group" / "d", r=8, targets=QKV, seed=1, correct=nested(800))
+    write_fake_run(root / "a", r=16, targets=QV, seed=1, correct=nested(910), val_correct=nested(910))
+    write_fake_run(root / "b", r=8, targets=QV, seed=1, correct=b, truncated_metrics=True, val_correct=b)
+    write_fake_run(root / "c", r=8, targets=QV, seed=2, correct=nested(895), val_correct=nested(895))
+    write_fake_run(root / "group" / "d", r=8, targets=QKV, seed=1, correct=nested(800), val_correct=nested(800))
     write_fake_run(
-        root / "group" / "deeper" / "e", r=16, targets=QKV, seed=1, correct=nested(905), predictions=False
+        root / "group" / "deeper" / "e",
+        r=16,
+        targets=QKV,
+        seed=1,
+        correct=nested(905),
+        predictions=False,
+        val_correct=nested(905),
     )
     # Neither of these may be collected: an unfinished run's temp dir and a run 4 levels down.
     write_fake_run(root / ".f.tmp-123", r=4, targets=QV, seed=1, correct=nested(999))
@@ -190,7 +220,6 @@ def test_test_accuracy_with_ci_columns(sweep: Path) -> None:
     rows = by_run(build_table(collect_runs(sweep)))
     a = rows["a"]
     assert a["test_acc"] == pytest.approx(0.91)
-    # Wilson interval recomputed because the fake summary has no ci_low/ci_high.
     assert a["test_ci_low"] == pytest.approx(0.8907, abs=1e-4)
     assert a["test_ci_high"] == pytest.approx(0.9262, abs=1e-4)
     assert a["test"] == "91.00 ± 1.78"
@@ -256,6 +285,8 @@ def test_user_errors(tmp_path: Path) -> None:
     with pytest.raises(BudgetLoraError, match="no runs found"):
         write_results(tmp_path / "empty")
     with pytest.raises(BudgetLoraError, match="not a finished run"):
+        compare_runs([tmp_path / "empty", tmp_path / "empty" / "sub"], tmp_path / "out")
+    with pytest.raises(BudgetLoraError, match="is given twice"):
         compare_runs([tmp_path / "empty", tmp_path / "empty"], tmp_path / "out")
 
 
@@ -313,9 +344,7 @@ def test_compare_disambiguates_same_named_runs(tmp_path: Path) -> None:
 
 
 def embedded_pngs(html_text: str) -> list[bytes]:
-    return [
-        base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)
-    ]
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)]
 
 
 def test_report_for_folder(sweep: Path) -> None:
@@ -354,10 +383,7 @@ def test_sweep_grid_falls_back_to_val_and_allows_holes(tmp_path: Path) -> None:
     assert np.isnan(grid.values).sum() == 1
     report = write_report(tmp_path)
     assert_png(tmp_path / "sweep_heatmap.png")
-    assert (
-        "confusion matrix" in report.read_text()
-        and "no run has a test confusion matrix" in report.read_text()
-    )
+    assert "confusion matrix" in report.read_text() and "no run has a test confusion matrix" in report.read_text()
 
 
 def test_no_grid_when_one_key_varies(tmp_path: Path) -> None:
@@ -422,3 +448,32 @@ def test_cli_errors_are_budgetlora_errors(sweep: Path) -> None:
     args = parser.parse_args(["compare", str(sweep / "a")])
     with pytest.raises(BudgetLoraError, match="at least two"):
         args.func(args)
+
+
+# selection on validation ----------------------------------------------------------------------
+
+
+def test_the_winner_is_chosen_on_validation_and_the_test_choice_is_reported_beside(tmp_path: Path) -> None:
+    """Run a has the better validation accuracy (0.816 vs 0.804, from r), run b the better test
+    accuracy (95.0% vs 90.0%): the mark, the verdict and best.yaml's source follow validation; the
+    results say what choosing on test would have claimed; 500 validation rows cannot separate them."""
+    from budgetlora.results.table import results_markdown
+    from budgetlora.results.verdict import single_run_verdict
+
+    root = tmp_path / "sweep"
+    write_fake_run(root / "a", r=16, targets=QV, seed=1, correct=nested(900))
+    write_fake_run(root / "b", r=4, targets=QV, seed=1, correct=nested(950))
+    runs = collect_runs(root)
+    table = build_table(runs)
+    marks = dict(zip(table["run"], table["mark"], strict=True))
+    assert marks["a"] == "best" and marks["b"] == "tie"
+    assert list(table["run"][:2]) == ["a", "b"]  # sorted by the choosing split
+    verdict = single_run_verdict(runs)
+    assert verdict.winner.label == "a" and verdict.winner.test_accuracy == pytest.approx(0.90)
+    assert "validation accuracy 81.60%" in verdict.markdown() and "test accuracy 90.00% (not used to choose)" in (
+        verdict.markdown()
+    )
+    text = results_markdown(table, root)
+    assert "chosen on validation: **a**, validation 81.60%, test 90.00%" in text
+    assert "would have picked b and reported 95.00%: 5.00 points more" in text
+    assert "too small to separate the top 2 runs" in text

@@ -26,12 +26,11 @@ def quiet_sweep(study, out, **options):
     """One sweep in this process, without heartbeats or progress output; this process's counts."""
     return run_sweep(SweepRequest(study=study, out=out, heartbeat=None, console=QUIET, **options)).stats
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_study(
-    tmp_path: Path, base: dict[str, Any], study: dict[str, Any], name: str = "study.yaml"
-) -> Path:
+def write_study(tmp_path: Path, base: dict[str, Any], study: dict[str, Any], name: str = "study.yaml") -> Path:
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
     path = tmp_path / name
     path.write_text(yaml.safe_dump({"base": "base.yaml", **study}, sort_keys=False), encoding="utf-8")
@@ -125,20 +124,10 @@ def test_bundle_axis_alpha_over_r_and_cli_overrides(tmp_path):
     study = write_study(
         tmp_path,
         ROBERTA,
-        {
-            "grid": {
-                "method": {"lora": {}, "full": {"mode": "full", "train.lr": 2e-5}},
-                "lora.alpha_over_r": [0.5, 2],
-            },
-        },
+        {"grid": {"method": {"lora": {}, "full": {"mode": "full", "train.lr": 2e-5}}, "lora.alpha_over_r": [0.5, 2]}},
     )
     spec = load_study(study, ["train.max_steps=7"])
-    assert [p.name for p in spec.points] == [
-        "lora-alpha0.5r",
-        "lora-alpha2r",
-        "full-alpha0.5r",
-        "full-alpha2r",
-    ]
+    assert [p.name for p in spec.points] == ["lora-alpha0.5r", "lora-alpha2r", "full-alpha0.5r", "full-alpha2r"]
     lora = build_config(spec, {**spec.points[1].overrides, "lora.r": 4}, "x")
     assert (lora.lora.alpha, lora.train.max_steps) == (8.0, 7)
     full = build_config(spec, spec.points[2].overrides, "y")
@@ -170,16 +159,12 @@ def test_study_file_errors_name_the_problem(tmp_path, study, message):
 
 def test_over_budget_points_are_skipped_before_anything_runs(tmp_path):
     spec = load_study(
-        write_study(
-            tmp_path, ROBERTA, {"grid": {"lora.r": [4, 64], "lora.targets": [["v"], ["q", "k", "v"]]}}
-        )
+        write_study(tmp_path, ROBERTA, {"grid": {"lora.r": [4, 64], "lora.targets": [["v"], ["q", "k", "v"]]}})
     )
     runnable, skipped = plan(spec)
     assert [p.point.name for p in runnable] == ["r4-targets_v", "r4-targets_q_k_v"]
     assert [s["name"] for s in skipped] == ["r64-targets_v", "r64-targets_q_k_v"]
-    assert all(
-        "exceed the budget of 1,000,000" in s["reason"] and s["trainable_params"] > 1_000_000 for s in skipped
-    )
+    assert all("exceed the budget of 1,000,000" in s["reason"] and s["trainable_params"] > 1_000_000 for s in skipped)
     # r=64 on q,k,v: the 2-class head (class count unknown from the config) + 64 * 12 * 3 * 1536
     assert skipped[1]["trainable_params"] == 592_130 + 64 * 12 * 3 * 1536
 
@@ -200,9 +185,7 @@ def test_sweep_of_only_over_budget_points_writes_skipped_json_and_trains_nothing
 def test_r_max_resolves_to_the_largest_rank_under_the_budget(tmp_path, targets, rank):
     spec = load_study(
         write_study(
-            tmp_path,
-            ROBERTA,
-            {"set": {"lora.r": "max", "lora.alpha_over_r": 2}, "grid": {"lora.targets": [targets]}},
+            tmp_path, ROBERTA, {"set": {"lora.r": "max", "lora.alpha_over_r": 2}, "grid": {"lora.targets": [targets]}}
         )
     )
     (planned,), skipped = plan(spec)
@@ -213,11 +196,7 @@ def test_r_max_resolves_to_the_largest_rank_under_the_budget(tmp_path, targets, 
 
 def test_r_max_as_a_grid_value_and_no_rank_fits(tmp_path):
     spec = load_study(
-        write_study(
-            tmp_path,
-            {**ROBERTA, "budget": 650_000},
-            {"grid": {"lora.r": [1, "max"], "lora.targets": [["v"]]}},
-        )
+        write_study(tmp_path, {**ROBERTA, "budget": 650_000}, {"grid": {"lora.r": [1, "max"], "lora.targets": [["v"]]}})
     )
     runnable, skipped = plan(spec)
     assert [p.point.name for p in runnable] == ["r1-targets_v", "rmax-targets_v"]
@@ -257,6 +236,7 @@ def tiny_base(tiny_config) -> dict[str, Any]:
     return {**tiny_config, "train": {**tiny_config["train"], "max_steps": 6, "eval_every": 6}}
 
 
+@pytest.mark.slow
 def test_sweep_trains_every_point_writes_results_and_resumes_without_retraining(tmp_path, tiny_base):
     study = write_study(tmp_path, tiny_base, {"grid": {"lora.r": [1, 2]}, "seeds": [1]})
     out = tmp_path / "out"
@@ -281,6 +261,7 @@ def test_sweep_trains_every_point_writes_results_and_resumes_without_retraining(
     assert stats.trained == 2 and {k: v for k, v in finished_mtimes(out).items() if k in before} == before
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_and_finished_trials_are_not_redone(tmp_path, tiny_base):
     base = {**tiny_base, "train": {**tiny_base["train"], "max_steps": 40, "eval_every": 20}}
     study = write_study(tmp_path, base, {"grid": {"lora.r": [1, 2, 3]}})
@@ -308,6 +289,7 @@ def test_a_killed_sweep_resumes_and_finished_trials_are_not_redone(tmp_path, tin
     assert sorted(t["point"] for t in complete) == ["r1", "r2", "r3"]
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_study_and_never_run_a_trial_twice(tmp_path, tiny_base):
     base = {**tiny_base, "train": {**tiny_base["train"], "max_steps": 12, "eval_every": 12}}
     study = write_study(tmp_path, base, {"grid": {"lora.r": [1, 2, 3, 4], "lora.targets": [["q"], ["v"]]}})
@@ -331,18 +313,102 @@ def test_two_worker_processes_share_one_sqlite_study_and_never_run_a_trial_twice
     ]
     logs = [w.communicate(timeout=900)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], logs
-    started = [
-        line.split(": ", 1)[1] for log in logs for line in log.splitlines() if line.startswith("trial ")
-    ]
+    started = [line.split(": ", 1)[1] for log in logs for line in log.splitlines() if line.startswith("trial ")]
     assert sorted(started) == sorted(set(started)) and len(started) == 8, logs  # each point trained once
-    assert all(any(line.startswith("trial ") for line in log.splitlines()) for log in logs), (
-        logs
-    )  # both worked
+    assert all(any(line.startswith("trial ") for line in log.splitlines()) for log in logs), logs  # both worked
     records = trials(out)
     assert len({t["worker"] for t in records if t["state"] == "COMPLETE"}) == 2
     assert sorted(t["point"] for t in records if t["state"] == "COMPLETE") == sorted(started)
     assert not [t for t in records if t["state"] != "COMPLETE"]
     assert len(finished_mtimes(out)) == 8
+
+
+def test_a_trial_that_fails_with_a_bug_keeps_its_traceback(tmp_path, tiny_base, monkeypatch, capsys):
+    """A planted non-BudgetLoraError: the trial record holds its traceback, --verbose prints it, the
+    sweep stops there (Optuna's `catch` semantics) unless --keep-going."""
+    from budgetlora import recipe
+    from budgetlora.cli import main
+
+    def broken(*args, **kwargs):
+        return {}["a planted bug"]
+
+    monkeypatch.setattr(recipe, "train_run", broken)
+    study = write_study(tmp_path, tiny_base, {"grid": {"lora.r": [1, 2]}})
+    out = tmp_path / "out"
+    assert main(["sweep", str(study), "--out", str(out), "--heartbeat", "0", "--verbose"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("budgetlora: error:") == 1 and "failed with an unexpected error (KeyError" in captured.err
+    assert "Traceback (most recent call last)" in captured.out and "in broken" in captured.out
+    import optuna
+
+    stored = optuna.load_study(study_name="study", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    failed = [t for t in stored if t.state.name == "FAIL"]
+    assert len(failed) == 1 and "KeyError" in failed[0].user_attrs["error"]
+    assert 'return {}["a planted bug"]' in failed[0].user_attrs["traceback"]
+    capsys.readouterr()
+    assert main(["sweep", str(study), "--out", str(out), "--heartbeat", "0", "--keep-going"]) == 0
+    assert "2 failed trial(s)" in capsys.readouterr().out  # both tried, both recorded
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_postgresql_study(tmp_path, tiny_base):
+    """`--workers 2` (this process and a child given the serialized request) on a real PostgreSQL
+    server, which scripts/test (and so CI) starts with scripts/test-postgres."""
+    url = os.environ.get("BUDGETLORA_TEST_POSTGRES")
+    if not url:
+        pytest.skip("no PostgreSQL server: scripts/test starts one where Debian's postgresql package is installed")
+    pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
+    import optuna
+
+    name = f"pg-{os.getpid()}-{tmp_path.name}"[-60:]
+    base = {**tiny_base, "train": {**tiny_base["train"], "max_steps": 8, "eval_every": 8}}
+    study = write_study(tmp_path, base, {"name": name, "grid": {"lora.r": [1, 2, 3, 4]}})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "budgetlora",
+            "sweep",
+            str(study),
+            "--out",
+            str(tmp_path / "out"),
+            "--storage",
+            url,
+            "--workers",
+            "2",
+            "--heartbeat",
+            "2",
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    stored = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    complete = [t for t in stored if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["point"] for t in complete) == ["r1", "r2", "r3", "r4"]  # each point once
+    assert len({t.user_attrs["worker"] for t in complete}) == 2  # both workers trained
+    assert sorted(finished_mtimes(tmp_path / "out")) == ["r1", "r2", "r3", "r4"]
+
+
+def test_a_missing_database_driver_is_named(tmp_path, tiny_base, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_psycopg(name, *args, **kwargs):
+        if name.split(".")[0] == "psycopg":
+            raise ImportError("No module named 'psycopg'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_psycopg)
+    from budgetlora.sweeps.run import check_storage_url
+
+    with pytest.raises(BudgetLoraError, match=r"the postgresql driver 'psycopg' is not installed: pip install psycopg"):
+        check_storage_url("postgresql://user:secret@localhost/db")
 
 
 CLAIM_SCRIPT = """
@@ -365,6 +431,7 @@ json.dump(got, open(out, "w"))
 """
 
 
+@pytest.mark.slow
 def test_claiming_a_waiting_trial_is_exclusive_between_processes_on_sqlite(tmp_path):
     """Plain Optuna on SQLite lets two processes claim the same WAITING trial (read, then write);
     open_storage's BEGIN IMMEDIATE makes the claim one transaction."""
@@ -376,9 +443,7 @@ def test_claiming_a_waiting_trial_is_exclusive_between_processes_on_sqlite(tmp_p
         study.enqueue_trial({}, user_attrs={"i": i})
     script = tmp_path / "claim.py"
     script.write_text(CLAIM_SCRIPT, encoding="utf-8")
-    procs = [
-        subprocess.Popen([sys.executable, str(script), url, str(tmp_path / f"got{k}.json")]) for k in range(2)
-    ]
+    procs = [subprocess.Popen([sys.executable, str(script), url, str(tmp_path / f"got{k}.json")]) for k in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     got = [json.loads((tmp_path / f"got{k}.json").read_text()) for k in range(2)]
     assert not set(got[0]) & set(got[1])
@@ -391,11 +456,10 @@ def open_storage_for_test(url: str):
     return open_storage(url, None)
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_path, tiny_base, capsys):
     study = write_study(
-        tmp_path,
-        tiny_base,
-        {"grid": {"columns": {"ok": {}, "broken": {"data.text_columns": ["no_such_column"]}}}},
+        tmp_path, tiny_base, {"grid": {"columns": {"ok": {}, "broken": {"data.text_columns": ["no_such_column"]}}}}
     )
     out = tmp_path / "out"
     outcome = run_sweep(SweepRequest(study=study, out=out, heartbeat=None, console=QUIET))
@@ -408,18 +472,14 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_p
     assert (out / "ok" / "summary.json").is_file() and not (out / "broken").exists()
 
 
-def test_random_search_with_two_objectives_skips_over_budget_samples_and_reports_the_pareto_front(
-    tmp_path, tiny_base
-):
+@pytest.mark.slow
+def test_random_search_with_two_objectives_skips_over_budget_samples_and_reports_the_pareto_front(tmp_path, tiny_base):
     # q,v on the tiny model: 1,188 (4-class head) + 256 per rank; under 3,300 only r <= 8 fits
     study = write_study(
         tmp_path,
         {**tiny_base, "budget": 3_300},
         {
-            "random": {
-                "lora.r": {"low": 1, "high": 16},
-                "train.lr": {"low": 1e-3, "high": 1e-2, "log": True},
-            },
+            "random": {"lora.r": {"low": 1, "high": 16}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
             "n_trials": 3,
             "objectives": ["val_acc", "trainable_params"],
             "sampler_seed": 3,

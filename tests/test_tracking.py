@@ -10,7 +10,8 @@ import pytest
 
 from budgetlora.config import config_from_dict
 from budgetlora.errors import BudgetLoraError
-from budgetlora.recipe import resume_run, train_run
+from budgetlora.recipe import train_run
+from budgetlora.resume import resume_run
 
 pytest.importorskip("tensorboard")  # a dev dependency: installed by scripts/setup
 
@@ -33,7 +34,7 @@ def test_tensorboard_scalars_mirror_metrics_jsonl_and_resume_without_duplicates(
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     assert [s for s, _ in train] == list(range(5, 31, 5))
     assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in train]  # no step twice after resume
-    for (_, logged), (_, event) in zip(train, scalars["train/loss"]):
+    for (_, logged), (_, event) in zip(train, scalars["train/loss"], strict=True):
         assert event == pytest.approx(logged, rel=1e-6)
     assert [s for s, _ in scalars["eval/acc"]] == [r["step"] for r in records if "eval_acc" in r]
 
@@ -56,8 +57,17 @@ def test_missing_tensorboard_is_refused_before_a_run_directory_exists(tiny_confi
 def test_mlflow_logs_params_metrics_per_step_and_the_run_directory(tiny_config, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tiny_config["train"].update({"max_steps": 10, "eval_every": 5, "log_every": 5, "save_every": 5,
-                                 "report_to": ["mlflow"], "mlflow_tracking_uri": uri, "mlflow_experiment": "tests"})
+    tiny_config["train"].update(
+        {
+            "max_steps": 10,
+            "eval_every": 5,
+            "log_every": 5,
+            "save_every": 5,
+            "report_to": ["mlflow"],
+            "mlflow_tracking_uri": uri,
+            "mlflow_experiment": "tests",
+        }
+    )
     run = train_run(config_from_dict(tiny_config), tmp_path / "runs", verbose=False)
     client = mlflow.MlflowClient(tracking_uri=uri)
     (logged,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])

@@ -14,9 +14,19 @@ from typing import Any
 
 __version__ = "0.2.0"
 
-_API = {"train": "api", "resume": "api", "load": "api", "plan": "api", "sweep": "api", "Run": "api",
-        "Predictions": "api", "BudgetLoraError": "errors", "OverBudgetError": "errors", "load_config": "config",
-        "Config": "config"}
+_API = {
+    "train": "api",
+    "resume": "api",
+    "load": "api",
+    "plan": "api",
+    "sweep": "api",
+    "Run": "api",
+    "Predictions": "api",
+    "BudgetLoraError": "errors",
+    "OverBudgetError": "errors",
+    "load_config": "config",
+    "Config": "config",
+}
 __all__ = sorted(_API) + ["__version__"]
 
 

@@ -18,9 +18,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from budgetlora.config import (SECTIONS, Config, config_from_dict, flatten, load_config, resolve_paths,
-                               set_dotted)
+from budgetlora.config import SECTIONS, Config, config_from_dict, flatten, load_config, resolve_paths, set_dotted
 from budgetlora.artifacts.summary import RunSummary
+from budgetlora.config.schema import MIN_CLASSES
 from budgetlora.errors import BudgetLoraError
 from budgetlora.progress import QUIET, Console
 
@@ -42,6 +42,32 @@ def as_path(value: Any, what: str) -> Path:
     return Path(text).expanduser()
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A yes/no option: only True or False (a truthy string such as "no" must not turn on pickle)."""
+    if not isinstance(value, bool):
+        raise BudgetLoraError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def _read_options(format: Any, text_columns: Any) -> tuple[Optional[str], Optional[list[str]]]:
+    import typing
+
+    from budgetlora.config import DataConfig
+
+    formats = typing.get_args(typing.get_type_hints(DataConfig)["format"])
+    if format is not None and format not in formats:
+        raise BudgetLoraError(f"format must be one of {', '.join(formats)}, not {format!r}")
+    if isinstance(text_columns, str):
+        text_columns = [text_columns]  # one column, not its characters
+    if text_columns is not None and (
+        not isinstance(text_columns, (list, tuple))
+        or not text_columns
+        or not all(isinstance(c, str) and c.strip() for c in text_columns)
+    ):
+        raise BudgetLoraError(f"text_columns must be a column name or a list of them, not {text_columns!r}")
+    return format, list(text_columns) if text_columns is not None else None
+
+
 def _as_texts(data: Any) -> Data:
     """Texts to predict (a list or tuple of strings) or a data file (str or Path); one error otherwise."""
     import os
@@ -51,11 +77,15 @@ def _as_texts(data: Any) -> Data:
     if isinstance(data, (list, tuple)):
         bad = next((t for t in data if not isinstance(t, str)), None)
         if bad is not None or not data:
-            raise BudgetLoraError("texts to predict must be a non-empty list of strings" +
-                                  (f" (found a {type(bad).__name__})" if bad is not None else ""))
+            raise BudgetLoraError(
+                "texts to predict must be a non-empty list of strings"
+                + (f" (found a {type(bad).__name__})" if bad is not None else "")
+            )
         return list(data)
-    raise BudgetLoraError(f"predict() takes a list of strings or a data file path, not a {type(data).__name__} "
-                          "(materialise a generator with list(...))")
+    raise BudgetLoraError(
+        f"predict() takes a list of strings or a data file path, not a {type(data).__name__} "
+        "(materialise a generator with list(...))"
+    )
 
 
 def dotted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -131,39 +161,69 @@ class Run:
     def config(self) -> Config:
         return self.trained.cfg
 
-    def predict(self, data: Data, *, trust_pickle: bool = False, format: Optional[str] = None,
-                text_columns: Optional[Sequence[str]] = None, quiet: bool = True) -> Predictions:
+    def predict(
+        self,
+        data: Data,
+        *,
+        trust_pickle: bool = False,
+        format: Optional[str] = None,
+        text_columns: Optional[Sequence[str]] = None,
+        quiet: bool = True,
+    ) -> Predictions:
         """Classes and probabilities for texts (a list of strings, or one string) or a data file
         (a Path, or a string naming an existing file)."""
         from budgetlora.inference import predict_data
 
         data = _as_texts(data)
-        return predict_data(self.trained, data, labeled=False, trust_pickle=trust_pickle, fmt=format,
-                            text_columns=text_columns, console=QUIET if quiet else Console())[0]
+        format, text_columns = _read_options(format, text_columns)
+        return predict_data(
+            self.trained,
+            data,
+            labeled=False,
+            trust_pickle=_flag(trust_pickle, "trust_pickle"),
+            fmt=format,
+            text_columns=text_columns,
+            console=QUIET if _flag(quiet, "quiet") else Console(),
+        )[0]
 
-    def evaluate(self, data: Union[str, Path], *, trust_pickle: bool = False, format: Optional[str] = None,
-                 text_columns: Optional[Sequence[str]] = None, quiet: bool = True) -> dict[str, Any]:
+    def evaluate(
+        self,
+        data: Union[str, Path],
+        *,
+        trust_pickle: bool = False,
+        format: Optional[str] = None,
+        text_columns: Optional[Sequence[str]] = None,
+        quiet: bool = True,
+    ) -> dict[str, Any]:
         """Accuracy with n and its 95% CI, macro-F1, per-class metrics and the confusion matrix of a
         labeled data file."""
         from budgetlora.evaluate.metrics import classification_metrics
         from budgetlora.inference import predict_data
 
         data = as_path(data, "evaluate()'s data (a labeled data file)")
-        predictions, labels = predict_data(self.trained, data, labeled=True, trust_pickle=trust_pickle,
-                                           fmt=format, text_columns=text_columns,
-                                           console=QUIET if quiet else Console())
-        metrics = classification_metrics(labels, predictions.indices, self.label_names,
-                                         np.log(np.clip(predictions.probabilities, 1e-12, None)))
+        format, text_columns = _read_options(format, text_columns)
+        predictions, labels = predict_data(
+            self.trained,
+            data,
+            labeled=True,
+            trust_pickle=_flag(trust_pickle, "trust_pickle"),
+            fmt=format,
+            text_columns=text_columns,
+            console=QUIET if _flag(quiet, "quiet") else Console(),
+        )
+        metrics = classification_metrics(
+            labels, predictions.indices, self.label_names, np.log(np.clip(predictions.probabilities, 1e-12, None))
+        )
         metrics["data"] = str(Path(data).resolve())
         return metrics
 
-    def export(self, out: Union[str, Path], *, onnx: bool = False, int8: bool = False,
-               overwrite: bool = False) -> Path:
+    def export(self, out: Union[str, Path], *, onnx: bool = False, int8: bool = False, overwrite: bool = False) -> Path:
         """A merged Transformers model directory (default) or an ONNX model (`onnx`, `int8` for
         dynamic int8 quantization) that loads without budgetlora."""
         from budgetlora.artifacts.export import check_export_target, export_merged
 
         out = as_path(out, "the export folder")
+        onnx, int8, overwrite = _flag(onnx, "onnx"), _flag(int8, "int8"), _flag(overwrite, "overwrite")
         if self.kind != "run":
             raise BudgetLoraError(f"{self.path} is an export already; export from the run directory")
         if int8 and not onnx:
@@ -176,9 +236,16 @@ class Run:
         return export_merged(self.trained, Path(out), overwrite=overwrite)
 
 
-def train(config: Union[str, Path, dict, Config], out: Union[str, Path, None] = None, *,
-          name: Optional[str] = None, overwrite: bool = False, trust_pickle: bool = False, quiet: bool = False,
-          **overrides: Any) -> Run:
+def train(
+    config: Union[str, Path, dict, Config],
+    out: Union[str, Path, None] = None,
+    *,
+    name: Optional[str] = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    quiet: bool = False,
+    **overrides: Any,
+) -> Run:
     """Train a config (a YAML path, a mapping or a Config) with overrides as dotted keys
     (`**{"train.lr": 1e-4}`) or sections (`train={"lr": 1e-4}`); the run lands in
     `out/<name>/` (default `runs/` under the working directory), as with the CLI."""
@@ -188,19 +255,40 @@ def train(config: Union[str, Path, dict, Config], out: Union[str, Path, None] = 
         overrides["name"] = name
     root = as_path(out, "out") if out is not None else Path("runs")
     cfg = make_config(config, overrides)
-    return Run(train_run(cfg, root, overwrite=overwrite,
-                         trust_pickle=trust_pickle, verbose=not quiet))
+    return Run(
+        train_run(
+            cfg,
+            root,
+            overwrite=_flag(overwrite, "overwrite"),
+            trust_pickle=_flag(trust_pickle, "trust_pickle"),
+            verbose=not _flag(quiet, "quiet"),
+        )
+    )
 
 
-def resume(run: Union[str, Path, Run], *, extend: bool = False, trust_pickle: bool = False, quiet: bool = False,
-           **overrides: Any) -> Run:
+def resume(
+    run: Union[str, Path, Run],
+    *,
+    extend: bool = False,
+    trust_pickle: bool = False,
+    quiet: bool = False,
+    **overrides: Any,
+) -> Run:
     """Continue an interrupted run from its newest checkpoint (`extend` with a new
     `train.max_steps` trains a finished run further)."""
-    from budgetlora.recipe import resume_run
+    from budgetlora.resume import resume_run
 
     path = run.path if isinstance(run, Run) else as_path(run, "the run to resume")
     items = [f"{k}={v}" for k, v in dotted_overrides(overrides).items()]
-    return Run(resume_run(path, extend=extend, overrides=items, trust_pickle=trust_pickle, verbose=not quiet))
+    return Run(
+        resume_run(
+            path,
+            extend=_flag(extend, "extend"),
+            overrides=items,
+            trust_pickle=_flag(trust_pickle, "trust_pickle"),
+            verbose=not _flag(quiet, "quiet"),
+        )
+    )
 
 
 def load(path: Union[str, Path], device: str = "auto", backend: str = "auto") -> Run:
@@ -218,23 +306,35 @@ class Plan:
 
     def table(self) -> str:
         width = max([len(k) for k in self.breakdown] + [9])
-        return "\n".join([f"{k:<{width}}  {v:>12,}" for k, v in self.breakdown.items()]
-                         + [f"{'trainable':<{width}}  {self.trainable:>12,}"])
+        return "\n".join(
+            [f"{k:<{width}}  {v:>12,}" for k, v in self.breakdown.items()]
+            + [f"{'trainable':<{width}}  {self.trainable:>12,}"]
+        )
 
 
-def plan(model: Optional[str] = None, budget: Optional[int] = None, targets: Optional[Sequence[str]] = None,
-         num_labels: int = 4, config: Union[str, Path, dict, Config, None] = None, **overrides: Any) -> Plan:
+def plan(
+    model: Optional[str] = None,
+    budget: Optional[int] = None,
+    targets: Optional[Sequence[str]] = None,
+    num_labels: int = 4,
+    config: Union[str, Path, dict, Config, None] = None,
+    **overrides: Any,
+) -> Plan:
     """The largest uniform LoRA rank whose trainable count fits the budget, with its count and
     breakdown (from the architecture alone: no weights, no data)."""
     from budgetlora.model import build_meta_model, count_trainable, max_rank
 
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if targets is not None and (not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets)):
+        raise BudgetLoraError(f"targets must be a list of module names (e.g. ['q', 'v']), not {targets!r}")
     for key, value in (("model", model), ("budget", budget), ("lora.targets", list(targets) if targets else None)):
         if value is not None:
             overrides[key] = value
     cfg = make_config(config if config is not None else {"data": {"train_file": "-"}}, overrides)
     if cfg.budget is None:
         raise BudgetLoraError("plan needs a budget")
-    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 2 <= num_labels <= MAX_LABELS:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not MIN_CLASSES <= num_labels <= MAX_LABELS:
         raise BudgetLoraError(f"num_labels must be an integer in [2, {MAX_LABELS:,}], got {num_labels!r}")
     rank, count = max_rank(cfg, num_labels, cfg.budget)
     if rank == 0:
@@ -254,6 +354,11 @@ def sweep(study: Union[str, Path], out: Union[str, Path, None] = None, *, quiet:
     unknown = sorted(set(options) - known)
     if unknown:
         raise BudgetLoraError(f"sweep() got unknown option(s) {unknown}; valid: {', '.join(sorted(known))}")
-    return run_sweep(SweepRequest(study=as_path(study, "the study file"),
-                                  out=as_path(out, "out") if out is not None else None,
-                                  console=Console(not quiet), **options))
+    return run_sweep(
+        SweepRequest(
+            study=as_path(study, "the study file"),
+            out=as_path(out, "out") if out is not None else None,
+            console=Console(not quiet),
+            **options,
+        )
+    )

@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from budgetlora.errors import BudgetLoraError, WriteError, first_line
 
@@ -177,18 +178,32 @@ def swap_into_place(new: Path, path: Path, replace: bool) -> None:
 
 # ----- outputs a user names (predictions, metrics, reports): never renamed over what is not a file
 
+MAX_LINK_HOPS = 40  # the kernel's own limit on a chain of symbolic links
+_DESCRIPTOR_NAME = re.compile(r"^/(dev/(stdout|stderr|fd/\d+)|proc/(self|\d+)/fd/\d+)$")
+
+
+def _names_a_descriptor(path: Path) -> bool:
+    """Whether `path`, or a link on the way to its target, is a name for an open file descriptor
+    (/dev/stdout, /dev/fd/N, /proc/self/fd/N): what it points at is this process's open file."""
+    current, hops = os.path.abspath(path), 0
+    while hops < MAX_LINK_HOPS:
+        if _DESCRIPTOR_NAME.match(current):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.join(os.path.dirname(current), os.readlink(current))
+        current, hops = os.path.abspath(current), hops + 1
+    return False
+
+
 def _through_special(path: Path) -> bool:
     """Whether `path` must be written through rather than replaced: a character device (/dev/null,
     a terminal), a FIFO, or a name for an open descriptor (/dev/stdout, /proc/self/fd/N), whatever
-    it points at."""
+    it points at. A regular file anywhere else (/dev/shm included) is replaced atomically."""
     import stat
 
     mode = os.stat(path).st_mode
-    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
-        return True
-    resolved = os.path.realpath(path)
-    absolute = os.path.abspath(path)
-    return any(p.startswith(("/proc/", "/dev/")) for p in (resolved, absolute))
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or _names_a_descriptor(Path(path))
 
 
 def output_target(path: Path) -> tuple[Path, bool]:
@@ -203,7 +218,9 @@ def output_target(path: Path) -> tuple[Path, bool]:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         if path.is_symlink():
-            raise WriteError(f"cannot write {path}: it is a symbolic link to nothing ({os.readlink(path)})", path) from None
+            raise WriteError(
+                f"cannot write {path}: it is a symbolic link to nothing ({os.readlink(path)})", path
+            ) from None
         return path, False
     except OSError as exc:
         raise write_error(path, exc) from None
@@ -241,7 +258,7 @@ class OutputFolder:
     replaced only with `overwrite`, and never when it is not a regular file; `claim` checks every
     name before anything is written. What was written is recorded in OUTPUTS_MANIFEST."""
 
-    def __init__(self, root: Path, overwrite: bool = False, flag: str = "--overwrite"):
+    def __init__(self, root: Path, overwrite: bool = False, flag: Optional[str] = "--overwrite"):
         self.root, self.overwrite, self.flag = Path(root), overwrite, flag
 
     def _manifest(self) -> dict[str, str]:
@@ -258,8 +275,12 @@ class OutputFolder:
         import hashlib
 
         expected = manifest.get(path.name)
-        return expected is not None and path.is_file() and not path.is_symlink() and \
-            hashlib.sha256(path.read_bytes()).hexdigest() == expected
+        return (
+            expected is not None
+            and path.is_file()
+            and not path.is_symlink()
+            and hashlib.sha256(path.read_bytes()).hexdigest() == expected
+        )
 
     def claim(self, names: "list[str] | tuple[str, ...]") -> None:
         """Refuse (before anything is written) if any of `names` may not be written."""
@@ -271,11 +292,16 @@ class OutputFolder:
             if not (path.exists() or path.is_symlink()) or self._ours(path, manifest):
                 continue
             if path.is_symlink() or not path.is_file():
-                raise BudgetLoraError(f"{path} exists and is not a regular file; budgetlora will not replace it "
-                                      "(move it away or write the outputs to another folder)")
+                raise BudgetLoraError(
+                    f"{path} exists and is not a regular file; budgetlora will not replace it "
+                    "(move it away or write the outputs to another folder)"
+                )
             if not self.overwrite:
-                raise BudgetLoraError(f"{path} exists and budgetlora did not write it (or it changed since); "
-                                      f"pass {self.flag} to replace it, or write the outputs to another folder")
+                advice = f"pass {self.flag} to replace it, or write" if self.flag else "move it away, or write"
+                raise BudgetLoraError(
+                    f"{path} exists and budgetlora did not write it (or it changed since); "
+                    f"{advice} the outputs to another folder"
+                )
 
     def write_with(self, name: str, write: Callable[[Path], Any]) -> Path:
         import hashlib

@@ -46,8 +46,10 @@ def context_from_env(environ: Optional[dict[str, str]] = None) -> DistContext:
         return SINGLE
     missing = [k for k in _ENV if k not in present]
     if missing:
-        raise BudgetLoraError(f"inconsistent launch environment: {', '.join(present)} set but {', '.join(missing)} "
-                              "missing; launch with `torchrun --nproc_per_node N -m budgetlora train CONFIG`")
+        raise BudgetLoraError(
+            f"inconsistent launch environment: {', '.join(present)} set but {', '.join(missing)} "
+            "missing; launch with `torchrun --nproc_per_node N -m budgetlora train CONFIG`"
+        )
     try:
         rank, world, local = (int(present[k]) for k in _ENV)
     except ValueError:
@@ -55,15 +57,19 @@ def context_from_env(environ: Optional[dict[str, str]] = None) -> DistContext:
     if world < 1 or not 0 <= rank < world or not 0 <= local < world:
         raise BudgetLoraError(f"inconsistent launch environment: RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}")
     if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
-        raise BudgetLoraError("inconsistent launch environment: WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT unset; "
-                              "use torchrun (or set them as torchrun would)")
+        raise BudgetLoraError(
+            "inconsistent launch environment: WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT unset; "
+            "use torchrun (or set them as torchrun would)"
+        )
     return DistContext(rank, world, local)
 
 
 def check_batch_divides(batch_size: int, ctx: DistContext) -> None:
     if ctx.enabled and batch_size % ctx.world_size:
-        raise BudgetLoraError(f"config key 'train.batch_size': {batch_size} is the global batch and must be divisible "
-                              f"by the {ctx.world_size} processes, so every rank gets an equal slice")
+        raise BudgetLoraError(
+            f"config key 'train.batch_size': {batch_size} is the global batch and must be divisible "
+            f"by the {ctx.world_size} processes, so every rank gets an equal slice"
+        )
 
 
 def init_process_group(ctx: DistContext, device: torch.device) -> None:

@@ -36,10 +36,18 @@ class Predictions:
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per row: id, label, class index and every class's probability."""
-        return [{"id": row_id, **({"text": self.texts[i]} if self.texts is not None else {}),
-                 "label": self.label_names[int(k)], "index": int(k),
-                 "probabilities": {n: round(float(p), 4) for n, p in zip(self.label_names, self.probabilities[i])}}
-                for i, (row_id, k) in enumerate(zip(self.ids, self.indices))]
+        return [
+            {
+                "id": row_id,
+                **({"text": self.texts[i]} if self.texts is not None else {}),
+                "label": self.label_names[int(k)],
+                "index": int(k),
+                "probabilities": {
+                    n: round(float(p), 4) for n, p in zip(self.label_names, self.probabilities[i], strict=False)
+                },
+            }
+            for i, (row_id, k) in enumerate(zip(self.ids, self.indices, strict=False))
+        ]
 
     def to_csv(self, path: Union[str, Path], names: bool = False) -> Path:
         """An `ID,Label` file (class names with `names`, else class indices)."""
@@ -69,8 +77,14 @@ def check_data_trust(run: Any, data: Path, fmt: Optional[str], trust_pickle: boo
     check_trust(str(data), dataclasses.replace(cfg, format=fmt) if fmt else cfg, trust_pickle)
 
 
-def _texts(trained: Any, data: Union[str, Path, Sequence[str]], labeled: bool, trust_pickle: bool,
-           fmt: Optional[str], text_columns: Optional[Sequence[str]]) -> tuple[Any, bool]:
+def _texts(
+    trained: Any,
+    data: Union[str, Path, Sequence[str]],
+    labeled: bool,
+    trust_pickle: bool,
+    fmt: Optional[str],
+    text_columns: Optional[Sequence[str]],
+) -> tuple[Any, bool]:
     """The rows to predict (a TextSet), and whether they came from a file (cacheable tokens)."""
     from budgetlora.data import TextSet, clean_text, load_text_set
     from budgetlora.data.dataset import indices_mean_names
@@ -79,16 +93,24 @@ def _texts(trained: Any, data: Union[str, Path, Sequence[str]], labeled: bool, t
     if isinstance(data, str) and not os.path.isfile(data):
         looks_like_file = Path(data).suffix.lower() in SUFFIX_FORMATS and not any(c.isspace() for c in data)
         if looks_like_file or labeled:
-            raise BudgetLoraError(f"data file not found: {data}" + ("" if labeled else " (to classify this string as "
-                                  "text, pass it in a list)"))
+            raise BudgetLoraError(
+                f"data file not found: {data}"
+                + ("" if labeled else " (to classify this string as text, pass it in a list)")
+            )
         data = [data]
     if isinstance(data, (str, Path)):
         if not Path(data).exists():
             raise BudgetLoraError(f"data file not found: {data}")
         cfg = trained.cfg.data
         explicit = cfg.label_names is not None or cfg.classes_file is not None
-        texts, _ = load_text_set(str(data), _data_cfg(trained, fmt, text_columns), trained.label_names, labeled,
-                                 trust_pickle, indices_ok=indices_mean_names(trained.label_names, explicit))
+        texts, _ = load_text_set(
+            str(data),
+            _data_cfg(trained, fmt, text_columns),
+            trained.label_names,
+            labeled,
+            trust_pickle,
+            indices_ok=indices_mean_names(trained.label_names, explicit),
+        )
         return texts, True
     if labeled:
         raise BudgetLoraError("evaluation needs a labeled data file")
@@ -102,17 +124,25 @@ def _texts(trained: Any, data: Union[str, Path, Sequence[str]], labeled: bool, t
     return TextSet(cleaned, None, [str(i) for i in range(len(cleaned))]), False
 
 
-def predict_data(trained: Any, data: Union[str, Path, Sequence[str]], labeled: bool, trust_pickle: bool = False,
-                 fmt: Optional[str] = None, text_columns: Optional[Sequence[str]] = None,
-                 console: Console = QUIET) -> tuple[Any, Optional[np.ndarray]]:
+def predict_data(
+    trained: Any,
+    data: Union[str, Path, Sequence[str]],
+    labeled: bool,
+    trust_pickle: bool = False,
+    fmt: Optional[str] = None,
+    text_columns: Optional[Sequence[str]] = None,
+    console: Console = QUIET,
+) -> tuple[Any, Optional[np.ndarray]]:
     """(Predictions, labels or None) for texts or a data file."""
     from budgetlora.data import tokenize
 
     texts, from_file = _texts(trained, data, labeled, trust_pickle, fmt, text_columns)
     max_length = trained.cfg.data.max_length
     with console.task("tokenizing", len(texts)) as task:
-        tokens = tokenize(trained.tokenizer, texts.texts, texts.labels, max_length, use_cache=from_file,
-                          progress=task.advance)
+        tokens = tokenize(
+            trained.tokenizer, texts.texts, texts.labels, max_length, use_cache=from_file, progress=task.advance
+        )
+    check_vocabulary(trained, tokens)
     cut = tokens.truncation(max_length)
     if cut["truncated"]:
         console.say(f"{cut['truncated']:,} of {cut['rows']:,} rows cut at max_length {max_length}")
@@ -120,6 +150,18 @@ def predict_data(trained: Any, data: Union[str, Path, Sequence[str]], labeled: b
         logits = _logits(trained, tokens, task.advance)
     shown = list(data) if not from_file and not isinstance(data, (str, Path)) else None
     return Predictions(texts.ids, logits.argmax(1), softmax(logits), trained.label_names, shown), texts.labels
+
+
+def check_vocabulary(trained: Any, tokens: Any) -> None:
+    """Every token id must have a row in the model's embedding: a tokenizer that is not the
+    model's (an edited tokenizer.json) would otherwise index past it."""
+    vocab = getattr(getattr(trained.model, "config", None), "vocab_size", None)
+    highest = int(tokens.ids.max(initial=0))
+    if isinstance(vocab, int) and highest >= vocab:
+        raise BudgetLoraError(
+            f"{trained.source}: its tokenizer gives token id {highest:,} but the model embeds only "
+            f"{vocab:,} ids; the tokenizer does not belong to this model"
+        )
 
 
 def _logits(trained: Any, tokens: Any, progress: Any) -> np.ndarray:

@@ -16,8 +16,18 @@ from budgetlora.errors import BudgetLoraError
 MAX_JSON_BYTES = 256 * 2**20  # far above any file budgetlora writes (rung records of 100k-row validations)
 
 
+MAX_JSON_INT = 2**63  # larger integers are damage: no count or step budgetlora writes comes near
+MAX_INT_DIGITS, SHOWN = 19, 24  # 2**63 has 19 digits; how much of a refused number a message shows
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS or abs(int(text)) >= MAX_JSON_INT:
+        raise ValueError(f"the integer {text[:SHOWN]}{'...' if len(text) > SHOWN else ''} is too large")
+    return int(text)
 
 
 def _first_non_finite(value: Any) -> bool:
@@ -36,7 +46,7 @@ def _first_non_finite(value: Any) -> bool:
 def loads(text: str, where: str) -> Any:
     """Parse `text` (from `where`, a file or file:line for messages)."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int)
     except RecursionError:
         raise BudgetLoraError(f"{where}: JSON nested too deeply to read; the file is damaged") from None
     except ValueError as exc:
@@ -52,8 +62,10 @@ def read_text(path: Path, max_bytes: int = MAX_JSON_BYTES) -> str:
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise BudgetLoraError(f"{path}: {size:,} bytes, more than the {max_bytes:,} this file may have; "
-                                  "the file is damaged or not budgetlora's")
+            raise BudgetLoraError(
+                f"{path}: {size:,} bytes, more than the {max_bytes:,} this file may have; "
+                "the file is damaged or not budgetlora's"
+            )
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)
         return data.decode("utf-8")
@@ -72,7 +84,9 @@ def read_text_lenient(path: Path, max_bytes: int = MAX_JSON_BYTES) -> str:
     path = Path(path)
     size = path.stat().st_size
     if size > max_bytes:
-        raise BudgetLoraError(f"{path}: {size:,} bytes, more than the {max_bytes:,} this file may have; "
-                              "the file is damaged or not budgetlora's")
+        raise BudgetLoraError(
+            f"{path}: {size:,} bytes, more than the {max_bytes:,} this file may have; "
+            "the file is damaged or not budgetlora's"
+        )
     with open(path, "rb") as handle:
         return handle.read(max_bytes + 1).decode("utf-8", errors="replace")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
-_BOOTSTRAP = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-              "import runpy; runpy.run_module('budgetlora', run_name='__main__', alter_sys=True)")
+_BOOTSTRAP = (
+    "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "import runpy; runpy.run_module('budgetlora', run_name='__main__', alter_sys=True)"
+)
 
 
 def drop_working_directory() -> None:
@@ -30,6 +32,8 @@ def python_call(target: str, *args: str) -> list[str]:
     """argv for a Python process that runs `module:function(args)` (its exit code the return
     value), isolated from the working directory like `python_command`."""
     module, function = target.split(":")
-    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-            f"from {module} import {function}; sys.exit({function}(sys.argv[1:]))")
+    code = (
+        "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+        f"from {module} import {function}; sys.exit({function}(sys.argv[1:]))"
+    )
     return [sys.executable, "-c", code, *args]

@@ -28,8 +28,16 @@ class Task:
         if console.enabled and console.interactive:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, initial=start, desc=description, unit=f" {unit}", file=console.stream,
-                             dynamic_ncols=True, leave=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=self.total,
+                initial=start,
+                desc=description,
+                unit=f" {unit}",
+                file=console.stream,
+                dynamic_ncols=True,
+                leave=True,
+                smoothing=0.1,
+            )
 
     def rate(self) -> float:
         return (self.done - self.first) / max(time.perf_counter() - self.started, 1e-9)
@@ -53,8 +61,11 @@ class Task:
     def status(self) -> str:
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         eta = self.eta()
-        return (f"{self.description}: {self.done:,}/{self.total:,} {self.unit}{share}, {self.rate():,.1f} {self.unit}/s"
-                + (f", ETA {_duration(eta)}" if eta is not None else "") + (f"  {self.postfix}" if self.postfix else ""))
+        return (
+            f"{self.description}: {self.done:,}/{self.total:,} {self.unit}{share}, {self.rate():,.1f} {self.unit}/s"
+            + (f", ETA {_duration(eta)}" if eta is not None else "")
+            + (f"  {self.postfix}" if self.postfix else "")
+        )
 
     def close(self) -> None:
         elapsed = time.perf_counter() - self.started
@@ -62,8 +73,10 @@ class Task:
             self._bar.close()
             self._bar = None
         elif self.console.enabled and elapsed >= self.console.quiet_below_s:
-            self.console.say(f"{self.description}: {self.done:,} {self.unit} in {_duration(elapsed)} "
-                             f"({self.rate():,.1f} {self.unit}/s)")
+            self.console.say(
+                f"{self.description}: {self.done:,} {self.unit} in {_duration(elapsed)} "
+                f"({self.rate():,.1f} {self.unit}/s)"
+            )
 
     def __enter__(self) -> "Task":
         return self
@@ -76,8 +89,14 @@ class Console:
     """`say` prints a line; `task` measures a piece of work. `interactive` defaults to whether the
     stream is a terminal; off a terminal a task prints a status line every `every_s` seconds."""
 
-    def __init__(self, enabled: bool = True, stream: Optional[TextIO] = None, interactive: Optional[bool] = None,
-                 every_s: float = 30.0, quiet_below_s: float = 2.0):
+    def __init__(
+        self,
+        enabled: bool = True,
+        stream: Optional[TextIO] = None,
+        interactive: Optional[bool] = None,
+        every_s: float = 30.0,
+        quiet_below_s: float = 2.0,
+    ):
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
@@ -112,19 +131,28 @@ class TrainingDisplay:
     def log(self, record: dict) -> None:
         step = int(record["step"])
         if "eval_acc" in record:
-            self.console.say(f"step {step}/{self.total}  eval loss {record['eval_loss']:.4f}  "
-                             f"eval acc {100 * record['eval_acc']:.2f}%")
+            self.console.say(
+                f"step {step}/{self.total}  eval loss {record['eval_loss']:.4f}  "
+                f"eval acc {100 * record['eval_acc']:.2f}%"
+            )
             return
-        postfix = {"loss": f"{record['train_loss']:.4f}", "acc": f"{100 * record['train_acc']:.1f}%",
-                   "lr": f"{record['lr']:.2e}", "samples/s": f"{record['samples_per_s']:.1f}"}
+        postfix = {
+            "loss": f"{record['train_loss']:.4f}",
+            "acc": f"{100 * record['train_acc']:.1f}%",
+            "lr": f"{record['lr']:.2e}",
+            "samples/s": f"{record['samples_per_s']:.1f}",
+        }
         if self.console.interactive:
             self.task.advance(step - self.step, **postfix)
         else:
             self.task.done = step
             eta = self.task.eta()
-            self.console.say(f"step {step}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in postfix.items())
-                             + f"  {_duration(time.perf_counter() - self.task.started)}"
-                             + (f"  ETA {_duration(eta)}" if eta is not None else ""))
+            self.console.say(
+                f"step {step}/{self.total}  "
+                + "  ".join(f"{k} {v}" for k, v in postfix.items())
+                + f"  {_duration(time.perf_counter() - self.task.started)}"
+                + (f"  ETA {_duration(eta)}" if eta is not None else "")
+            )
         self.step = step
 
     def log_config(self, cfg: Any) -> None:
@@ -138,5 +166,7 @@ class TrainingDisplay:
         """The result line of a finished run (its test split, if it has one)."""
         test = summary.test
         if test is not None:
-            self.console.say(f"test accuracy {100 * test.accuracy:.2f}% (95% CI {100 * test.ci_low:.2f}-"
-                             f"{100 * test.ci_high:.2f}, n={test.n:,}); macro-F1 {100 * test.macro_f1:.2f}")
+            self.console.say(
+                f"test accuracy {100 * test.accuracy:.2f}% (95% CI {100 * test.ci_low:.2f}-"
+                f"{100 * test.ci_high:.2f}, n={test.n:,}); macro-F1 {100 * test.macro_f1:.2f}"
+            )

@@ -21,9 +21,17 @@ import numpy as np
 import torch
 
 from budgetlora.config.schema import DEVICE_PATTERN
-from budgetlora.distributed import (SINGLE, DistContext, check_batch_divides, context_from_env,
-                                    destroy_process_group, device_for, init_process_group)
+from budgetlora.distributed import (
+    SINGLE,
+    DistContext,
+    check_batch_divides,
+    context_from_env,
+    destroy_process_group,
+    device_for,
+    init_process_group,
+)
 from budgetlora.errors import BudgetLoraError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -152,8 +160,9 @@ def quiet_transformers() -> None:
 
 
 @contextlib.contextmanager
-def process_runtime(device: str, precision: str, batch_size: Optional[int] = None,
-                    num_threads: Optional[int] = None) -> Iterator[Runtime]:
+def process_runtime(
+    device: str, precision: str, batch_size: Optional[int] = None, num_threads: Optional[int] = None
+) -> Iterator[Runtime]:
     """Threads, the launch environment (torchrun), the device and precision, and the process
     group for the block. Every check that can refuse the work comes before the group forms."""
     quiet_transformers()

@@ -56,10 +56,15 @@ def check_sqlite_store(path: Path, what: str, tables: frozenset[str], option: st
         raise BudgetLoraError(f"{option} {path}: exists and is not a file")
     found = sqlite_tables(path)
     if found is None or (found and not tables <= found):
-        kind = "not a SQLite database" if found is None else f"a SQLite database of something else (tables: " \
-            f"{', '.join(sorted(found)[:6])})"
-        raise BudgetLoraError(f"{option} {path}: {kind}; budgetlora adds the {what} only to a new file or to an "
-                              f"existing {what}: give another path")
+        kind = (
+            "not a SQLite database"
+            if found is None
+            else f"a SQLite database of something else (tables: {', '.join(sorted(found)[:6])})"
+        )
+        raise BudgetLoraError(
+            f"{option} {path}: {kind}; budgetlora adds the {what} only to a new file or to an "
+            f"existing {what}: give another path"
+        )
 
 
 def check_journal_store(path: Path, option: str) -> None:
@@ -70,8 +75,7 @@ def check_journal_store(path: Path, option: str) -> None:
     path = Path(path).expanduser()
     holder = _holder(path)
     if holder is not None:
-        raise BudgetLoraError(f"{option} {path}: the Optuna journal would be created inside {holder}; put it "
-                              "elsewhere")
+        raise BudgetLoraError(f"{option} {path}: the Optuna journal would be created inside {holder}; put it elsewhere")
     if not path.exists():
         return
     if not path.is_file():
@@ -85,6 +89,8 @@ def check_journal_store(path: Path, option: str) -> None:
     except (UnicodeDecodeError, ValueError):
         record = None
     if not isinstance(record, dict) or "op_code" not in record:
-        raise BudgetLoraError(f"{option} {path}: not an Optuna journal file (its first line is not a journal "
-                              "record); budgetlora appends only to a new file or an existing journal: give another "
-                              "path")
+        raise BudgetLoraError(
+            f"{option} {path}: not an Optuna journal file (its first line is not a journal "
+            "record); budgetlora appends only to a new file or an existing journal: give another "
+            "path"
+        )

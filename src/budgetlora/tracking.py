@@ -65,15 +65,17 @@ def require_trackers(cfg: Config) -> None:
         try:
             __import__(module)
         except ImportError:
-            raise BudgetLoraError(f"config key 'train.report_to': {name} needs the {module} package: "
-                                  f"pip install 'budgetlora[{extra}]' (or remove it from train.report_to)") from None
+            raise BudgetLoraError(
+                f"config key 'train.report_to': {name} needs the {module} package: "
+                f"pip install 'budgetlora[{extra}]' (or remove it from train.report_to)"
+            ) from None
 
 
 def _tag(key: str) -> str:
     """train_loss -> train/loss, eval_acc -> eval/acc: TensorBoard groups by the part before '/'."""
     for split in ("train_", "eval_"):
         if key.startswith(split):
-            return f"{split[:-1]}/{key[len(split):]}"
+            return f"{split[:-1]}/{key[len(split) :]}"
     return key
 
 
@@ -105,14 +107,20 @@ class TensorBoardSink:
 
 
 def mlflow_uri(cfg: Config, out_root: Path) -> str:
-    return (cfg.train.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{(Path(out_root) / 'mlflow.db').resolve()}")
+    return (
+        cfg.train.mlflow_tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{(Path(out_root) / 'mlflow.db').resolve()}"
+    )
+
+
+MLFLOW_BATCH = 100  # params per log_batch call (MLflow's own limit per request)
 
 
 def _sqlite_file(uri: str) -> Optional[Path]:
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0]).expanduser()
 
 
 def _quiet_mlflow() -> None:
@@ -144,14 +152,25 @@ class MLflowSink:
         experiment = self._call("find the experiment", lambda: self._client.get_experiment_by_name(name))
         # a SQLite store keeps its artifacts beside it, never in whatever the working directory is
         location = (database.absolute().parent / "mlruns").as_uri() if database is not None else None
-        experiment_id = experiment.experiment_id if experiment else self._call(
-            "create the experiment", lambda: self._client.create_experiment(name, artifact_location=location))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self._call(
+                "create the experiment", lambda: self._client.create_experiment(name, artifact_location=location)
+            )
+        )
         marker = Path(run_dir) / rd.MLFLOW_RUN_ID
         run_id = marker.read_text().strip() if resume_step is not None and marker.is_file() else ""
         self.resumed = bool(run_id)
         if not run_id:
-            run = self._call("create the run", lambda: self._client.create_run(
-                experiment_id, run_name=Path(run_dir).name, tags={"budgetlora.run_dir": str(Path(run_dir).resolve())}))
+            run = self._call(
+                "create the run",
+                lambda: self._client.create_run(
+                    experiment_id,
+                    run_name=Path(run_dir).name,
+                    tags={"budgetlora.run_dir": str(Path(run_dir).resolve())},
+                ),
+            )
             run_id = run.info.run_id
             atomic.write_text(marker, run_id + "\n")
         self.run_id = run_id
@@ -160,8 +179,9 @@ class MLflowSink:
         if self.resumed:  # a resumed run continues its MLflow run, whose params are logged already
             return
         params = [self._mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
-        for start in range(0, len(params), 100):
-            self._call("log the config", lambda: self._client.log_batch(self.run_id, params=params[start:start + 100]))
+        for start in range(0, len(params), MLFLOW_BATCH):
+            chunk = params[start : start + MLFLOW_BATCH]
+            self._call("log the config", lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk))
 
     def _call(self, what: str, action: Any) -> Any:
         """MLflow's many error types (a bad URI, a server that does not answer) as one error line."""
@@ -169,33 +189,66 @@ class MLflowSink:
             return action()
         except BudgetLoraError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - MLflow's many error types
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise BudgetLoraError(f"MLflow at {self.uri}: cannot {what} ({type(exc).__name__}: {detail}); check "
-                                  "train.mlflow_tracking_uri, or remove mlflow from train.report_to") from None
+            raise BudgetLoraError(
+                f"MLflow at {self.uri}: cannot {what} ({type(exc).__name__}: {detail}); check "
+                "train.mlflow_tracking_uri, or remove mlflow from train.report_to"
+            ) from None
 
     def log(self, record: dict) -> None:
         step = int(record["step"])
-        metrics = [self._mlflow.entities.Metric(k, float(v), 0, step) for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and v is not None]
+        metrics = [
+            self._mlflow.entities.Metric(k, float(v), 0, step)
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and v is not None
+        ]
         self._call("log metrics", lambda: self._client.log_batch(self.run_id, metrics=metrics))
 
     def finish(self, run_dir: Path, summary: RunSummary) -> None:
-        numbers = {k: v for k, v in flatten(summary.to_json()).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and "per_class" not in k}
+        numbers = {
+            k: v
+            for k, v in flatten(summary.to_json()).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "per_class" not in k
+        }
         metrics = [self._mlflow.entities.Metric(k, float(v), 0, 0) for k, v in numbers.items()]
         self._call("log the summary", lambda: self._client.log_batch(self.run_id, metrics=metrics))
-        self._call("tag the run", lambda: self._client.set_tag(self.run_id, "budgetlora.run_dir",
-                                                              str(Path(run_dir).resolve())))
+        self._call(
+            "tag the run", lambda: self._client.set_tag(self.run_id, "budgetlora.run_dir", str(Path(run_dir).resolve()))
+        )
         for item in sorted(Path(run_dir).iterdir()):
             if item.name.startswith(".") or item.name == rd.CHECKPOINTS:
                 continue
             if item.is_dir():
-                self._call("upload artifacts", lambda: self._client.log_artifacts(self.run_id, str(item),
-                                                                                  artifact_path=item.name))
+                self._call(
+                    "upload artifacts",
+                    lambda item=item: self._client.log_artifacts(self.run_id, str(item), artifact_path=item.name),
+                )
             else:
-                self._call("upload artifacts", lambda: self._client.log_artifact(self.run_id, str(item)))
+                self._call("upload artifacts", lambda item=item: self._client.log_artifact(self.run_id, str(item)))
         self._call("finish the run", lambda: self._client.set_terminated(self.run_id, "FINISHED"))
 
     def close(self) -> None:
         pass
+
+
+def open_sinks(
+    cfg: Config, run_dir: Path, out_root: Path, console: Any, total_steps: int, start_step: int, resumed: bool
+) -> FanOut:
+    """Every sink of a run, its config logged: metrics.jsonl, the display, and `train.report_to`'s
+    trackers (a resumed run's trackers drop what was logged after its checkpoint)."""
+    from budgetlora.progress import TrainingDisplay
+
+    resume_step = start_step + 1 if resumed else None
+    sinks: list[Any] = [rd.MetricsFile(run_dir), TrainingDisplay(console, total_steps, start_step)]
+    try:
+        if "tensorboard" in cfg.train.report_to:
+            sinks.append(TensorBoardSink(run_dir / rd.TENSORBOARD, resume_step))
+        if "mlflow" in cfg.train.report_to:
+            sinks.append(MLflowSink(cfg, run_dir, out_root, resume_step))
+        fan_out = FanOut(sinks)
+        fan_out.log_config(cfg)
+    except BaseException:
+        FanOut(sinks).close()  # the files opened so far, before the error leaves
+        raise
+    return fan_out

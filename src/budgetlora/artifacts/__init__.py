@@ -8,8 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"load_run_model": "trained", "save_trained_model": "trained", "TrainedModel": "trained",
-            "write_run_card": "model_card"}
+_EXPORTS = {
+    "load_run_model": "trained",
+    "save_trained_model": "trained",
+    "TrainedModel": "trained",
+    "write_run_card": "model_card",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -36,24 +36,79 @@ RELOAD_TOLERANCE = 1e-3
 def check_export_target(out: Path, overwrite: bool, source: Path) -> None:
     """OUT is new, empty, or an earlier budgetlora export (with `overwrite`); never a run, never
     inside one, never a directory that holds the source run."""
+    if Path(out).is_symlink():
+        raise BudgetLoraError(f"export target {out} is a symbolic link; give the folder itself")
     out, source = Path(out).resolve(), Path(source).resolve()
     if out == source or source.is_relative_to(out) or rd.inside_run(out) is not None:
-        raise BudgetLoraError(f"export target {out} is the run, holds it or is inside a run directory; "
-                              "export into a new or empty directory")
+        raise BudgetLoraError(
+            f"export target {out} is the run, holds it or is inside a run directory; "
+            "export into a new or empty directory"
+        )
     if out.exists():
         if not out.is_dir():
             raise BudgetLoraError(f"export target {out} exists and is not a directory")
         if any(out.iterdir()):
             if not (out / EXPORT_META).is_file():
-                raise BudgetLoraError(f"export target {out} is not empty and is not a budgetlora export; "
-                                      "export into a new or empty directory")
+                raise BudgetLoraError(
+                    f"export target {out} is not empty and is not a budgetlora export; "
+                    "export into a new or empty directory"
+                )
             if not overwrite:
                 raise BudgetLoraError(f"export target {out} holds an earlier export; pass --overwrite to replace it")
             inner = next((m.parent for m in out.rglob(rd.MARKER)), None) or next(
-                (d for d in out.rglob("*") if d.is_dir() and rd.is_run_dir(d)), None)
+                (d for d in out.rglob("*") if d.is_dir() and rd.is_run_dir(d)), None
+            )
             if inner is not None:
-                raise BudgetLoraError(f"export target {out} holds the run {inner}; --overwrite replaces only the "
-                                      "export: move the run out first")
+                raise BudgetLoraError(
+                    f"export target {out} holds the run {inner}; --overwrite replaces only the "
+                    "export: move the run out first"
+                )
+            foreign = foreign_files(out)
+            if foreign:
+                raise BudgetLoraError(
+                    f"export target {out} holds {foreign[0]}, which the earlier export did not "
+                    f"write ({len(foreign)} such file(s)); --overwrite replaces only the export: "
+                    "move them out first"
+                )
+
+
+def foreign_files(export: Path) -> list[str]:
+    """Files in an export folder that its budgetlora.json does not list (an export made before the
+    list existed counts every file as its own)."""
+    try:
+        listed = read_export_meta(export).get("files")
+    except BudgetLoraError:
+        return []
+    if not isinstance(listed, list):
+        return []
+    present = {p.relative_to(export).as_posix() for p in export.rglob("*") if not p.is_dir()}
+    return sorted(present - set(map(str, listed)) - {EXPORT_META})
+
+
+def seal(tmp: Path, meta: dict[str, Any], weights: str) -> None:
+    """budgetlora.json, written last: the export's files (what --overwrite may replace) and the
+    sha256 of its weights (a swapped weight file is refused on load)."""
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
+    atomic.write_json(tmp / EXPORT_META, {**meta, "files": files, "weights_sha256": file_sha256(tmp / weights)})
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_weights(path: Path, meta: dict[str, Any], weights: str) -> None:
+    expected = meta.get("weights_sha256")
+    if isinstance(expected, str) and (Path(path) / weights).is_file() and file_sha256(Path(path) / weights) != expected:
+        raise BudgetLoraError(
+            f"{Path(path) / weights} is not the file this export wrote (its sha256 differs from "
+            f"{EXPORT_META}'s); export the run again"
+        )
 
 
 def merged_model(trained: TrainedModel) -> nn.Module:
@@ -66,10 +121,16 @@ def merged_model(trained: TrainedModel) -> nn.Module:
 
 
 def probe_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
-    texts = ["Stocks rally as the central bank holds interest rates", "The team won the final in extra time",
-             "A new chip doubles battery life", "Talks resume after the ceasefire", "short"]
-    return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt",
-                          return_token_type_ids=False))
+    texts = [
+        "Stocks rally as the central bank holds interest rates",
+        "The team won the final in extra time",
+        "A new chip doubles battery life",
+        "Talks resume after the ceasefire",
+        "short",
+    ]
+    return dict(
+        tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt", return_token_type_ids=False)
+    )
 
 
 def _save_pooled(model: nn.Module, tmp: Path, names: list[str]) -> None:
@@ -97,30 +158,48 @@ def load_plain(path: Path, pooled: bool) -> nn.Module:
     weights = Path(path) / MODEL_WEIGHTS
     if not weights.is_file():
         pickled = [p.name for p in Path(path).glob("*.bin")]
-        raise BudgetLoraError(f"{weights} is missing" + (f" ({', '.join(pickled)} is there: budgetlora loads weights "
-                              "only from safetensors, because unpickling can run code)" if pickled else
-                              "; the export is incomplete"))
+        raise BudgetLoraError(
+            f"{weights} is missing"
+            + (
+                f" ({', '.join(pickled)} is there: budgetlora loads weights "
+                "only from safetensors, because unpickling can run code)"
+                if pickled
+                else "; the export is incomplete"
+            )
+        )
     try:
         if pooled:
             from budgetlora.artifacts.modeling_budgetlora import BudgetLoraPooledForSequenceClassification
 
             model, info = BudgetLoraPooledForSequenceClassification.from_pretrained(
-                str(path), config=AutoConfig.from_pretrained(str(path), trust_remote_code=False),
-                output_loading_info=True, use_safetensors=True, trust_remote_code=False)
+                str(path),
+                config=AutoConfig.from_pretrained(str(path), trust_remote_code=False),
+                output_loading_info=True,
+                use_safetensors=True,
+                trust_remote_code=False,
+            )
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                str(path), output_loading_info=True, use_safetensors=True, trust_remote_code=False)
-    except Exception as exc:  # a damaged export: safetensors', Transformers' and torch's many error types
+                str(path), output_loading_info=True, use_safetensors=True, trust_remote_code=False
+            )
+    except Exception as exc:  # noqa: BLE001 - a damaged export: safetensors', Transformers' and torch's many types
         code = "trust_remote_code" in str(exc) or "custom code" in str(exc)
-        raise BudgetLoraError(f"{path}: " + ("its config.json asks to run code shipped with it; budgetlora never "
-                                             "runs code from an export" if code else
-                                             f"not a loadable export ({type(exc).__name__}: {first_line(exc, 160)})")) \
-            from None
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys",
-                                                            "error_msgs")}
+        raise BudgetLoraError(
+            f"{path}: "
+            + (
+                "its config.json asks to run code shipped with it; budgetlora never runs code from an export"
+                if code
+                else f"not a loadable export ({type(exc).__name__}: {first_line(exc, 160)})"
+            )
+        ) from None
+    problems = {
+        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    }
     if problems:
         raise BudgetLoraError(f"{path}: the weights do not load completely into the model ({problems})")
-    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = next(
+        (n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None
+    )
     if bad is not None:
         raise BudgetLoraError(f"{weights}: tensor {bad} holds NaN or infinite values; the export is damaged")
     return model.eval()
@@ -131,7 +210,9 @@ def run_logits(trained: TrainedModel, batch: dict[str, torch.Tensor]) -> np.ndar
     so an error in merging shows as well as one in saving."""
     model = trained.model
     first = next(model.parameters())
-    if first.device.type != "cpu" or first.dtype != torch.float32:  # the reload runs on CPU in fp32: compare like with like
+    if (
+        first.device.type != "cpu" or first.dtype != torch.float32
+    ):  # the reload runs on CPU in fp32: compare like with like
         model = copy.deepcopy(model).to("cpu").float().eval()
     with torch.inference_mode():
         return model(**batch).logits.float().numpy()
@@ -144,16 +225,24 @@ def _verify(tmp: Path, trained: TrainedModel, pooled: bool) -> float:
         got = load_plain(tmp, pooled)(**batch).logits
     diff = float((expected - got).abs().max())
     if not diff <= RELOAD_TOLERANCE or not torch.equal(expected.argmax(-1), got.argmax(-1)):
-        raise BudgetLoraError(f"the export would not predict like the run when loaded with plain Transformers "
-                              f"(max logit difference {diff:.3g}); nothing was written")
+        raise BudgetLoraError(
+            f"the export would not predict like the run when loaded with plain Transformers "
+            f"(max logit difference {diff:.3g}); nothing was written"
+        )
     return diff
 
 
 def export_meta(trained: TrainedModel, kind: str, **extra: Any) -> dict[str, Any]:
     cfg = trained.cfg
-    return {"format": EXPORT_FORMAT, "kind": kind, "source": str(trained.source.resolve()),
-            "head": {"type": cfg.head.type, "pooling": cfg.head.pooling}, "label_names": trained.label_names,
-            "config": cfg.to_dict(), **extra}
+    return {
+        "format": EXPORT_FORMAT,
+        "kind": kind,
+        "source": str(trained.source.resolve()),
+        "head": {"type": cfg.head.type, "pooling": cfg.head.pooling},
+        "label_names": trained.label_names,
+        "config": cfg.to_dict(),
+        **extra,
+    }
 
 
 def export_merged(trained: TrainedModel, out: Path, overwrite: bool = False) -> Path:
@@ -165,8 +254,8 @@ def export_merged(trained: TrainedModel, out: Path, overwrite: bool = False) -> 
         (_save_pooled if pooled else _save_auto)(model, tmp, trained.label_names)
         trained.tokenizer.save_pretrained(str(tmp))
         diff = _verify(tmp, trained, pooled)
-        atomic.write_json(tmp / EXPORT_META, export_meta(trained, "merged", reload_max_logit_diff=diff))
         write_export_card(tmp, trained, "merged")
+        seal(tmp, export_meta(trained, "merged", reload_max_logit_diff=diff), MODEL_WEIGHTS)
     return out
 
 
@@ -174,24 +263,35 @@ def check_export_head(path: Path, meta: dict[str, Any], cfg: Any) -> None:
     """The head the export's config.json describes must be the one budgetlora.json recorded (an edited
     pooling would silently change every prediction)."""
     recorded = meta.get("head") if isinstance(meta.get("head"), dict) else {}
-    if recorded.get("type") != cfg.head.type or (cfg.head.type == "linear" and recorded.get("pooling") != cfg.head.pooling):
-        raise BudgetLoraError(f"{Path(path) / EXPORT_META}: its head ({recorded}) and its saved config "
-                              f"(type {cfg.head.type}, pooling {cfg.head.pooling}) disagree; the export was edited")
+    if recorded.get("type") != cfg.head.type or (
+        cfg.head.type == "linear" and recorded.get("pooling") != cfg.head.pooling
+    ):
+        raise BudgetLoraError(
+            f"{Path(path) / EXPORT_META}: its head ({recorded}) and its saved config "
+            f"(type {cfg.head.type}, pooling {cfg.head.pooling}) disagree; the export was edited"
+        )
     try:
         config = jsonfile.read(Path(path) / "config.json", max_bytes=2**20)
     except (OSError, BudgetLoraError):
         config = None
-    ours = {"AutoModelForSequenceClassification": f"modeling_budgetlora.{POOLED_CLASS}"} \
-        if cfg.head.type == "linear" else None
+    ours = (
+        {"AutoModelForSequenceClassification": f"modeling_budgetlora.{POOLED_CLASS}"}
+        if cfg.head.type == "linear"
+        else None
+    )
     if isinstance(config, dict) and config.get("auto_map") != ours:
-        raise BudgetLoraError(f"{Path(path) / 'config.json'}: its auto_map ({config.get('auto_map')}) names code that "
-                              "budgetlora did not write; budgetlora never runs code from an export")
+        raise BudgetLoraError(
+            f"{Path(path) / 'config.json'}: its auto_map ({config.get('auto_map')}) names code that "
+            "budgetlora did not write; budgetlora never runs code from an export"
+        )
     if cfg.head.type != "linear":
         return
     pooling = config.get("budgetlora_pooling") if isinstance(config, dict) else None
     if pooling != cfg.head.pooling:
-        raise BudgetLoraError(f"{Path(path) / 'config.json'}: budgetlora_pooling is {pooling!r} but {EXPORT_META} "
-                              f"records {cfg.head.pooling!r}; the export was edited: export the run again")
+        raise BudgetLoraError(
+            f"{Path(path) / 'config.json'}: budgetlora_pooling is {pooling!r} but {EXPORT_META} "
+            f"records {cfg.head.pooling!r}; the export was edited: export the run again"
+        )
 
 
 def load_merged(path: Path, device: torch.device) -> TrainedModel:
@@ -202,9 +302,11 @@ def load_merged(path: Path, device: torch.device) -> TrainedModel:
     cfg = export_config(meta, path)
     names = labels_of(meta, path)
     check_export_head(path, meta, cfg)
+    check_weights(path, meta, MODEL_WEIGHTS)
     model = load_plain(path, cfg.head.type == "linear")
     if model.config.num_labels != len(names):
-        raise BudgetLoraError(f"{path}: the head has {model.config.num_labels} outputs but {EXPORT_META} "
-                              f"lists {len(names)} classes")
+        raise BudgetLoraError(
+            f"{path}: the head has {model.config.num_labels} outputs but {EXPORT_META} lists {len(names)} classes"
+        )
     cfg = dataclasses.replace(cfg, model=str(path))
     return TrainedModel(cfg, model.to(device).eval(), load_tokenizer(str(path)), names, Path(path), "merged")

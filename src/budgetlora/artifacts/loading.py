@@ -12,8 +12,9 @@ from budgetlora.artifacts.run_dir import EXPORT_META, export_config, read_export
 from budgetlora.config import DataConfig
 from budgetlora.errors import BudgetLoraError
 
+
 def describe(path: Path) -> str:
-    """"run", "merged" or "onnx"; anything else is refused with what was expected."""
+    """ "run", "merged" or "onnx"; anything else is refused with what was expected."""
     path = Path(path)
     if not path.is_dir():
         raise BudgetLoraError(f"run or export directory not found: {path}")
@@ -21,8 +22,7 @@ def describe(path: Path) -> str:
         return str(read_export_meta(path)["kind"])
     if (path / rd.CONFIG).is_file():
         return "run"
-    raise BudgetLoraError(f"{path} is neither a budgetlora run (config.yaml) nor a budgetlora export "
-                          f"({EXPORT_META})")
+    raise BudgetLoraError(f"{path} is neither a budgetlora run (config.yaml) nor a budgetlora export ({EXPORT_META})")
 
 
 def data_config(path: Path) -> DataConfig:
@@ -41,8 +41,9 @@ def load_trained(path: Path, device: str = "auto", backend: str = "auto") -> Any
     quiet_transformers()
     kind = describe(path)
     if backend == "onnxruntime" and kind != "onnx":
-        raise BudgetLoraError(f"--backend onnxruntime needs an ONNX export (budgetlora export RUN --onnx OUT); "
-                              f"{path} is a {kind}")
+        raise BudgetLoraError(
+            f"--backend onnxruntime needs an ONNX export (budgetlora export RUN --onnx OUT); {path} is a {kind}"
+        )
     if kind == "onnx":
         if backend == "torch":
             raise BudgetLoraError(f"{path} is an ONNX export; predict it with --backend onnxruntime (or auto)")

@@ -36,25 +36,46 @@ def dataset_id(cfg: Config, names: list[str]) -> Optional[str]:
 
 
 def _metadata(cfg: Config, summary: Optional[RunSummary], names: list[str], library: str, name: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {"base_model": base_model_id(cfg), "library_name": library,
-                            "pipeline_tag": "text-classification",
-                            "tags": ["budgetlora", "text-classification"] + (["lora", "peft"] if cfg.mode == "lora" else [])}
+    meta: dict[str, Any] = {
+        "base_model": base_model_id(cfg),
+        "library_name": library,
+        "pipeline_tag": "text-classification",
+        "tags": ["budgetlora", "text-classification"] + (["lora", "peft"] if cfg.mode == "lora" else []),
+    }
     dataset = dataset_id(cfg, names)
     if dataset:
         meta["datasets"] = [dataset]
     test = summary.test if summary is not None else None
     if test is not None:
-        where = {"name": dataset or Path(cfg.data.test_file or "test").name, "type": dataset or "local",
-                 "split": cfg.data.test_split if cfg.data.dataset else "test"}
-        meta["model-index"] = [{"name": name, "results": [{
-            "task": {"type": "text-classification", "name": "Text Classification"},
-            "dataset": where,
-            "metrics": [
-                {"type": "accuracy", "value": round(test.accuracy, 4),
-                 "name": f"test accuracy (n={test.n}, 95% CI {test.ci_low:.4f}-{test.ci_high:.4f})"},
-                {"type": "f1", "value": round(test.macro_f1, 4), "name": f"test macro-F1 (n={test.n})",
-                 "args": {"average": "macro"}},
-            ]}]}]
+        where = {
+            "name": dataset or Path(cfg.data.test_file or "test").name,
+            "type": dataset or "local",
+            "split": cfg.data.test_split if cfg.data.dataset else "test",
+        }
+        meta["model-index"] = [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "text-classification", "name": "Text Classification"},
+                        "dataset": where,
+                        "metrics": [
+                            {
+                                "type": "accuracy",
+                                "value": round(test.accuracy, 4),
+                                "name": f"test accuracy (n={test.n}, 95% CI {test.ci_low:.4f}-{test.ci_high:.4f})",
+                            },
+                            {
+                                "type": "f1",
+                                "value": round(test.macro_f1, 4),
+                                "name": f"test macro-F1 (n={test.n})",
+                                "args": {"average": "macro"},
+                            },
+                        ],
+                    }
+                ],
+            }
+        ]
     return meta
 
 
@@ -64,30 +85,53 @@ def _results(summary: Optional[RunSummary]) -> list[str]:
     lines = []
     test = summary.test
     if test is not None:
-        lines.append(f"- test accuracy **{100 * test.accuracy:.2f}%** (95% Wilson interval "
-                     f"{100 * test.ci_low:.2f}-{100 * test.ci_high:.2f}, n = {test.n:,}), macro-F1 "
-                     f"{100 * test.macro_f1:.2f}")
+        lines.append(
+            f"- test accuracy **{100 * test.accuracy:.2f}%** (95% Wilson interval "
+            f"{100 * test.ci_low:.2f}-{100 * test.ci_high:.2f}, n = {test.n:,}), macro-F1 "
+            f"{100 * test.macro_f1:.2f}"
+        )
     if summary.best_val_acc is not None:
         lines.append(f"- best validation accuracy {100 * summary.best_val_acc:.2f}% at step {summary.best_step}")
-    lines.append(f"- trainable parameters **{summary.trainable_params:,}** of {summary.total_params:,}"
-                 + (f" (budget {summary.budget:,})" if summary.budget else ""))
-    lines.append(f"- {summary.steps:,} steps, {summary.train_time_s:.0f} s of training on "
-                 f"{summary.device} ({summary.precision})")
+    lines.append(
+        f"- trainable parameters **{summary.trainable_params:,}** of {summary.total_params:,}"
+        + (f" (budget {summary.budget:,})" if summary.budget else "")
+    )
+    lines.append(
+        f"- {summary.steps:,} steps, {summary.train_time_s:.0f} s of training on {summary.device} ({summary.precision})"
+    )
     lines += ["", "| parameters | count |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" for k, v in summary.breakdown.items()]
     return lines
 
 
-def render_card(cfg: Config, summary: Optional[RunSummary], label_names: list[str], library: str, title: str,
-                how_to_load: str) -> str:
+def render_card(
+    cfg: Config, summary: Optional[RunSummary], label_names: list[str], library: str, title: str, how_to_load: str
+) -> str:
     meta = yaml.safe_dump(_metadata(cfg, summary, label_names, library, title), sort_keys=False, allow_unicode=True)
     names = ", ".join(label_names)
-    body = [f"# {title}", "",
-            f"A text classifier fine-tuned with [budgetlora](https://github.com/budgetlora/budgetlora) from "
-            f"`{base_model_id(cfg)}` ({'LoRA' if cfg.mode == 'lora' else 'full fine-tuning'}, "
-            f"head `{cfg.head.type}`{', ' + cfg.head.pooling + ' pooling' if cfg.head.type == 'linear' else ''}). "
-            f"Classes: {names}.", "", "## Results", "", *_results(summary), "", "## How to load it", "",
-            how_to_load.strip(), "", "## Config", "", "```yaml", config_yaml(cfg).rstrip(), "```", ""]
+    body = [
+        f"# {title}",
+        "",
+        f"A text classifier fine-tuned with [budgetlora](https://github.com/budgetlora/budgetlora) from "
+        f"`{base_model_id(cfg)}` ({'LoRA' if cfg.mode == 'lora' else 'full fine-tuning'}, "
+        f"head `{cfg.head.type}`{', ' + cfg.head.pooling + ' pooling' if cfg.head.type == 'linear' else ''}). "
+        f"Classes: {names}.",
+        "",
+        "## Results",
+        "",
+        *_results(summary),
+        "",
+        "## How to load it",
+        "",
+        how_to_load.strip(),
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        config_yaml(cfg).rstrip(),
+        "```",
+        "",
+    ]
     return f"---\n{meta}---\n\n" + "\n".join(body)
 
 
@@ -120,21 +164,36 @@ tokenizer = AutoTokenizer.from_pretrained("{run}/tokenizer")
 
 
 def _run_loading(cfg: Config, names: list[str]) -> str:
-    lines = ["With budgetlora:", "", "```python", "import budgetlora", "",
-             'run = budgetlora.load("RUN")  # this directory', 'run.predict(["some text"]).labels', "```", ""]
+    lines = [
+        "With budgetlora:",
+        "",
+        "```python",
+        "import budgetlora",
+        "",
+        'run = budgetlora.load("RUN")  # this directory',
+        'run.predict(["some text"]).labels',
+        "```",
+        "",
+    ]
     if cfg.mode == "lora":
-        lines += ["With plain Transformers + PEFT (no budgetlora), from the adapter in `adapter/` (`RUN` is this "
-                  "directory; the base model is fetched by its id):", "", _peft_snippet(cfg, names, "RUN"), "",
-                  "`budgetlora export RUN --merged OUT` writes a model with the adapters folded in that "
-                  "`from_pretrained` and `pipeline` load directly."]
+        lines += [
+            "With plain Transformers + PEFT (no budgetlora), from the adapter in `adapter/` (`RUN` is this "
+            "directory; the base model is fetched by its id):",
+            "",
+            _peft_snippet(cfg, names, "RUN"),
+            "",
+            "`budgetlora export RUN --merged OUT` writes a model with the adapters folded in that "
+            "`from_pretrained` and `pipeline` load directly.",
+        ]
     return "\n".join(lines)
 
 
 def write_run_card(run_dir: Path, cfg: Config, summary: RunSummary) -> None:
     """RUN/README.md (and the same card in RUN/adapter/, replacing PEFT's template)."""
     names = list(summary.label_names)
-    text = render_card(cfg, summary, names, "peft" if cfg.mode == "lora" else "transformers", cfg.name,
-                       _run_loading(cfg, names))
+    text = render_card(
+        cfg, summary, names, "peft" if cfg.mode == "lora" else "transformers", cfg.name, _run_loading(cfg, names)
+    )
     from budgetlora.artifacts import run_dir as rd
 
     atomic.write_text(Path(run_dir) / rd.MODEL_CARD, text)
@@ -144,8 +203,14 @@ def write_run_card(run_dir: Path, cfg: Config, summary: RunSummary) -> None:
 
 def _export_loading(cfg: Config, kind: str) -> str:
     remote = ", trust_remote_code=True" if cfg.head.type == "linear" else ""
-    why = ("The head (mean or first-token pooling + one linear layer) is defined in `modeling_budgetlora.py` "
-           "beside the weights, hence `trust_remote_code=True`.\n\n") if remote else ""
+    why = (
+        (
+            "The head (mean or first-token pooling + one linear layer) is defined in `modeling_budgetlora.py` "
+            "beside the weights, hence `trust_remote_code=True`.\n\n"
+        )
+        if remote
+        else ""
+    )
     if kind == "onnx":
         return """```python
 import numpy as np, onnxruntime as ort
@@ -158,7 +223,9 @@ logits = session.run(["logits"], {k: v.astype(np.int64) for k, v in batch.items(
 ```
 
 or `budgetlora predict OUT --data FILE --out predictions.csv` (the onnxruntime backend)."""
-    return why + f"""```python
+    return (
+        why
+        + f"""```python
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 model = AutoModelForSequenceClassification.from_pretrained("OUT"{remote})
@@ -168,6 +235,7 @@ classifier("some text")
 ```
 
 or `budgetlora predict OUT --data FILE --out predictions.csv`."""
+    )
 
 
 def write_export_card(out: Path, trained: Any, kind: str, int8: bool = False) -> None:
@@ -177,9 +245,12 @@ def write_export_card(out: Path, trained: Any, kind: str, int8: bool = False) ->
     summary = rd.read_summary(source) if rd.is_finished(source) else None
     title = f"{trained.cfg.name} ({'ONNX' + (', int8' if int8 else '') if kind == 'onnx' else 'merged'})"
     library = "onnx" if kind == "onnx" else "transformers"
-    text = render_card(trained.cfg, summary, list(trained.label_names), library, title,
-                       _export_loading(trained.cfg, kind))
+    text = render_card(
+        trained.cfg, summary, list(trained.label_names), library, title, _export_loading(trained.cfg, kind)
+    )
     if int8:
-        text += ("\nThe weights are quantized to int8 (dynamic quantization, per channel): predictions can differ "
-                 "from the run's on a few percent of rows; the test accuracy above is the run's.\n")
+        text += (
+            "\nThe weights are quantized to int8 (dynamic quantization, per channel): predictions can differ "
+            "from the run's on a few percent of rows; the test accuracy above is the run's.\n"
+        )
     atomic.write_text(Path(out) / "README.md", text)  # the Hub reads a model card from README.md

@@ -32,8 +32,9 @@ def require_onnx() -> None:
         try:
             __import__(module)
         except ImportError:
-            raise BudgetLoraError(f"ONNX export and the onnxruntime backend need the {module} package: "
-                                  "pip install 'budgetlora[onnx]'") from None
+            raise BudgetLoraError(
+                f"ONNX export and the onnxruntime backend need the {module} package: pip install 'budgetlora[onnx]'"
+            ) from None
 
 
 class _Logits(nn.Module):
@@ -54,20 +55,40 @@ def write_onnx(model: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's and the legacy exporter's deprecation notes
         try:
-            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=TRACED_OPSET,
-                              dynamic_axes={"input_ids": {0: "batch", 1: "length"},
-                                            "attention_mask": {0: "batch", 1: "length"}, "logits": {0: "batch"}},
-                              **names)
-        except Exception as traced:
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=TRACED_OPSET,
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "length"},
+                    "attention_mask": {0: "batch", 1: "length"},
+                    "logits": {0: "batch"},
+                },
+                **names,
+            )
+        except Exception as traced:  # noqa: BLE001 - the tracer's many failure types: try the dynamo exporter
             batch_dim, length = torch.export.Dim("batch"), torch.export.Dim("length")
             try:
-                torch.onnx.export(wrapper, args, str(path), dynamo=True, opset_version=DYNAMO_OPSET,
-                                  external_data=False, dynamic_shapes={"input_ids": {0: batch_dim, 1: length},
-                                                                       "attention_mask": {0: batch_dim, 1: length}},
-                                  **names)
-            except Exception as exc:
-                raise BudgetLoraError(f"ONNX export failed for this model (tracing: {type(traced).__name__}: "
-                                      f"{str(traced)[:120]}; dynamo: {type(exc).__name__}: {str(exc)[:120]})") from None
+                torch.onnx.export(
+                    wrapper,
+                    args,
+                    str(path),
+                    dynamo=True,
+                    opset_version=DYNAMO_OPSET,
+                    external_data=False,
+                    dynamic_shapes={
+                        "input_ids": {0: batch_dim, 1: length},
+                        "attention_mask": {0: batch_dim, 1: length},
+                    },
+                    **names,
+                )
+            except Exception as exc:  # noqa: BLE001 - both exporters failed: one line naming both
+                raise BudgetLoraError(
+                    f"ONNX export failed for this model (tracing: {type(traced).__name__}: "
+                    f"{str(traced)[:120]}; dynamo: {type(exc).__name__}: {str(exc)[:120]})"
+                ) from None
 
 
 def quantize_int8(source: Path, target: Path) -> None:
@@ -92,16 +113,23 @@ def session(path: Path, threads: Optional[int] = None) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or _omp_threads() or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = SILENT
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
         raise BudgetLoraError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
 
 
 def export_onnx(trained: TrainedModel, out: Path, int8: bool = False, overwrite: bool = False) -> Path:
     """Write the ONNX export to `out` (built in a temp directory, checked against the run, renamed)."""
-    from budgetlora.artifacts.export import check_export_target, export_meta, merged_model, probe_batch, run_logits
+    from budgetlora.artifacts.export import (
+        check_export_target,
+        export_meta,
+        merged_model,
+        probe_batch,
+        run_logits,
+        seal,
+    )
 
     require_onnx()
     check_export_target(out, overwrite, trained.source)
@@ -119,17 +147,27 @@ def export_onnx(trained: TrainedModel, out: Path, int8: bool = False, overwrite:
         got = session(tmp / ONNX_FILE).run(["logits"], {k: v.numpy() for k, v in batch.items()})[0]
         diff = float(np.abs(expected - got).max())
         agree = float((expected.argmax(1) == got.argmax(1)).mean())
-        if not np.isfinite(got).all() or (not int8 and diff > 1e-3) or agree < 0.8:
-            raise BudgetLoraError(f"the ONNX model does not predict like the run (max logit difference {diff:.3g}, "
-                                  f"{100 * agree:.0f}% of probe rows agree); nothing was written")
+        if not np.isfinite(got).all() or (not int8 and diff > FP32_TOLERANCE) or agree < MIN_INT8_AGREEMENT:
+            raise BudgetLoraError(
+                f"the ONNX model does not predict like the run (max logit difference {diff:.3g}, "
+                f"{100 * agree:.0f}% of probe rows agree); nothing was written"
+            )
         trained.tokenizer.save_pretrained(str(tmp))
-        atomic.write_json(tmp / EXPORT_META, export_meta(trained, "onnx", int8=int8, probe_max_logit_diff=diff,
-                                                         probe_argmax_agreement=agree))
         write_export_card(tmp, trained, "onnx", int8=int8)
+        seal(
+            tmp,
+            export_meta(trained, "onnx", int8=int8, probe_max_logit_diff=diff, probe_argmax_agreement=agree),
+            ONNX_FILE,
+        )
     return out
 
 
+FP32_TOLERANCE = 1e-3  # the largest logit difference an fp32 export may show against the run
+MIN_INT8_AGREEMENT = 0.8  # the share of probe rows whose class an int8 export must keep
 INPUTS = ("input_ids", "attention_mask")
+MATRIX = 2  # inputs and logits are batch x something
+PROBE_TIMEOUT_S, BATCH_TIMEOUT_S = 60.0, 600.0  # a probe row takes milliseconds, a batch of 64 rows seconds
+SILENT = 4  # ONNX Runtime's log level FATAL: its own error lines would duplicate budgetlora's one line
 PROBE_MAX_TOKENS = 4096  # the load-time probe row: data.max_length, at most this
 
 
@@ -138,40 +176,69 @@ def check_session(sess: Any, file: Path, classes: int, max_length: int) -> None:
     and gives `logits` of rank 2 with `classes` columns, finite, for a row of `max_length` tokens."""
     inputs = {i.name: i for i in sess.get_inputs()}
     outputs = {o.name: o.shape for o in sess.get_outputs()}
-    if set(inputs) != set(INPUTS) or any(inputs[n].type != "tensor(int64)" or len(inputs[n].shape) != 2 for n in INPUTS):
+    if set(inputs) != set(INPUTS) or any(
+        inputs[n].type != "tensor(int64)" or len(inputs[n].shape) != MATRIX for n in INPUTS
+    ):
         found = {n: (i.type, i.shape) for n, i in inputs.items()}
-        raise BudgetLoraError(f"{file}: expected the inputs input_ids and attention_mask (int64, batch x length), "
-                              f"found {found}; not a budgetlora export")
+        raise BudgetLoraError(
+            f"{file}: expected the inputs input_ids and attention_mask (int64, batch x length), "
+            f"found {found}; not a budgetlora export"
+        )
     shape = outputs.get("logits")
-    if shape is None or len(shape) != 2 or (isinstance(shape[-1], int) and shape[-1] != classes):
-        raise BudgetLoraError(f"{file}: expected a 'logits' output of batch x {classes} classes (as {EXPORT_META} "
-                              f"lists), found {outputs}; the export is damaged or mixed up")
+    if shape is None or len(shape) != MATRIX or (isinstance(shape[-1], int) and shape[-1] != classes):
+        raise BudgetLoraError(
+            f"{file}: expected a 'logits' output of batch x {classes} classes (as {EXPORT_META} "
+            f"lists), found {outputs}; the export is damaged or mixed up"
+        )
     probe = np.full((1, min(max_length, PROBE_MAX_TOKENS)), 5, dtype=np.int64)
-    logits = run_session(sess, probe, np.ones_like(probe), file)
+    logits = run_session(sess, probe, np.ones_like(probe), file, PROBE_TIMEOUT_S)
     if logits.shape != (1, classes):
-        raise BudgetLoraError(f"{file}: a row of {max_length} tokens (data.max_length) gave logits of shape "
-                              f"{logits.shape}, not (1, {classes}); the export is damaged or mixed up")
+        raise BudgetLoraError(
+            f"{file}: a row of {max_length} tokens (data.max_length) gave logits of shape "
+            f"{logits.shape}, not (1, {classes}); the export is damaged or mixed up"
+        )
 
 
-def run_session(sess: Any, ids: np.ndarray, mask: np.ndarray, file: Path) -> np.ndarray:
+def run_session(
+    sess: Any, ids: np.ndarray, mask: np.ndarray, file: Path, timeout_s: float = BATCH_TIMEOUT_S
+) -> np.ndarray:
     """One batch through ONNX Runtime: its errors (a graph that cannot take these shapes, an
-    allocation it cannot make) and non-finite logits are one BudgetLoraError naming the file."""
+    allocation it cannot make, a batch still running after `timeout_s`, which ONNX Runtime is told
+    to abandon) and non-finite logits are one BudgetLoraError naming the file."""
+    import threading
+
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = SILENT
+    timer = threading.Timer(timeout_s, lambda: setattr(options, "terminate", True))
+    timer.start()
     try:
-        logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
-    except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException types
-        raise BudgetLoraError(f"{file}: ONNX Runtime failed on a batch of {ids.shape[0]} x {ids.shape[1]} tokens "
-                              f"({first_line(exc, 160)}); the export is damaged or does not fit its "
-                              "data.max_length") from None
+        logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask}, options)[0]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail / InvalidArgument / RuntimeException types
+        stopped = "terminate flag" in str(exc)
+        raise BudgetLoraError(
+            f"{file}: ONNX Runtime "
+            + (
+                f"was still computing a batch of {ids.shape[0]} x "
+                f"{ids.shape[1]} tokens after {timeout_s:.0f} s, and was stopped"
+                if stopped
+                else f"failed on a batch of {ids.shape[0]} x {ids.shape[1]} tokens ({first_line(exc, 160)})"
+            )
+            + "; the export is damaged or does not fit its data.max_length"
+        ) from None
+    finally:
+        timer.cancel()
     logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[0] != ids.shape[0]:
-        raise BudgetLoraError(f"{file}: logits of shape {logits.shape} for {ids.shape[0]} rows; the export is "
-                              "damaged")
+    if logits.ndim != MATRIX or logits.shape[0] != ids.shape[0]:
+        raise BudgetLoraError(f"{file}: logits of shape {logits.shape} for {ids.shape[0]} rows; the export is damaged")
     if not np.isfinite(logits).all():
         raise BudgetLoraError(f"{file}: the model gave NaN or infinite logits; the export is damaged")
     return logits
 
 
 def load_onnx(path: Path) -> TrainedModel:
+    from budgetlora.artifacts.export import check_weights
     from budgetlora.model import load_tokenizer
 
     require_onnx()
@@ -179,6 +246,7 @@ def load_onnx(path: Path) -> TrainedModel:
     cfg = export_config(meta, path)
     names = labels_of(meta, path)
     file = Path(path) / ONNX_FILE
+    check_weights(path, meta, ONNX_FILE)
     tokenizer = load_tokenizer(str(path))
     sess = session(file)
     check_session(sess, file, len(names), cfg.data.max_length)
@@ -189,8 +257,13 @@ def load_onnx(path: Path) -> TrainedModel:
 ONNX_MAX_TOKENS, ONNX_MAX_ROWS = 4096, 64  # CPU batches, as evaluate.predict's
 
 
-def onnx_logits(sess: Any, data: Any, pad_id: int, batch: Optional[PredictionBatch] = None,
-                progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+def onnx_logits(
+    sess: Any,
+    data: Any,
+    pad_id: int,
+    batch: Optional[PredictionBatch] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> np.ndarray:
     """Logits of every row of a TokenizedSet through ONNX Runtime, in the original order."""
     from budgetlora.data.tokens import collate, sorted_batches
 

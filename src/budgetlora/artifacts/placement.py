@@ -14,10 +14,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from budgetlora import atomic
-from budgetlora.artifacts.run_dir import (ADAPTER, CHECKPOINTS, EXPORT_META, FULL_MODEL, LOCK, MARKER, TENSORBOARD,
-                                          TOKENIZER, is_run_dir, read_mapping)
+from budgetlora.artifacts.run_dir import (
+    ADAPTER,
+    CHECKPOINTS,
+    EXPORT_META,
+    FULL_MODEL,
+    LOCK,
+    MARKER,
+    TENSORBOARD,
+    TOKENIZER,
+    is_run_dir,
+    read_mapping,
+)
 from budgetlora.config import RUN_NAME_PATTERN
 from budgetlora.errors import BudgetLoraError, RunBusy, WriteError
+
 
 def owned_run(path: Path) -> bool:
     """A run directory budgetlora created, by its marker: the only kind it ever replaces or deletes
@@ -38,16 +49,19 @@ def check_replaceable(path: Path, what: str) -> None:
         why = f"has no {MARKER} marker (not created by budgetlora 0.2 or later)"
     else:
         why = "is not a budgetlora run directory"
-    raise BudgetLoraError(f"{path} {why}; budgetlora will not {what} it: move it away yourself, or choose "
-                          "another --name or --out")
+    raise BudgetLoraError(
+        f"{path} {why}; budgetlora will not {what} it: move it away yourself, or choose another --name or --out"
+    )
 
 
 def check_inner_dirs(run_dir: Path) -> None:
     """A run's own folders are written in place: none may lead outside the run."""
     for name in (CHECKPOINTS, ADAPTER, TOKENIZER, FULL_MODEL, TENSORBOARD):
         if (Path(run_dir) / name).is_symlink():
-            raise BudgetLoraError(f"{Path(run_dir) / name} is a symbolic link; budgetlora writes a run only inside "
-                                  "its own directory: replace the link with the folder it points to")
+            raise BudgetLoraError(
+                f"{Path(run_dir) / name} is a symbolic link; budgetlora writes a run only inside "
+                "its own directory: replace the link with the folder it points to"
+            )
 
 
 def read_marker(run_dir: Path) -> dict[str, Any]:
@@ -55,6 +69,7 @@ def read_marker(run_dir: Path) -> dict[str, Any]:
 
 
 # ----- who may write a run ------------------------------------------------------------------
+
 
 class RunLock:
     """An exclusive lock on a run directory for one writer (train, resume, overwrite): a second
@@ -72,8 +87,9 @@ class RunLock:
             handle = os.fdopen(fd, "r+", encoding="utf-8")
         except OSError as exc:
             if (self.run_dir / LOCK).is_symlink():
-                raise BudgetLoraError(f"{self.run_dir / LOCK} is a symbolic link; delete it (budgetlora makes "
-                                      "its own lock file)") from None
+                raise BudgetLoraError(
+                    f"{self.run_dir / LOCK} is a symbolic link; delete it (budgetlora makes its own lock file)"
+                ) from None
             raise BudgetLoraError(f"cannot lock {self.run_dir}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -85,8 +101,9 @@ class RunLock:
                 holder = "another process"
             finally:
                 handle.close()
-            raise RunBusy(f"{self.run_dir} is in use by {holder}; wait for it to finish (or stop it) "
-                                  f"before you {self.what}") from None
+            raise RunBusy(
+                f"{self.run_dir} is in use by {holder}; wait for it to finish (or stop it) before you {self.what}"
+            ) from None
         except OSError as exc:  # no locks on this file system (some NFS setups)
             handle.close()
             raise BudgetLoraError(f"cannot lock {self.run_dir}: {exc.strerror or exc}") from None
@@ -111,6 +128,7 @@ class RunLock:
 
 # ----- where a run lives ---------------------------------------------------------------------
 
+
 def _valid_run_name(name: str) -> bool:
     import re
 
@@ -119,8 +137,10 @@ def _valid_run_name(name: str) -> bool:
 
 def check_run_name(name: str) -> None:
     if not _valid_run_name(name):
-        raise BudgetLoraError(f"run name {name!r}: one path component of letters, digits, '.', '_', '-' "
-                              "(the run lives directly under --out)")
+        raise BudgetLoraError(
+            f"run name {name!r}: one path component of letters, digits, '.', '_', '-' "
+            "(the run lives directly under --out)"
+        )
 
 
 @dataclass
@@ -149,8 +169,11 @@ class Placement:
                 try:
                     atomic.swap_into_place(self.path, self.final, replace=True)
                 except OSError as exc:
-                    raise WriteError(f"cannot move the finished run {self.path} to {self.final}: "
-                                     f"{exc.strerror or exc}; it stays in {self.path}", self.final) from None
+                    raise WriteError(
+                        f"cannot move the finished run {self.path} to {self.final}: "
+                        f"{exc.strerror or exc}; it stays in {self.path}",
+                        self.final,
+                    ) from None
         finally:
             self.release()
 

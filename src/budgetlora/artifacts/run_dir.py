@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 from budgetlora import atomic, jsonfile
 from budgetlora.config import Config, config_from_dict, config_yaml, flatten, read_yaml
+from budgetlora.config.schema import MIN_CLASSES
 from budgetlora.artifacts.summary import PrunedRecord, RunSummary
 from budgetlora.errors import BudgetLoraError
 
@@ -25,6 +26,7 @@ PREVIOUS_SUMMARY = "summary.previous.json"  # the summary of a finished run whil
 METRICS = "metrics.jsonl"
 LABELS = "labels.json"
 PREDICTIONS = "test_predictions.csv"
+VAL_PREDICTIONS = "val_predictions.csv"  # the final model on the validation rows: what choosing between runs pairs
 ADAPTER = "adapter"
 FULL_MODEL = "model"
 TOKENIZER = "tokenizer"
@@ -39,8 +41,26 @@ MLFLOW_RUN_ID = ".mlflow-run-id"  # the MLflow run a resume continues
 EXPORT_META = "budgetlora.json"  # what budgetlora needs to read an export back: config, labels, head
 EXPORT_FORMAT = 1
 # what a run's own files are called (another file may not be written over them)
-RESERVED = frozenset({CONFIG, SUMMARY, PREVIOUS_SUMMARY, METRICS, LABELS, PREDICTIONS, ADAPTER, FULL_MODEL, TOKENIZER, CHECKPOINTS,
-                      TENSORBOARD, MODEL_CARD, MARKER, LOCK, MLFLOW_RUN_ID})
+RESERVED = frozenset(
+    {
+        CONFIG,
+        VAL_PREDICTIONS,
+        SUMMARY,
+        PREVIOUS_SUMMARY,
+        METRICS,
+        LABELS,
+        PREDICTIONS,
+        ADAPTER,
+        FULL_MODEL,
+        TOKENIZER,
+        CHECKPOINTS,
+        TENSORBOARD,
+        MODEL_CARD,
+        MARKER,
+        LOCK,
+        MLFLOW_RUN_ID,
+    }
+)
 # folders inside a run that never hold other runs
 INNER_DIRS = frozenset({ADAPTER, FULL_MODEL, TOKENIZER, CHECKPOINTS, TENSORBOARD, "__pycache__"})
 
@@ -63,8 +83,9 @@ def check_output_file(path: Path, source: Optional[Path] = None) -> None:
         if (holder / EXPORT_META).is_file():
             raise BudgetLoraError(f"{path} would write into the export {holder}; write it to another path")
     run = inside_run(path.parent)
-    if run is not None and (path.name in RESERVED | {PRUNED, RUNGS, EXPORT_META}
-                            or path.resolve().parent != run.resolve()):
+    if run is not None and (
+        path.name in RESERVED | {PRUNED, RUNGS, EXPORT_META} or path.resolve().parent != run.resolve()
+    ):
         raise BudgetLoraError(f"{path} would replace a file of the run {run}; write it to another path")
 
 
@@ -94,6 +115,7 @@ def _read_json(path: Path, what: str) -> Any:
 
 # ----- the small files -------------------------------------------------------------------------
 
+
 def write_config(cfg: Config, run_dir: Path) -> None:
     atomic.write_text(Path(run_dir) / CONFIG, config_yaml(cfg))
 
@@ -122,15 +144,19 @@ def write_labels(run_dir: Path, names: Sequence[str]) -> None:
 
 
 def valid_names(names: Any) -> bool:
-    return (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names)
-            and len(set(names)) == len(names))
+    return (
+        isinstance(names, list)
+        and len(names) >= MIN_CLASSES
+        and all(isinstance(n, str) and n for n in names)
+        and len(set(names)) == len(names)
+    )
 
 
 def read_labels(run_dir: Path) -> list[str]:
     data = _read_json(Path(run_dir) / LABELS, "the run did not finish or its labels file is damaged")
     names = data.get("names") if isinstance(data, dict) else None
     if not valid_names(names):
-        raise BudgetLoraError(f"{Path(run_dir) / LABELS}: expected {{\"names\": [two or more distinct class names]}}")
+        raise BudgetLoraError(f'{Path(run_dir) / LABELS}: expected {{"names": [two or more distinct class names]}}')
     return names
 
 
@@ -139,6 +165,7 @@ def write_summary(run_dir: Path, summary: RunSummary) -> None:
 
 
 METRIC_NUMBERS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "samples_per_s", "epoch")
+MAX_METRICS_BYTES = 32 * 2**20  # a log line per step for 150,000 steps; more is not a log budgetlora wrote
 
 
 def _is_number(value: Any) -> bool:
@@ -215,13 +242,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for line in jsonfile.read_text_lenient(path).splitlines():
+    for line in jsonfile.read_text_lenient(path, MAX_METRICS_BYTES).splitlines():
         try:
             record = jsonfile.loads(line, str(path))
         except BudgetLoraError:  # a line torn by a kill, or damaged: skipped
             continue
-        if (isinstance(record, dict) and isinstance(record.get("step"), int)
-                and all(_is_number(record.get(k)) for k in METRIC_NUMBERS)):
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and all(_is_number(record.get(k)) for k in METRIC_NUMBERS)
+        ):
             records.append(record)
     return records
 
@@ -260,19 +290,23 @@ def csv_text(header: Sequence[str], rows: Iterator[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_test_predictions(run_dir: Path, ids: Sequence[str], labels: Sequence[int], preds: Sequence[int]) -> None:
-    """`ID,label,pred` per test row: the per-row outcomes that paired significance tests need."""
-    rows = ((i, int(l), int(p)) for i, l, p in zip(ids, labels, preds))
-    atomic.write_text(Path(run_dir) / PREDICTIONS, csv_text(["ID", "label", "pred"], rows))
+def write_test_predictions(
+    run_dir: Path, ids: Sequence[str], labels: Sequence[int], preds: Sequence[int], name: str = PREDICTIONS
+) -> None:
+    """`ID,label,pred` per row of the test split (or, as `val_predictions.csv`, of the validation
+    split): the per-row outcomes that paired significance tests need."""
+    rows = ((i, int(label), int(pred)) for i, label, pred in zip(ids, labels, preds, strict=True))
+    atomic.write_text(Path(run_dir) / name, csv_text(["ID", "label", "pred"], rows))
 
 
 def write_predictions_csv(path: Path, ids: Sequence[str], preds: Sequence[int], names: Optional[Sequence[str]]) -> None:
     """`ID,Label` rows; Label is the class index, or the class name when `names` is given."""
-    rows = ((row_id, names[int(p)] if names else int(p)) for row_id, p in zip(ids, preds))
+    rows = ((row_id, names[int(p)] if names else int(p)) for row_id, p in zip(ids, preds, strict=False))
     atomic.write_output(Path(path), csv_text(["ID", "Label"], rows))
 
 
 # ----- exports (a merged Transformers model or an ONNX model, with what budgetlora reads back) -----
+
 
 def read_export_meta(path: Path) -> dict[str, Any]:
     file = Path(path) / EXPORT_META
@@ -286,9 +320,13 @@ def read_export_meta(path: Path) -> dict[str, Any]:
 
 
 def export_config(meta: dict[str, Any], where: Path) -> Config:
+    if not isinstance(meta.get("config"), dict):
+        raise BudgetLoraError(
+            f"{where / EXPORT_META}: the saved config is missing or not a mapping; the export is damaged"
+        )
     try:
         return config_from_dict(meta["config"])
-    except (KeyError, TypeError, BudgetLoraError) as exc:
+    except (KeyError, TypeError, AttributeError, BudgetLoraError) as exc:
         raise BudgetLoraError(f"{where / EXPORT_META}: the saved config is not valid ({exc})") from None
 
 
@@ -300,6 +338,7 @@ def labels_of(meta: dict[str, Any], where: Path) -> list[str]:
 
 
 # ----- a run directory's state, in one answer ----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Absent:
@@ -340,8 +379,9 @@ class Finished:
 RunStatus = Union[Absent, Unfinished, Paused, Pruned, Finished]
 
 
-def run_status(run_dir: Path, cfg: Optional[Config] = None, pause_at: Optional[int] = None,
-               ignore: Sequence[str] = ()) -> RunStatus:
+def run_status(
+    run_dir: Path, cfg: Optional[Config] = None, pause_at: Optional[int] = None, ignore: Sequence[str] = ()
+) -> RunStatus:
     """What `run_dir` holds: absent, unfinished (resumable or not), paused at the rung `pause_at`,
     pruned, or finished (its summary). With `cfg`, the keys in which the run's config differs from
     it (besides `ignore`) come along. Refuses a symbolic link and a summary without its config."""
@@ -354,8 +394,9 @@ def run_status(run_dir: Path, cfg: Optional[Config] = None, pause_at: Optional[i
     diff = tuple(config_differences(run_dir, cfg, ignore)) if cfg is not None and has_config else ()
     if is_finished(run_dir):
         if not has_config:
-            raise BudgetLoraError(f"{run_dir} has a {SUMMARY} but no {CONFIG}: not a run budgetlora can reuse; "
-                                  "move it away")
+            raise BudgetLoraError(
+                f"{run_dir} has a {SUMMARY} but no {CONFIG}: not a run budgetlora can reuse; move it away"
+            )
         return Finished(read_summary(run_dir), diff)
     resumable = (run_dir / CHECKPOINTS).is_dir() and has_config and not diff
     pruned = read_pruned(run_dir)

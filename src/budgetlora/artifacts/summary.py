@@ -24,6 +24,7 @@ from typing import Any, Optional
 from budgetlora.errors import BudgetLoraError
 
 SCHEMA_VERSION = 2
+ACCURACY_SLACK = 1e-9  # float round-off between stored figures that must agree
 
 
 class _Checker:
@@ -31,21 +32,30 @@ class _Checker:
 
     def __init__(self, data: Any, where: str, prefix: str = ""):
         if not isinstance(data, dict):
-            raise BudgetLoraError(f"{where}: {prefix.rstrip('.') or 'the file'} is not a JSON object; the file is "
-                                  "damaged")
+            raise BudgetLoraError(
+                f"{where}: {prefix.rstrip('.') or 'the file'} is not a JSON object; the file is damaged"
+            )
         self.data, self.where, self.prefix = data, where, prefix
 
     def fail(self, key: str, what: str) -> BudgetLoraError:
-        return BudgetLoraError(f"{self.where}: {self.prefix}{key} is not {what}; the file is damaged (train the run "
-                               "again, or restore the file)")
+        return BudgetLoraError(
+            f"{self.where}: {self.prefix}{key} is not {what}; the file is damaged (train the run "
+            "again, or restore the file)"
+        )
 
-    def number(self, key: str, low: float = -math.inf, high: float = math.inf, optional: bool = True,
-               integer: bool = False) -> Any:
+    def number(
+        self, key: str, low: float = -math.inf, high: float = math.inf, optional: bool = True, integer: bool = False
+    ) -> Any:
         value = self.data.get(key)
         if value is None and optional:
             return None
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-            and low <= value <= high and (not integer or float(value).is_integer())
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and low <= value <= high
+            and (not integer or float(value).is_integer())
+        )
         if not ok:
             raise self.fail(key, f"{'an integer' if integer else 'a number'} in its range")
         return int(value) if integer else float(value)
@@ -102,19 +112,39 @@ class SplitMetrics:
         per_class = {}
         for name, row in c.mapping("per_class").items():
             r = _Checker(row, where, f"{prefix}per_class.{name}.")
-            per_class[str(name)] = ClassMetrics(r.number("precision", 0, 1, optional=False),
-                                                r.number("recall", 0, 1, optional=False),
-                                                r.number("f1", 0, 1, optional=False),
-                                                r.number("support", 0, optional=False, integer=True))
+            per_class[str(name)] = ClassMetrics(
+                r.number("precision", 0, 1, optional=False),
+                r.number("recall", 0, 1, optional=False),
+                r.number("f1", 0, 1, optional=False),
+                r.number("support", 0, optional=False, integer=True),
+            )
         matrix = data.get("confusion_matrix")
-        if matrix is not None and not (isinstance(matrix, list) and all(
+        if matrix is not None and not (
+            isinstance(matrix, list)
+            and all(
                 isinstance(row, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row)
-                for row in matrix)):
+                for row in matrix
+            )
+        ):
             raise c.fail("confusion_matrix", "a matrix of counts")
-        return cls(n=n, accuracy=c.number("accuracy", 0, 1, optional=False),
-                   ci_low=c.number("ci_low", 0, 1, optional=False), ci_high=c.number("ci_high", 0, 1, optional=False),
-                   macro_f1=c.number("macro_f1", 0, 1, optional=False), correct=correct, loss=c.number("loss", 0),
-                   per_class=per_class, confusion_matrix=matrix)
+        split = cls(
+            n=n,
+            accuracy=c.number("accuracy", 0, 1, optional=False),
+            ci_low=c.number("ci_low", 0, 1, optional=False),
+            ci_high=c.number("ci_high", 0, 1, optional=False),
+            macro_f1=c.number("macro_f1", 0, 1, optional=False),
+            correct=correct,
+            loss=c.number("loss", 0),
+            per_class=per_class,
+            confusion_matrix=matrix,
+        )
+        if correct is not None and n and abs(split.accuracy - correct / n) > ACCURACY_SLACK:
+            raise c.fail("accuracy", f"correct / n ({correct}/{n}), as it must be")
+        if not split.ci_low - ACCURACY_SLACK <= split.accuracy <= split.ci_high + ACCURACY_SLACK:
+            raise c.fail("accuracy", "inside its own confidence interval (ci_low..ci_high)")
+        if matrix is not None and n and sum(map(sum, matrix)) != n:
+            raise c.fail("confusion_matrix", f"a matrix of n = {n} counts")
+        return split
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,9 +166,13 @@ class CompileRecord:
         widths = data.get("widths")
         if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
             raise c.fail("widths", "a list of widths")
-        return cls(widths, c.number("graphs", 0, optional=False, integer=True),
-                   c.number("seconds", 0, optional=False), c.number("recompiles", 0, optional=False, integer=True),
-                   c.text("failure"))
+        return cls(
+            widths,
+            c.number("graphs", 0, optional=False, integer=True),
+            c.number("seconds", 0, optional=False),
+            c.number("recompiles", 0, optional=False, integer=True),
+            c.text("failure"),
+        )
 
 
 @dataclass(frozen=True)
@@ -204,22 +238,34 @@ class RunSummary:
             splits[split] = None if part is None else SplitMetrics.from_dict(part, where, f"{split}.")
         raw_compile = data.get("compile")
         return cls(
-            name=c.text("name") or "", mode=c.text("mode") or "lora", model=c.text("model") or "",
+            name=c.text("name") or "",
+            mode=c.text("mode") or "lora",
+            model=c.text("model") or "",
             trainable_params=c.number("trainable_params", 0, optional=False, integer=True),
             total_params=c.number("total_params", 0, optional=False, integer=True),
             budget=c.number("budget", 1, integer=True),
             steps=c.number("steps", 0, optional=False, integer=True),
             total_steps=c.number("total_steps", 0, integer=True) or c.number("steps", 0, integer=True),
             best_step=c.number("best_step", 0, optional=False, integer=True),
-            label_names=list(names), device=c.text("device") or "", precision=c.text("precision") or "",
-            train_time_s=c.number("train_time_s", 0) or 0.0, samples_per_s=c.number("samples_per_s", 0) or 0.0,
-            wall_time_s=c.number("wall_time_s", 0, optional=False), peak_memory_mb=c.number("peak_memory_mb", 0) or 0.0,
+            label_names=list(names),
+            device=c.text("device") or "",
+            precision=c.text("precision") or "",
+            train_time_s=c.number("train_time_s", 0) or 0.0,
+            samples_per_s=c.number("samples_per_s", 0) or 0.0,
+            wall_time_s=c.number("wall_time_s", 0, optional=False),
+            peak_memory_mb=c.number("peak_memory_mb", 0) or 0.0,
             processes=c.number("processes", 1, integer=True) or 1,
-            best_val_acc=c.number("best_val_acc", 0, 1), stopped_early=c.flag("stopped_early"),
-            final_train_loss=c.number("final_train_loss"), final_eval_loss=c.number("final_eval_loss"),
-            breakdown=dict(breakdown), truncation=dict(c.mapping("truncation")), val=splits["val"],
-            test=splits["test"], compile=None if raw_compile is None else CompileRecord.from_dict(raw_compile, where),
-            schema_version=version)
+            best_val_acc=c.number("best_val_acc", 0, 1),
+            stopped_early=c.flag("stopped_early"),
+            final_train_loss=c.number("final_train_loss"),
+            final_eval_loss=c.number("final_eval_loss"),
+            breakdown=dict(breakdown),
+            truncation=dict(c.mapping("truncation")),
+            val=splits["val"],
+            test=splits["test"],
+            compile=None if raw_compile is None else CompileRecord.from_dict(raw_compile, where),
+            schema_version=version,
+        )
 
 
 @dataclass(frozen=True)
@@ -237,9 +283,15 @@ class PrunedRecord:
     @classmethod
     def from_json(cls, data: Any, where: str) -> "PrunedRecord":
         c = _Checker(data, where)
-        return cls(c.number("step", 0, optional=False, integer=True), c.text("reason") or "",
-                   c.number("val_acc", 0, 1) or 0.0, c.number("trial", 0, integer=True), c.text("leader"),
-                   c.number("p_value", 0, 1), c.number("trainable_params", 0, integer=True))
+        return cls(
+            c.number("step", 0, optional=False, integer=True),
+            c.text("reason") or "",
+            c.number("val_acc", 0, 1) or 0.0,
+            c.number("trial", 0, integer=True),
+            c.text("leader"),
+            c.number("p_value", 0, 1),
+            c.number("trainable_params", 0, integer=True),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -102,8 +102,10 @@ def _tensor_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         pickled = path.with_suffix(".bin")
         if pickled.is_file():
-            raise BudgetLoraError(f"{pickled} is a torch pickle; budgetlora loads weights only from safetensors "
-                                  f"({path.name}), because unpickling can run code")
+            raise BudgetLoraError(
+                f"{pickled} is a torch pickle; budgetlora loads weights only from safetensors "
+                f"({path.name}), because unpickling can run code"
+            )
         raise BudgetLoraError(f"{path} is missing; the run did not finish or its weights were removed")
     try:
         tensors = load_file(str(path))
@@ -111,8 +113,10 @@ def _tensor_file(path: Path) -> dict[str, torch.Tensor]:
         raise BudgetLoraError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:  # a damaged file would give NaN probabilities and label 0 for every row
-        raise BudgetLoraError(f"{path}: tensor {bad} holds NaN or infinite values; the file is damaged "
-                              "(or its run diverged): train the run again")
+        raise BudgetLoraError(
+            f"{path}: tensor {bad} holds NaN or infinite values; the file is damaged "
+            "(or its run diverged): train the run again"
+        )
     return tensors
 
 
@@ -121,13 +125,16 @@ def check_keys(model: nn.Module, state: dict[str, torch.Tensor], expected: set[s
     model's shape and nothing else may be there, or the weights on disk are not this model's."""
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise BudgetLoraError(f"{where}: the weights do not belong to this model ({len(missing)} missing, e.g. "
-                              f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+        raise BudgetLoraError(
+            f"{where}: the weights do not belong to this model ({len(missing)} missing, e.g. "
+            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
     own = model.state_dict()
     for key, value in state.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
-            raise BudgetLoraError(f"{where}: tensor {key} has shape {tuple(value.shape)}, the model expects "
-                                  f"{tuple(own[key].shape)}")
+            raise BudgetLoraError(
+                f"{where}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
 
 
 def _check_pooling(adapter_dir: Path, cfg: Config) -> None:
@@ -145,8 +152,50 @@ def _check_pooling(adapter_dir: Path, cfg: Config) -> None:
         raise BudgetLoraError(f"{path}: unreadable ({type(exc).__name__})") from None
     pooling = recorded.get("budgetlora_pooling") if isinstance(recorded, dict) else None
     if pooling != cfg.head.pooling:
-        raise BudgetLoraError(f"{adapter_dir.parent / rd.CONFIG}: head.pooling is {cfg.head.pooling!r} but the "
-                              f"adapter was trained with {pooling!r} ({path}); restore config.yaml")
+        raise BudgetLoraError(
+            f"{adapter_dir.parent / rd.CONFIG}: head.pooling is {cfg.head.pooling!r} but the "
+            f"adapter was trained with {pooling!r} ({path}); restore config.yaml"
+        )
+
+
+ADAPTER_KEYS = {
+    "r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "use_rslora": "lora.use_rslora",
+    "use_dora": "lora.use_dora",
+    "bias": "lora.bias",
+    "rank_pattern": "lora.rank_pattern",
+    "alpha_pattern": "lora.alpha_pattern",
+    "target_modules": "lora.targets / lora.target_modules",
+}
+
+
+def _check_adapter_config(adapter_dir: Path, model: nn.Module, run: Path) -> None:
+    """The adapter as config.yaml rebuilds it must be the one adapter_config.json describes: an
+    edited alpha or rsLoRA scaling has the same tensors but other predictions."""
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        saved = jsonfile.read(path, max_bytes=2**20)
+    except FileNotFoundError:
+        raise BudgetLoraError(f"{path} is missing; the run's adapter is incomplete") from None
+    except OSError as exc:
+        raise BudgetLoraError(f"{path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(saved, dict):
+        raise BudgetLoraError(f"{path}: not a JSON object; the adapter is damaged")
+    built = next(iter(model.peft_config.values())).to_dict()
+    for key, config_key in ADAPTER_KEYS.items():
+        want, have = built.get(key), saved.get(key)
+        if key == "target_modules":
+            want, have = sorted(want or []), sorted(have or []) if isinstance(have, list) else have
+        if isinstance(want, float) or isinstance(have, float):
+            same = isinstance(have, (int, float)) and float(want) == float(have)
+        else:
+            same = want == have
+        if not same:
+            raise BudgetLoraError(
+                f"{run / rd.CONFIG}: {config_key} gives {key}={want!r} but the adapter was trained with "
+                f"{have!r} ({path}); restore config.yaml"
+            )
 
 
 def _load_adapter(base: nn.Module, cfg: Config, run: Path) -> nn.Module:
@@ -157,6 +206,7 @@ def _load_adapter(base: nn.Module, cfg: Config, run: Path) -> nn.Module:
     adapter_dir = run / rd.ADAPTER
     _check_pooling(adapter_dir, cfg)
     model = wrap_with_lora(base, cfg)
+    _check_adapter_config(adapter_dir, model, run)
     state = _tensor_file(adapter_dir / ADAPTER_WEIGHTS)
     check_keys(model, state, set(get_peft_model_state_dict(model)), adapter_dir / ADAPTER_WEIGHTS)
     _copying(lambda: set_peft_model_state_dict(model, state), adapter_dir / ADAPTER_WEIGHTS)
@@ -169,8 +219,10 @@ def _copying(load: Any, where: Path) -> None:
         load()
     except RuntimeError as exc:
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
-        raise BudgetLoraError(f"{where}: the weights do not fit this model ({detail[:300]}); was labels.json or "
-                              "config.yaml changed after training?") from None
+        raise BudgetLoraError(
+            f"{where}: the weights do not fit this model ({detail[:300]}); was labels.json or "
+            "config.yaml changed after training?"
+        ) from None
 
 
 def load_run_model(run: Path, device: torch.device) -> TrainedModel:
@@ -183,8 +235,9 @@ def load_run_model(run: Path, device: torch.device) -> TrainedModel:
     cfg = rd.read_run_config(run)
     names = rd.read_labels(run)
     if cfg.model_init == "random":
-        raise BudgetLoraError(f"{run} was trained on randomly initialised weights (a benchmark run); "
-                              "it cannot be reloaded")
+        raise BudgetLoraError(
+            f"{run} was trained on randomly initialised weights (a benchmark run); it cannot be reloaded"
+        )
     base = build_base_model(cfg, len(names), weights=True)
     if cfg.mode == "lora":
         model = _load_adapter(base, cfg, run)

@@ -15,7 +15,9 @@ from budgetlora.errors import BudgetLoraError
 from budgetlora.model import MINILM_ALIAS, load_tokenizer, pad_token_id
 
 # the AG News files of a checkout of this repository (../shared beside it), unless told otherwise
-DEFAULT_DATA = Path(os.environ.get("BUDGETLORA_AGNEWS", Path(__file__).resolve().parents[4] / "shared" / "data" / "ag_news"))
+DEFAULT_DATA = Path(
+    os.environ.get("BUDGETLORA_AGNEWS", Path(__file__).resolve().parents[4] / "shared" / "data" / "ag_news")
+)
 NUM_LABELS = 4
 
 
@@ -34,8 +36,9 @@ def _bench_tokenizer(model: str) -> tuple[object, str]:
     try:
         return load_tokenizer(model), "the model's tokenizer"
     except BudgetLoraError:
-        return load_tokenizer(MINILM_ALIAS), (f"{model} has no tokenizer offline: MiniLM WordPiece ids and lengths "
-                                              "(ids modulo the model's vocabulary)")
+        return load_tokenizer(MINILM_ALIAS), (
+            f"{model} has no tokenizer offline: MiniLM WordPiece ids and lengths (ids modulo the model's vocabulary)"
+        )
 
 
 def synthetic_lengths(n: int, seed: int, max_length: int) -> np.ndarray:
@@ -55,8 +58,9 @@ def synthetic_set(n: int, seed: int, max_length: int, vocab: int) -> TokenizedSe
     return TokenizedSet(ids, offsets, labels)
 
 
-def load_bench_data(model: str, data_dir: Path | None, vocab: int, max_length: int,
-                    synthetic: bool = False, seed: int = 0) -> BenchData:
+def load_bench_data(
+    model: str, data_dir: Path | None, vocab: int, max_length: int, synthetic: bool = False, seed: int = 0
+) -> BenchData:
     """AG News token ids for `model` (its tokenizer, else MiniLM's), or synthetic ids with AG
     News' length distribution when there is no data or no tokenizer at all."""
     tokenizer, how = None, ""
@@ -69,10 +73,14 @@ def load_bench_data(model: str, data_dir: Path | None, vocab: int, max_length: i
     if not synthetic and (not train_file or not train_file.is_file() or not test_file.is_file()):
         synthetic = True
     if synthetic:
-        note = ("synthetic ids with AG News' length distribution"
-                + ("" if tokenizer else " (no tokenizer available)"))
-        return BenchData(synthetic_set(5000, seed, max_length, vocab), synthetic_set(7600, seed + 7, max_length, vocab),
-                         pad_token_id(tokenizer) if tokenizer else 0, tokenizer, note)
+        note = "synthetic ids with AG News' length distribution" + ("" if tokenizer else " (no tokenizer available)")
+        return BenchData(
+            synthetic_set(5000, seed, max_length, vocab),
+            synthetic_set(7600, seed + 7, max_length, vocab),
+            pad_token_id(tokenizer) if tokenizer else 0,
+            tokenizer,
+            note,
+        )
     cfg = DataConfig(train_file=str(train_file), max_length=max_length)
     names = list(AGNEWS_NAMES)
     sets = []
@@ -105,10 +113,12 @@ def recipe_bench_data(cfg) -> BenchData:
     tokenizer = load_tokenizer(cfg.model)
     rows = splits.test if splits.test is not None and len(splits.test) else splits.val
     if rows is None or not len(rows):
-        raise BudgetLoraError("bench --config needs rows to predict: the config has neither a test split nor a "
-                              "validation split")
+        raise BudgetLoraError(
+            "bench --config needs rows to predict: the config has neither a test split nor a validation split"
+        )
     train = tokenize(tokenizer, splits.train.texts, splits.train.labels, cfg.data.max_length)
     test = tokenize(tokenizer, rows.texts, rows.labels, cfg.data.max_length)
     source = cfg.data.train_file or cfg.data.dataset
-    return BenchData(train, test, pad_token_id(tokenizer), tokenizer, f"the config's data ({source})",
-                     len(splits.label_names))
+    return BenchData(
+        train, test, pad_token_id(tokenizer), tokenizer, f"the config's data ({source})", len(splits.label_names)
+    )

@@ -66,7 +66,7 @@ def matmul_peak_tflops(device: torch.device, precision: str = "fp32", seconds: f
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             break
-    return 2 * n ** 3 * iters / elapsed / 1e12
+    return 2 * n**3 * iters / elapsed / 1e12
 
 
 @dataclass
@@ -114,13 +114,25 @@ def _reference_lora(spec: BenchSpec, model: torch.nn.Module) -> Any:
     from peft import LoraConfig
 
     if spec.recipe is None:
-        return LoraConfig(task_type="SEQ_CLS", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=spec.lora_dropout,
-                          target_modules=["query", "value"])
+        return LoraConfig(
+            task_type="SEQ_CLS",
+            r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=spec.lora_dropout,
+            target_modules=["query", "value"],
+        )
     lora = spec.recipe.lora
     auto_head = dataclasses.replace(spec.recipe, head=dataclasses.replace(spec.recipe.head, type="auto"))
-    return LoraConfig(task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=sorted(target_module_paths(model, auto_head)), bias=lora.bias,
-                      use_rslora=lora.use_rslora, use_dora=lora.use_dora)
+    return LoraConfig(
+        task_type="SEQ_CLS",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=sorted(target_module_paths(model, auto_head)),
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+    )
 
 
 def _reference_model(spec: BenchSpec, num_labels: int):
@@ -146,7 +158,7 @@ class _Rows:
         return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
-        ids = self.data.ids[self.data.offsets[i]:self.data.offsets[i + 1]].tolist()
+        ids = self.data.ids[self.data.offsets[i] : self.data.offsets[i + 1]].tolist()
         row = {"input_ids": ids, "attention_mask": [1] * len(ids)}
         if self.labels:
             row["labels"] = int(self.data.labels[i])
@@ -170,17 +182,32 @@ def measure_reference(spec: BenchSpec, data: BenchData) -> Measured:
                 marks[state.global_step] = time.perf_counter()
 
     adapters = f"r={LORA_R} q,v" if spec.recipe is None else f"the config's adapters (r={spec.recipe.lora.r})"
-    out = Measured(trainable=trainable, train_batch=REF_BATCH,
-                   detail=f"Trainer+PEFT {adapters}+head, fp32, batch {REF_BATCH}, pad to longest")
+    out = Measured(
+        trainable=trainable,
+        train_batch=REF_BATCH,
+        detail=f"Trainer+PEFT {adapters}+head, fp32, batch {REF_BATCH}, pad to longest",
+    )
     with tempfile.TemporaryDirectory(prefix="budgetlora-bench-") as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=REF_BATCH, per_device_eval_batch_size=REF_BATCH,
-            max_steps=spec.warmup + spec.steps, learning_rate=spec.lr, weight_decay=0.01,
+            output_dir=tmp,
+            per_device_train_batch_size=REF_BATCH,
+            per_device_eval_batch_size=REF_BATCH,
+            max_steps=spec.warmup + spec.steps,
+            learning_rate=spec.lr,
+            weight_decay=0.01,
             warmup_steps=max(1, round(0.06 * (spec.warmup + spec.steps))),
-            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
-            disable_tqdm=True, use_cpu=device.type == "cpu", dataloader_num_workers=0, seed=spec.seed)
-        trainer = Trainer(model=model, args=args, train_dataset=_Rows(data.train, True),
-                          data_collator=collator, callbacks=[Clock()])
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=device.type == "cpu",
+            dataloader_num_workers=0,
+            seed=spec.seed,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=_Rows(data.train, True), data_collator=collator, callbacks=[Clock()]
+        )
         reset_peak_memory(device)
         with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its own summary dict
             trainer.train()
@@ -212,8 +239,8 @@ class _PadCollator:
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, :len(r["input_ids"])] = 1
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, : len(r["input_ids"])] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
         if "labels" in rows[0]:
             batch["labels"] = torch.tensor([r["labels"] for r in rows])
@@ -230,21 +257,40 @@ def fast_config(spec: BenchSpec) -> Config:
     """The budgetlora config measured: with `spec.recipe`, that recipe as `budgetlora train` runs
     it, cut to the measured steps; otherwise the one that matches the reference (same model, rank,
     targets, dropout, head), with precision, compile and dropout position at their device defaults."""
-    length = {"max_steps": spec.warmup + spec.steps, "log_every": max(1, spec.warmup), "eval_every": None,
-              "device": spec.device.type}
+    length = {
+        "max_steps": spec.warmup + spec.steps,
+        "log_every": max(1, spec.warmup),
+        "eval_every": None,
+        "device": spec.device.type,
+    }
     if spec.recipe is not None:
-        train = dataclasses.replace(spec.recipe.train, batch_size=spec.fast_batch, eval_at=[], save_every=None,
-                                    early_stopping_patience=None, report_to=[], **length)
+        train = dataclasses.replace(
+            spec.recipe.train,
+            batch_size=spec.fast_batch,
+            eval_at=[],
+            save_every=None,
+            early_stopping_patience=None,
+            report_to=[],
+            **length,
+        )
         return dataclasses.replace(spec.recipe, train=train)
-    return config_from_dict({
-        "name": "bench", "model": spec.model, "budget": None,
-        "model_init": "pretrained" if spec.weights else "random",
-        "data": {"train_file": "-", "max_length": spec.max_length},
-        "head": {"type": "auto"},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": spec.lora_dropout, "targets": ["q", "v"]},
-        "train": {"lr": sqrt_scaled_lr(spec.lr, spec.fast_batch, REF_BATCH), "batch_size": spec.fast_batch,
-                  "seed": spec.seed, **length},
-    })
+    return config_from_dict(
+        {
+            "name": "bench",
+            "model": spec.model,
+            "budget": None,
+            "model_init": "pretrained" if spec.weights else "random",
+            "data": {"train_file": "-", "max_length": spec.max_length},
+            "head": {"type": "auto"},
+            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": spec.lora_dropout, "targets": ["q", "v"]},
+            "train": {
+                "lr": sqrt_scaled_lr(spec.lr, spec.fast_batch, REF_BATCH),
+                "batch_size": spec.fast_batch,
+                "seed": spec.seed,
+                **length,
+            },
+        }
+    )
 
 
 def measure_fast(spec: BenchSpec, data: BenchData) -> Measured:
@@ -265,8 +311,12 @@ def measure_fast(spec: BenchSpec, data: BenchData) -> Measured:
             marks[record["step"]] = time.perf_counter()
 
     train_loop(model, data.train, None, cfg.train, rt, data.pad_id, log, runner=runner)
-    out = Measured(trainable=trainable, train_batch=cfg.train.batch_size, precision=precision,
-                   detail=f"budgetlora {precision}, batch {cfg.train.batch_size}, bucketed, {fast.describe()}")
+    out = Measured(
+        trainable=trainable,
+        train_batch=cfg.train.batch_size,
+        precision=precision,
+        detail=f"budgetlora {precision}, batch {cfg.train.batch_size}, bucketed, {fast.describe()}",
+    )
     out.train_peak_mb = peak_memory_mb(device)
     out.train_samples_per_s = spec.steps * cfg.train.batch_size / (marks[spec.warmup + spec.steps] - marks[spec.warmup])
 

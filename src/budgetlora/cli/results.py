@@ -9,8 +9,11 @@ from budgetlora.errors import BudgetLoraError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("results", help="table of all runs under DIR with ties marked; writes DIR/results.csv and .md",
-                       description="Collect every run (folder with summary.json, up to 3 levels deep) under DIR.")
+    p = sub.add_parser(
+        "results",
+        help="table of all runs under DIR with ties marked; writes DIR/results.csv and .md",
+        description="Collect every run (folder with summary.json, up to 3 levels deep) under DIR.",
+    )
     p.add_argument("dir", metavar="DIR", help="a sweep's --out folder or any folder of runs")
     p.add_argument("--sort", metavar="COL", default=None, help="column to sort by (default: test_acc)")
     p.add_argument("--ascending", action="store_true", help="sort ascending (default: descending)")
@@ -42,7 +45,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from budgetlora.results.compare import compare_markdown, compare_runs
 
-    if len(args.runs) < 2:
+    if len(args.runs) < 2:  # noqa: PLR2004 - a comparison of two runs at least
         raise BudgetLoraError("compare needs at least two run directories")
     out = Path(args.out).expanduser()
     table = compare_runs([Path(r).expanduser() for r in args.runs], out, overwrite=args.overwrite)

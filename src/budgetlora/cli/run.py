@@ -14,42 +14,80 @@ FORMATS = typing.get_args(typing.get_type_hints(DataConfig)["format"])
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="FILE",
-                        help="data file: AG News CSV, CSV, TSV, JSONL, parquet, or pickle (with --trust-pickle)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="data file: AG News CSV, CSV, TSV, JSONL, parquet, or pickle (with --trust-pickle)",
+    )
     parser.add_argument("--format", choices=FORMATS, help="the file's format (default: the run's data.format)")
     parser.add_argument("--text-columns", metavar="A,B", help="comma-separated text columns (default: the run's)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a pickle data file: unpickling runs code, so only for files you trust")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickle data file: unpickling runs code, so only for files you trust",
+    )
     _add_model_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    parser.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
-                        help="auto: onnxruntime for an ONNX export, else PyTorch")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime"),
+        default="auto",
+        help="auto: onnxruntime for an ONNX export, else PyTorch",
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a config; writes runs/<name>/", description="Train one config; the run "
-                       "directory is runs/<name>/ (a rerun gets <name>-2). See docs/run-directory.md.")
+    _train_parser(sub)
+    _plan_parser(sub)
+    _eval_parser(sub)
+    _predict_parser(sub)
+    _classify_parser(sub)
+    _export_parser(sub)
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a config; writes runs/<name>/",
+        description="Train one config; the run "
+        "directory is runs/<name>/ (a rerun gets <name>-2). See docs/run-directory.md.",
+    )
     p.add_argument("config", nargs="?", help="experiment YAML (see configs/); omit with --resume")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. lora.r=4")
     p.add_argument("--out", default="runs", help="parent directory of the run directory (default: runs)")
     p.add_argument("--name", help=help_for("name"))
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run of the same name, once the new one has finished")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow pickle data files: unpickling runs code, so only for files you trust")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run of the same name, once the new one has finished",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow pickle data files: unpickling runs code, so only for files you trust",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
-    p.add_argument("--extend", action="store_true",
-                   help="with --resume: accept a new train.max_steps/epochs (--set) and rebuild the schedule")
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume: accept a new train.max_steps/epochs (--set) and rebuild the schedule",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("plan", help="the largest LoRA rank that fits the budget",
-                       description="The largest uniform rank whose trainable count fits the budget, from the "
-                                   "architecture alone (offline for roberta-base and local models).")
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="the largest LoRA rank that fits the budget",
+        description="The largest uniform rank whose trainable count fits the budget, from the "
+        "architecture alone (offline for roberta-base and local models).",
+    )
     p.add_argument("--config", help="start from this config")
     p.add_argument("--model", help=help_for("model"))
     p.add_argument("--budget", type=int, help=help_for("budget"))
@@ -58,21 +96,33 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("eval", help="accuracy (95%% CI), macro-F1, per-class metrics, confusion matrix",
-                       description="Evaluate a run or an export on a labeled data file.")
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy (95%% CI), macro-F1, per-class metrics, confusion matrix",
+        description="Evaluate a run or an export on a labeled data file.",
+    )
     p.add_argument("run", help="run directory or export directory")
     _add_data_options(p)
     p.add_argument("--json", help="where to write the metrics JSON (default RUN/eval-<data>.json)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="label a file: ID,Label CSV",
-                       description="Write ID,Label for every row (ID: the file's ID/id column, else the row index).")
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="label a file: ID,Label CSV",
+        description="Write ID,Label for every row (ID: the file's ID/id column, else the row index).",
+    )
     p.add_argument("run", help="run directory or export directory")
     _add_data_options(p)
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--names", action="store_true", help="write class names instead of class indices")
     p.set_defaults(func=cmd_predict)
 
+
+def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="classify texts given on the command line")
     p.add_argument("run", help="run directory or export directory")
     p.add_argument("text", nargs="+", help="one or more texts")
@@ -80,9 +130,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_model_options(p)
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("export", help="a merged Transformers model or an ONNX model that loads without budgetlora",
-                       description="Export a run: --merged OUT writes a Transformers model directory "
-                                   "(safetensors, tokenizer, model card); --onnx OUT an ONNX model for ONNX Runtime.")
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="a merged Transformers model or an ONNX model that loads without budgetlora",
+        description="Export a run: --merged OUT writes a Transformers model directory "
+        "(safetensors, tokenizer, model card); --onnx OUT an ONNX model for ONNX Runtime.",
+    )
     p.add_argument("run", help="run directory")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--merged", metavar="OUT", help="directory for the merged Transformers model")
@@ -94,16 +149,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from budgetlora.config import load_config
-    from budgetlora.recipe import resume_run, train_run
+    from budgetlora.recipe import train_run
+    from budgetlora.resume import resume_run
 
     if args.resume:
         if args.config:
-            raise BudgetLoraError("give a config to start a run or --resume RUN to continue one, not both "
-                                  "(a resumed run uses RUN/config.yaml)")
+            raise BudgetLoraError(
+                "give a config to start a run or --resume RUN to continue one, not both "
+                "(a resumed run uses RUN/config.yaml)"
+            )
         if args.name or args.overwrite:
             raise BudgetLoraError("--name and --overwrite do not apply to --resume")
-        print(resume_run(Path(args.resume).expanduser(), extend=args.extend, overrides=list(args.set or []),
-                         trust_pickle=args.trust_pickle, verbose=not args.quiet))
+        print(
+            resume_run(
+                Path(args.resume).expanduser(),
+                extend=args.extend,
+                overrides=list(args.set or []),
+                trust_pickle=args.trust_pickle,
+                verbose=not args.quiet,
+            )
+        )
         return 0
     if args.extend:
         raise BudgetLoraError("--extend only applies to --resume RUN")
@@ -111,8 +176,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise BudgetLoraError("train needs a config file (or --resume RUN to continue a run)")
     overrides = list(args.set or []) + ([f"name={args.name}"] if args.name is not None else [])
     cfg = load_config(args.config, overrides)
-    print(train_run(cfg, Path(args.out).expanduser(), overwrite=args.overwrite, trust_pickle=args.trust_pickle,
-                    verbose=not args.quiet))
+    print(
+        train_run(
+            cfg,
+            Path(args.out).expanduser(),
+            overwrite=args.overwrite,
+            trust_pickle=args.trust_pickle,
+            verbose=not args.quiet,
+        )
+    )
     return 0
 
 
@@ -130,10 +202,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = result.config
     shown = ",".join(cfg.lora.targets + cfg.lora.target_modules)
     if result.rank == 0:
-        raise BudgetLoraError(f"no rank fits: r=1 on {shown} already needs {result.trainable:,} trainable "
-                              f"parameters (budget {result.budget:,}); adapt fewer modules or raise --budget")
-    print(f"model {cfg.model}, targets {shown}, budget {result.budget:,}: largest rank r={result.rank} -> "
-          f"{result.trainable:,} trainable ({result.budget - result.trainable:,} to spare)")
+        raise BudgetLoraError(
+            f"no rank fits: r=1 on {shown} already needs {result.trainable:,} trainable "
+            f"parameters (budget {result.budget:,}); adapt fewer modules or raise --budget"
+        )
+    print(
+        f"model {cfg.model}, targets {shown}, budget {result.budget:,}: largest rank r={result.rank} -> "
+        f"{result.trainable:,} trainable ({result.budget - result.trainable:,} to spare)"
+    )
     print(result.table())
     return 0
 
@@ -165,8 +241,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_output_file(json_out, data)
         atomic.output_target(json_out)  # a directory or a socket is refused before the model loads
     run = _load(args, data)
-    metrics = run.evaluate(data, trust_pickle=args.trust_pickle, format=args.format,
-                           text_columns=_columns(args), quiet=args.quiet)
+    metrics = run.evaluate(
+        data, trust_pickle=args.trust_pickle, format=args.format, text_columns=_columns(args), quiet=args.quiet
+    )
     if not context_from_env().is_main:
         return 0
     out = json_out or run.path / f"eval-{data.stem}.json"
@@ -189,8 +266,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_output_file(out, data)
     atomic.output_target(out)  # a socket or a dangling link is refused before the model loads
     run = _load(args, data)
-    predictions = run.predict(data, trust_pickle=args.trust_pickle, format=args.format,
-                              text_columns=_columns(args), quiet=args.quiet)
+    predictions = run.predict(
+        data, trust_pickle=args.trust_pickle, format=args.format, text_columns=_columns(args), quiet=args.quiet
+    )
     if context_from_env().is_main:
         predictions.to_csv(out, names=args.names)
         print(f"{len(predictions):,} predictions written to {out}")
@@ -215,7 +293,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.int8 and not args.onnx:
         raise BudgetLoraError("--int8 applies to --onnx exports")
     run = load(args.run, "cpu", "torch")
-    out = run.export(Path(args.onnx or args.merged).expanduser(), onnx=bool(args.onnx), int8=args.int8,
-                     overwrite=args.overwrite)
+    out = run.export(
+        Path(args.onnx or args.merged).expanduser(), onnx=bool(args.onnx), int8=args.int8, overwrite=args.overwrite
+    )
     print(f"{'ONNX' if args.onnx else 'merged'} model written to {out}")
     return 0

@@ -18,12 +18,21 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from budgetlora.config.schema import (DEVICE_PATTERN, RUN_NAME_PATTERN, SECTIONS, TARGET_NAMES, Config, Range, fields_by_key)
+from budgetlora.config.yamlfile import MAX_CONFIG_BYTES, read_yaml  # noqa: F401  (re-exported)
+
+from budgetlora.config.schema import (
+    DEVICE_PATTERN,
+    MAX_CLASS_NAME,
+    MIN_CLASSES,
+    RUN_NAME_PATTERN,
+    TARGET_NAMES,
+    Config,
+    Range,
+)
 from budgetlora.errors import BudgetLoraError
 
 PATH_KEYS = ("data.train_file", "data.test_file", "data.classes_file")
 PATTERN_KEYS = ("rank_pattern", "alpha_pattern")  # mappings that are one value, not a section
-MAX_CONFIG_BYTES = 1 << 20
 
 
 class _OutOfRange(BudgetLoraError):
@@ -109,13 +118,16 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, kind: str = "config key"
         dotted = f"{prefix}{key}"
         if key not in fields:
             near = _near(str(key), list(fields))
-            raise BudgetLoraError(f"unknown {kind} '{dotted}'{near}; valid keys"
-                                  f"{' in ' + prefix[:-1] if prefix else ''}: {', '.join(fields)}")
+            raise BudgetLoraError(
+                f"unknown {kind} '{dotted}'{near}; valid keys"
+                f"{' in ' + prefix[:-1] if prefix else ''}: {', '.join(fields)}"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise BudgetLoraError(f"{kind} '{dotted}' must be a mapping of "
-                                      f"{', '.join(f.name for f in dataclasses.fields(tp))}")
+                raise BudgetLoraError(
+                    f"{kind} '{dotted}' must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
+                )
             kwargs[key] = _build(tp, value, dotted + ".", kind)
         else:
             kwargs[key] = _coerce(value, tp, dotted, fields[key].metadata.get("range"), kind)
@@ -132,8 +144,10 @@ def build_section(cls: type, raw: Any, prefix: str, kind: str) -> Any:
     the config's validation and wording: `kind` names what the keys are ("study key", "sweep
     option"); keys marked `internal` in their metadata are not accepted from `raw`."""
     if not isinstance(raw, dict):
-        raise BudgetLoraError(f"{kind} '{prefix.rstrip('.')}' must be a mapping of "
-                              f"{', '.join(f.name for f in dataclasses.fields(cls) if not f.metadata.get('internal'))}")
+        raise BudgetLoraError(
+            f"{kind} '{prefix.rstrip('.')}' must be a mapping of "
+            f"{', '.join(f.name for f in dataclasses.fields(cls) if not f.metadata.get('internal'))}"
+        )
     internal = [k for k in raw if any(f.name == k and f.metadata.get("internal") for f in dataclasses.fields(cls))]
     if internal:
         raise BudgetLoraError(f"unknown {kind} '{prefix}{internal[0]}'")
@@ -141,11 +155,25 @@ def build_section(cls: type, raw: Any, prefix: str, kind: str) -> Any:
 
 
 # what users of Transformers' Trainer and PEFT call budgetlora's keys
-_FAMILIAR = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-             "gradient_accumulation_steps": "grad_accum", "warmup_ratio": "warmup", "warmup_steps": "warmup",
-             "max_grad_norm": "grad_clip", "lr_scheduler_type": "scheduler", "fp16": "precision", "bf16": "precision",
-             "lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "lora_r": "r", "model_name": "model",
-             "model_name_or_path": "model", "max_seq_length": "max_length"}
+_FAMILIAR = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup",
+    "warmup_steps": "warmup",
+    "max_grad_norm": "grad_clip",
+    "lr_scheduler_type": "scheduler",
+    "fp16": "precision",
+    "bf16": "precision",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "rank": "r",
+    "lora_r": "r",
+    "model_name": "model",
+    "model_name_or_path": "model",
+    "max_seq_length": "max_length",
+}
 
 
 def _near(word: str, options: list[str]) -> str:
@@ -161,59 +189,127 @@ def _whole(value: float) -> bool:
     return value < 1 or float(value).is_integer()
 
 
+def _need(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise BudgetLoraError(f"config key '{key}': {what}")
+
+
 def check_values(cfg: Config) -> None:
     """Checks that involve more than one key (each key's own type and range are checked on load)."""
-    def need(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            raise BudgetLoraError(f"config key '{key}': {what}")
+    _check_names(cfg)
+    _check_adapters(cfg)
+    _check_lengths(cfg)
+    _check_data(cfg)
 
-    data, lora, train = cfg.data, cfg.lora, cfg.train
-    need(bool(re.fullmatch(RUN_NAME_PATTERN, cfg.name)), "name",
-         f"{cfg.name!r} is not a run name: one path component of letters, digits, '.', '_', '-' "
-         "(starting with a letter or digit, at most 100 characters)")
-    need(bool(re.fullmatch(DEVICE_PATTERN, train.device)), "train.device",
-         f"{train.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+def _check_names(cfg: Config) -> None:
+    need, train = _need, cfg.train
+    need(
+        bool(re.fullmatch(RUN_NAME_PATTERN, cfg.name)),
+        "name",
+        f"{cfg.name!r} is not a run name: one path component of letters, digits, '.', '_', '-' "
+        "(starting with a letter or digit, at most 100 characters)",
+    )
+    need(
+        bool(re.fullmatch(DEVICE_PATTERN, train.device)),
+        "train.device",
+        f"{train.device!r}: expected auto, cpu, cuda, cuda:N or mps",
+    )
+
+
+def _check_adapters(cfg: Config) -> None:
+    need, lora, data = _need, cfg.lora, cfg.data
     unknown = [t for t in lora.targets if t not in TARGET_NAMES]
-    need(not unknown, "lora.targets", f"unknown target(s) {unknown}; valid: {', '.join(TARGET_NAMES)} "
-         "(exact module paths go in lora.target_modules)")
-    need(cfg.mode == "full" or bool(lora.targets or lora.target_modules), "lora.targets",
-         "must name at least one module (or set lora.target_modules)")
-    for key, values in (("lora.targets", lora.targets), ("lora.target_modules", lora.target_modules),
-                        ("lora.layers", lora.layers or []), ("data.text_columns", data.text_columns)):
+    need(
+        not unknown,
+        "lora.targets",
+        f"unknown target(s) {unknown}; valid: {', '.join(TARGET_NAMES)} (exact module paths go in lora.target_modules)",
+    )
+    need(
+        cfg.mode == "full" or bool(lora.targets or lora.target_modules),
+        "lora.targets",
+        "must name at least one module (or set lora.target_modules)",
+    )
+    for key, values in (
+        ("lora.targets", lora.targets),
+        ("lora.target_modules", lora.target_modules),
+        ("lora.layers", lora.layers or []),
+        ("data.text_columns", data.text_columns),
+    ):
         need(len(set(values)) == len(values), key, f"lists a value twice: {values}")
     need(all(m.strip() for m in lora.target_modules), "lora.target_modules", "holds an empty module path")
-    need(lora.layers is None or len(lora.layers) > 0, "lora.layers",
-         "is empty, which adapts no layer; leave it out (null) to adapt every layer")
-    need(not (lora.use_dora and lora.dropout_position == "lowrank"), "lora.dropout_position",
-         "lowrank is not available with lora.use_dora (DoRA reuses the dropped input); use input or auto")
+    need(
+        lora.layers is None or len(lora.layers) > 0,
+        "lora.layers",
+        "is empty, which adapts no layer; leave it out (null) to adapt every layer",
+    )
+    need(
+        not (lora.use_dora and lora.dropout_position == "lowrank"),
+        "lora.dropout_position",
+        "lowrank is not available with lora.use_dora (DoRA reuses the dropped input); use input or auto",
+    )
+
+
+def _check_lengths(cfg: Config) -> None:
+    need, data, train = _need, cfg.data, cfg.train
     need(train.max_steps is not None or train.epochs is not None, "train.max_steps", "set max_steps or epochs")
-    for key, value in (("data.val_size", data.val_size), ("data.test_size", data.test_size),
-                       ("train.warmup", train.warmup)):
+    for key, value in (
+        ("data.val_size", data.val_size),
+        ("data.test_size", data.test_size),
+        ("train.warmup", train.warmup),
+    ):
         need(value is None or _whole(value), key, f"got {value}: a fraction (< 1) or a whole number of rows/steps")
     if train.max_steps is not None and train.warmup >= 1:
-        need(train.warmup < train.max_steps, "train.warmup",
-             f"{int(train.warmup)} warmup steps is not shorter than the {train.max_steps} steps of the run")
-    need(train.early_stopping_patience is None or (data.val_size > 0 and train.eval_every is not None),
-         "train.early_stopping_patience", "needs evaluations: data.val_size > 0 and train.eval_every set")
-    need(data.dataset is not None or data.train_file is not None, "data.train_file",
-         "set data.train_file (a local file) or data.dataset (a hub dataset id)")
-    need(not (data.dataset and data.train_file), "data.train_file",
-         "set data.train_file or data.dataset, not both")
-    need(not (data.label_names and data.classes_file), "data.classes_file",
-         "set data.label_names or data.classes_file, not both")
+        need(
+            train.warmup < train.max_steps,
+            "train.warmup",
+            f"{int(train.warmup)} warmup steps is not shorter than the {train.max_steps} steps of the run",
+        )
+    need(
+        train.early_stopping_patience is None or (data.val_size > 0 and train.eval_every is not None),
+        "train.early_stopping_patience",
+        "needs evaluations: data.val_size > 0 and train.eval_every set",
+    )
+
+
+def _check_data(cfg: Config) -> None:
+    need, data = _need, cfg.data
+    need(
+        data.dataset is not None or data.train_file is not None,
+        "data.train_file",
+        "set data.train_file (a local file) or data.dataset (a hub dataset id)",
+    )
+    need(not (data.dataset and data.train_file), "data.train_file", "set data.train_file or data.dataset, not both")
+    need(
+        not (data.label_names and data.classes_file),
+        "data.classes_file",
+        "set data.label_names or data.classes_file, not both",
+    )
     if data.label_names is not None:
         names = data.label_names
-        need(len(names) >= 2, "data.label_names", "needs at least two class names")
-        need(all(n.strip() and len(n) <= 200 and n.isprintable() for n in names), "data.label_names",
-             "class names must be non-empty printable strings of at most 200 characters")
-        need(len({unicodedata.normalize("NFC", n) for n in names}) == len(names), "data.label_names",
-             f"lists a class twice (names that differ only in Unicode normalisation, NFC, are one name): {names}")
+        need(len(names) >= MIN_CLASSES, "data.label_names", "needs at least two class names")
+        need(
+            all(n.strip() and len(n) <= MAX_CLASS_NAME and n.isprintable() for n in names),
+            "data.label_names",
+            "class names must be non-empty printable strings of at most 200 characters",
+        )
+        need(
+            len({unicodedata.normalize("NFC", n) for n in names}) == len(names),
+            "data.label_names",
+            f"lists a class twice (names that differ only in Unicode normalisation, NFC, are one name): {names}",
+        )
     has_test = bool(data.test_file or (data.dataset and data.test_split))
-    need(data.test_size is None or not has_test, "data.test_size",
-         "splits a test set off the training rows; the config already has a test set "
-         "(data.test_file, or data.test_split: null for a hub dataset)")
-    need(bool(data.text_columns) and all(c.strip() for c in data.text_columns), "data.text_columns",
-         "must name at least one column")
+    need(
+        data.test_size is None or not has_test,
+        "data.test_size",
+        "splits a test set off the training rows; the config already has a test set "
+        "(data.test_file, or data.test_split: null for a hub dataset)",
+    )
+    need(
+        bool(data.text_columns) and all(c.strip() for c in data.text_columns),
+        "data.text_columns",
+        "must name at least one column",
+    )
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -225,8 +321,10 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as exc:
         if text.lstrip().startswith(("[", "{", '"', "'")):  # meant as a list, mapping or quoted string
-            raise BudgetLoraError(f"--set {item!r}: the value is not valid YAML "
-                                  f"({getattr(exc, 'problem', None) or 'parse error'}); e.g. --set lora.targets=[q,v]") from None
+            raise BudgetLoraError(
+                f"--set {item!r}: the value is not valid YAML "
+                f"({getattr(exc, 'problem', None) or 'parse error'}); e.g. --set lora.targets=[q,v]"
+            ) from None
         value = text
     if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; users mean a number
         try:
@@ -258,70 +356,6 @@ def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-MAX_YAML_VALUES = 100_000  # after aliases are expanded: a config or study file has a few hundred
-
-
-def check_expansion(root: Any, path: Path) -> None:
-    """Refuse a YAML document whose aliases (`*name`) expand to more than MAX_YAML_VALUES values
-    ("billion laughs"): counted on the composed node graph, each node once, before anything
-    builds or walks the expansion."""
-    sizes: dict[int, int] = {}
-
-    def size(node: Any) -> int:
-        if id(node) in sizes:
-            return sizes[id(node)]
-        children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else []
-        total = 1
-        for child in children:
-            parts = child if isinstance(child, tuple) else (child,)
-            for part in parts:
-                total += size(part)
-                if total > MAX_YAML_VALUES:
-                    raise BudgetLoraError(f"{path}: expands to more than {MAX_YAML_VALUES:,} values through its "
-                                          "YAML aliases (&name / *name); write the values out")
-        sizes[id(node)] = total
-        return total
-
-    if root is not None:
-        size(root)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from a regular, UTF-8, reasonably small file."""
-    path = Path(path)
-    if not path.exists():
-        raise BudgetLoraError(f"config file not found: {path}")
-    if not path.is_file():
-        raise BudgetLoraError(f"{path} is not a regular file; expected a YAML config file")
-    try:
-        if path.stat().st_size == 0:  # an empty file, or a /proc file that may block on read
-            data = b""
-        else:
-            with path.open("rb") as handle:
-                data = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise BudgetLoraError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise BudgetLoraError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
-    try:
-        text = data.decode("utf-8-sig")
-        check_expansion(yaml.compose(text, Loader=yaml.SafeLoader), path)
-        raw = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise BudgetLoraError(f"{path}: not a UTF-8 text file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise BudgetLoraError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    except RecursionError:
-        raise BudgetLoraError(f"{path}: YAML nested too deeply") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise BudgetLoraError(f"{path}: the top level must be a mapping of config keys")
-    return raw
 
 
 def resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
@@ -376,38 +410,3 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
 
 def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-    else:
-        return "—"
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, list):
-        return f"`[{', '.join(map(str, value))}]`" if value else "`[]`"
-    if isinstance(value, dict):
-        return "`{}`"
-    return f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
-
-
-def reference_markdown() -> str:
-    """The README's config table, made from the fields' help texts, defaults and ranges."""
-    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
-    for key, f in fields_by_key().items():
-        range_ = f.metadata.get("range")
-        allowed = range_.describe() if range_ is not None else ""
-        hint = typing.get_type_hints(SECTIONS.get(key.split(".")[0], Config)) if "." in key else \
-            typing.get_type_hints(Config)
-        tp = hint[key.rsplit(".", 1)[-1]]
-        if typing.get_origin(tp) is Literal or (typing.get_origin(tp) is list and
-                                                typing.get_origin(typing.get_args(tp)[0]) is Literal):
-            args = typing.get_args(tp) if typing.get_origin(tp) is Literal else typing.get_args(typing.get_args(tp)[0])
-            allowed = ", ".join(f"`{a}`" for a in args)
-        lines.append(f"| `{key}` | {_default_text(f)} | {allowed} | {f.metadata.get('help', '')} |")
-    return "\n".join(lines) + "\n"

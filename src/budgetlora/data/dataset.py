@@ -11,8 +11,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from budgetlora.config import DataConfig
-from budgetlora.data.sources import (Row, brief, brief_names, check_data_file, clean_text, detect_format,
-                                     read_hub, read_rows, refuse_untrusted_pickle)
+from budgetlora.config.schema import MAX_CLASS_NAME, MIN_CLASSES
+from budgetlora.data.sources import (
+    Row,
+    brief,
+    brief_names,
+    check_data_file,
+    clean_text,
+    detect_format,
+    read_hub,
+    read_rows,
+    refuse_untrusted_pickle,
+)
 from budgetlora.errors import BudgetLoraError
 
 ID_COLUMNS = ("ID", "id", "Id")
@@ -20,7 +30,8 @@ AGNEWS_NAMES = ("World", "Sports", "Business", "Sci/Tech")
 # inferring class names 0..max from integer labels: a larger max is a data error, not a class count
 MAX_INFERRED_CLASSES = 10_000
 MAX_CLASSES_FILE_BYTES = 1 << 20
-MAX_CLASS_NAME = 200
+MAX_INDEX_DIGITS = 18  # int() of a 5000-digit string raises; no class index is that long
+MAX_NUMBER_CHARS = 40
 
 
 @dataclass
@@ -33,9 +44,11 @@ class TextSet:
         return len(self.texts)
 
     def subset(self, index: np.ndarray) -> "TextSet":
-        return TextSet([self.texts[i] for i in index],
-                       None if self.labels is None else self.labels[index],
-                       [self.ids[i] for i in index])
+        return TextSet(
+            [self.texts[i] for i in index],
+            None if self.labels is None else self.labels[index],
+            [self.ids[i] for i in index],
+        )
 
 
 def read_classes_file(path: str) -> list[str]:
@@ -49,7 +62,9 @@ def read_classes_file(path: str) -> list[str]:
     try:
         text = file.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise BudgetLoraError(f"{file}: not a UTF-8 text file; a classes file lists class names, one per line") from None
+        raise BudgetLoraError(
+            f"{file}: not a UTF-8 text file; a classes file lists class names, one per line"
+        ) from None
     except OSError as exc:
         raise BudgetLoraError(f"cannot read {file}: {exc.strerror or exc}") from None
     names = []
@@ -58,12 +73,16 @@ def read_classes_file(path: str) -> list[str]:
         if not name:
             continue
         if len(name) > MAX_CLASS_NAME or not name.isprintable():
-            raise BudgetLoraError(f"{file} line {number}: {brief(name)} is not a class name (printable text of "
-                                  f"at most {MAX_CLASS_NAME} characters, one name per line)")
+            raise BudgetLoraError(
+                f"{file} line {number}: {brief(name)} is not a class name (printable text of "
+                f"at most {MAX_CLASS_NAME} characters, one name per line)"
+            )
         names.append(name)
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise BudgetLoraError(f"{file}: expected two or more distinct class names, one per line (names that differ "
-                              "only in Unicode normalisation, NFC, are the same name)")
+    if len(names) < MIN_CLASSES or len(set(names)) != len(names):
+        raise BudgetLoraError(
+            f"{file}: expected two or more distinct class names, one per line (names that differ "
+            "only in Unicode normalisation, NFC, are the same name)"
+        )
     if len(names) > MAX_INFERRED_CLASSES:
         raise BudgetLoraError(f"{file}: {len(names):,} lines; more than {MAX_INFERRED_CLASSES:,} classes")
     return names
@@ -73,8 +92,9 @@ def _text_of(row: Row, columns: Sequence[str], clean: bool) -> str:
     parts = []
     for column in columns:
         if column not in row.fields:
-            raise BudgetLoraError(f"{row.where}: no text column '{column}' (columns: "
-                                  f"{brief_names(row.fields)}); set data.text_columns")
+            raise BudgetLoraError(
+                f"{row.where}: no text column '{column}' (columns: {brief_names(row.fields)}); set data.text_columns"
+            )
         value = row.fields[column]
         if value is not None and not isinstance(value, (str, int, float)):
             raise BudgetLoraError(f"{row.where}: column '{column}' holds a {type(value).__name__}, expected text")
@@ -89,19 +109,20 @@ def _text_of(row: Row, columns: Sequence[str], clean: bool) -> str:
 
 def _raw_label(row: Row, column: str) -> Any:
     if column not in row.fields:
-        raise BudgetLoraError(f"{row.where}: no label column '{column}' (columns: "
-                              f"{brief_names(row.fields)}); set data.label_column")
+        raise BudgetLoraError(
+            f"{row.where}: no label column '{column}' (columns: {brief_names(row.fields)}); set data.label_column"
+        )
     value = row.fields[column]
     if isinstance(value, str):
         # one name, one class: `café` typed precomposed or with a combining accent prints the same
         value = unicodedata.normalize("NFC", value.strip())
         # \d and int() agree on what a digit is; isdigit() also accepts '²', which int() refuses
         if re.fullmatch(r"-?\d+", value):
-            if len(value) > 18:  # int() of a 5000-digit string raises; no class index is that long
+            if len(value) > MAX_INDEX_DIGITS:
                 raise BudgetLoraError(f"{row.where}: label {brief(value)} is too large for a class index")
             return int(value)
         # a number with a point is read as JSONL reads it: 2.0 is class 2, 2.5 is no class
-        if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", value) and len(value) <= 40:
+        if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", value) and len(value) <= MAX_NUMBER_CHARS:
             number = float(value)
             if number.is_integer() and abs(number) < 10**18:
                 return int(number)
@@ -120,8 +141,9 @@ def indices_mean_names(names: Sequence[str], explicit: bool) -> bool:
     return explicit or list(names) == [str(i) for i in range(len(names))] or tuple(names) == AGNEWS_NAMES
 
 
-def map_labels(rows: list[Row], column: str, names: Optional[list[str]],
-               indices_ok: bool = True) -> tuple[np.ndarray, list[str]]:
+def map_labels(
+    rows: list[Row], column: str, names: Optional[list[str]], indices_ok: bool = True
+) -> tuple[np.ndarray, list[str]]:
     """Class indices for `rows`. With known names, ints must be in range (and `indices_ok`) and
     strings must be names; without, names are inferred (ints 0..max, or the sorted distinct strings)."""
     raw = [_raw_label(row, column) for row in rows]
@@ -136,26 +158,34 @@ def map_labels(rows: list[Row], column: str, names: Optional[list[str]],
                 raise BudgetLoraError(f"{rows[bad].where}: negative label {brief(raw[bad])}")
             if max(ints) >= MAX_INFERRED_CLASSES:
                 bad = next(i for i, v in enumerate(raw) if v >= MAX_INFERRED_CLASSES)
-                raise BudgetLoraError(f"{rows[bad].where}: label {brief(raw[bad])} is too large for a class index "
-                                      f"(over {MAX_INFERRED_CLASSES:,} classes); list the classes in "
-                                      "data.label_names or data.classes_file")
+                raise BudgetLoraError(
+                    f"{rows[bad].where}: label {brief(raw[bad])} is too large for a class index "
+                    f"(over {MAX_INFERRED_CLASSES:,} classes); list the classes in "
+                    "data.label_names or data.classes_file"
+                )
             names = [str(i) for i in range(max(ints) + 1)]
         else:
             names = sorted(set(raw))
-        if len(names) < 2:
-            raise BudgetLoraError(f"{rows[0].where if rows else column}: only one class in the labels; "
-                                  "a classifier needs at least two")
+        if len(names) < MIN_CLASSES:
+            raise BudgetLoraError(
+                f"{rows[0].where if rows else column}: only one class in the labels; a classifier needs at least two"
+            )
     index = {name: i for i, name in enumerate(names)}
     labels = np.empty(len(raw), dtype=np.int64)
     for i, value in enumerate(raw):
         if isinstance(value, int):
             if not indices_ok:
-                raise BudgetLoraError(f"{rows[i].where}: integer label {value} where the classes are names "
-                                      f"({brief_names(names)}, sorted from the training labels); use the names, "
-                                      "or fix their order with data.label_names")
+                raise BudgetLoraError(
+                    f"{rows[i].where}: integer label {value} where the classes are names "
+                    f"({brief_names(names)}, sorted from the training labels); use the names, "
+                    "or fix their order with data.label_names"
+                )
             if not 0 <= value < len(names):
-                hint = " (1-based labels? use 0..C-1, or data.format: agnews for the original AG News CSV)" \
-                    if value == len(names) else ""
+                hint = (
+                    " (1-based labels? use 0..C-1, or data.format: agnews for the original AG News CSV)"
+                    if value == len(names)
+                    else ""
+                )
                 raise BudgetLoraError(f"{rows[i].where}: label {brief(value)} out of range 0..{len(names) - 1}{hint}")
             labels[i] = value
         elif value in index:
@@ -191,9 +221,15 @@ def check_trust(path: str, cfg: DataConfig, trust_pickle: bool) -> None:
         refuse_untrusted_pickle(Path(path), trust_pickle)
 
 
-def load_text_set(path: str, cfg: DataConfig, names: Optional[list[str]], labeled: bool,
-                  trust_pickle: bool = False, limit: Optional[int] = None,
-                  indices_ok: bool = True) -> tuple[TextSet, list[str]]:
+def load_text_set(
+    path: str,
+    cfg: DataConfig,
+    names: Optional[list[str]],
+    labeled: bool,
+    trust_pickle: bool = False,
+    limit: Optional[int] = None,
+    indices_ok: bool = True,
+) -> tuple[TextSet, list[str]]:
     """Read one local file; returns the set and the label names (inferred if not given)."""
     fmt, rows = read_rows(Path(path), cfg.format, trust_pickle)
     if limit is not None:
@@ -207,8 +243,9 @@ def load_text_set(path: str, cfg: DataConfig, names: Optional[list[str]], labele
     labels = None
     has_label = cfg.label_column in rows[0].fields or fmt == "agnews"
     if labeled or has_label:
-        labels, names = map_labels(rows, "label" if fmt == "agnews" else cfg.label_column, names,
-                                   indices_ok or fmt == "agnews")
+        labels, names = map_labels(
+            rows, "label" if fmt == "agnews" else cfg.label_column, names, indices_ok or fmt == "agnews"
+        )
     return TextSet(texts, labels, _ids(rows)), names or []
 
 
@@ -220,8 +257,9 @@ def label_names_from_config(cfg: DataConfig) -> Optional[list[str]]:
     return None
 
 
-def _hub_set(cfg: DataConfig, split: str, names: Optional[list[str]],
-             limit: Optional[int]) -> tuple[TextSet, list[str]]:
+def _hub_set(
+    cfg: DataConfig, split: str, names: Optional[list[str]], limit: Optional[int]
+) -> tuple[TextSet, list[str]]:
     rows, hub_names = read_hub(cfg.dataset, cfg.dataset_config, split)
     rows = rows[:limit] if limit is not None else rows
     if not rows:
@@ -241,12 +279,14 @@ def rows_key(rows: Optional[TextSet]) -> str:
 
     digest = hashlib.sha256()
     if rows is not None:
-        for row_id, text in zip(rows.ids, rows.texts):
+        for row_id, text in zip(rows.ids, rows.texts, strict=False):
             digest.update(f"{row_id}\x00{text}\x00".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()[:ROWS_KEY_HEX]
 
 
-def stratified_split(labels: np.ndarray, size: float, seed, key: str = "data.val_size") -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, size: float, seed, key: str = "data.val_size"
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split keeping class proportions; `size` < 1 is a fraction, >= 1 a row count.
     Returns (kept indices, split-off indices)."""
     n = len(labels)
@@ -263,7 +303,7 @@ def stratified_split(labels: np.ndarray, size: float, seed, key: str = "data.val
     for i in np.argsort(-(exact - take))[: n_out - take.sum()]:
         take[i] += 1
     out = []
-    for klass, k in zip(classes, take):
+    for klass, k in zip(classes, take, strict=False):
         members = np.flatnonzero(labels == klass)
         out.append(rng.permutation(members)[:k])
     out_idx = np.sort(np.concatenate(out))
@@ -277,13 +317,15 @@ def require_every_class(labels: np.ndarray, names: list[str], where: str) -> Non
     catches a file whose only class is not 0 (inferred names 0..max) and a classes file that
     lists more classes than the data has."""
     counts = np.bincount(labels, minlength=len(names))
-    if len(names) < 2:
+    if len(names) < MIN_CLASSES:
         raise BudgetLoraError(f"{where}: only one class in the labels; a classifier needs at least two")
     missing = [names[i] for i in np.flatnonzero(counts == 0)]
     if missing:
-        raise BudgetLoraError(f"{where}: {len(missing)} of {len(names)} classes have no training rows "
-                              f"({brief_names(missing)}); check data.label_names / data.classes_file, or "
-                              "use labels 0..C-1 with every class present")
+        raise BudgetLoraError(
+            f"{where}: {len(missing)} of {len(names)} classes have no training rows "
+            f"({brief_names(missing)}); check data.label_names / data.classes_file, or "
+            "use labels 0..C-1 with every class present"
+        )
 
 
 @dataclass
@@ -308,8 +350,9 @@ def load_splits(cfg: DataConfig, seed: int, trust_pickle: bool = False) -> Split
     explicit = cfg.label_names is not None or cfg.classes_file is not None
     test = None
     if cfg.test_file:
-        test, _ = load_text_set(cfg.test_file, cfg, names, True, trust_pickle, cfg.max_test_rows,
-                                indices_mean_names(names, explicit))
+        test, _ = load_text_set(
+            cfg.test_file, cfg, names, True, trust_pickle, cfg.max_test_rows, indices_mean_names(names, explicit)
+        )
     elif cfg.dataset and cfg.test_split:
         test, _ = _hub_set(cfg, cfg.test_split, names, cfg.max_test_rows)
     elif cfg.test_size:

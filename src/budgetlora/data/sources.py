@@ -24,8 +24,20 @@ csv.field_size_limit(16 * 1024 * 1024)  # a long article is legal; the tokenizer
 MAX_DATA_BYTES = int(os.environ.get("BUDGETLORA_MAX_DATA_BYTES", 4 << 30))
 
 FORMATS = ("agnews", "csv", "tsv", "jsonl", "parquet", "pickle")
-SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-                  ".parquet": "parquet", ".pq": "parquet", ".pkl": "pickle", ".pickle": "pickle"}
+SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
+}
+
+
+AGNEWS_FIELDS = 3  # the original AG News CSV: class 1-4, title, description
 
 
 def brief(value: Any, limit: int = 60) -> str:
@@ -81,8 +93,10 @@ def check_data_file(path: Path) -> Path:
     if info.st_size == 0:  # also what /proc and /sys files report, some of which block on read
         raise BudgetLoraError(f"{path}: the file is empty (0 bytes); give a data file with rows")
     if info.st_size > MAX_DATA_BYTES:
-        raise BudgetLoraError(f"{path}: {info.st_size / 2**30:.1f} GiB is more than one data file may hold "
-                              f"({MAX_DATA_BYTES / 2**30:.0f} GiB); split it or raise BUDGETLORA_MAX_DATA_BYTES")
+        raise BudgetLoraError(
+            f"{path}: {info.st_size / 2**30:.1f} GiB is more than one data file may hold "
+            f"({MAX_DATA_BYTES / 2**30:.0f} GiB); split it or raise BUDGETLORA_MAX_DATA_BYTES"
+        )
     return path
 
 
@@ -91,8 +105,10 @@ def detect_format(path: Path, fmt: str) -> str:
         return fmt
     fmt = SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise BudgetLoraError(f"{path}: cannot tell the format from the suffix '{path.suffix}'; "
-                              f"set data.format to one of {', '.join(FORMATS)}")
+        raise BudgetLoraError(
+            f"{path}: cannot tell the format from the suffix '{path.suffix}'; "
+            f"set data.format to one of {', '.join(FORMATS)}"
+        )
     if fmt == "csv" and _looks_like_agnews(path):
         return "agnews"
     return fmt
@@ -106,7 +122,7 @@ def _looks_like_agnews(path: Path) -> bool:
         first = next(csv.reader(io.StringIO(head, newline="")), None)
     except (OSError, csv.Error):
         return False
-    return bool(first) and len(first) == 3 and first[0].strip() in ("1", "2", "3", "4")
+    return bool(first) and len(first) == AGNEWS_FIELDS and first[0].strip() in ("1", "2", "3", "4")
 
 
 def _read_text(path: Path) -> str:
@@ -122,8 +138,9 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise BudgetLoraError(f"{path} line {line}: not valid UTF-8 text (byte {exc.start}); "
-                              "re-save the file as UTF-8") from None
+        raise BudgetLoraError(
+            f"{path} line {line}: not valid UTF-8 text (byte {exc.start}); re-save the file as UTF-8"
+        ) from None
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
@@ -139,8 +156,9 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
             start = reader.line_num + 1
     except csv.Error as exc:
         runs_on = f"; the row runs on to line {reader.line_num}" if reader.line_num > start else ""
-        raise BudgetLoraError(f"{path} line {start}: malformed row ({exc}){runs_on}; check for an unbalanced "
-                              "quote opened on that line") from None
+        raise BudgetLoraError(
+            f"{path} line {start}: malformed row ({exc}){runs_on}; check for an unbalanced quote opened on that line"
+        ) from None
 
 
 def read_agnews(path: Path) -> list[Row]:
@@ -148,15 +166,18 @@ def read_agnews(path: Path) -> list[Row]:
     for line, fields in _csv_rows(path, ","):
         if not fields:
             continue
-        if len(fields) != 3:
-            raise BudgetLoraError(f"{path} line {line}: expected 3 fields (class, title, description) "
-                                  f"in the AG News format, got {len(fields)}")
+        if len(fields) != AGNEWS_FIELDS:
+            raise BudgetLoraError(
+                f"{path} line {line}: expected 3 fields (class, title, description) "
+                f"in the AG News format, got {len(fields)}"
+            )
         klass = fields[0].strip()
         if klass not in ("1", "2", "3", "4"):
-            raise BudgetLoraError(f"{path} line {line}: class {brief(fields[0])} is not 1-4 "
-                                  "(the original AG News CSV numbers classes 1-4)")
-        rows.append(Row(f"{path} line {line}", {"label": int(klass) - 1, "title": fields[1],
-                                                  "description": fields[2]}))
+            raise BudgetLoraError(
+                f"{path} line {line}: class {brief(fields[0])} is not 1-4 "
+                "(the original AG News CSV numbers classes 1-4)"
+            )
+        rows.append(Row(f"{path} line {line}", {"label": int(klass) - 1, "title": fields[1], "description": fields[2]}))
     return rows
 
 
@@ -169,13 +190,16 @@ def read_delimited(path: Path, delimiter: str) -> list[Row]:
         if header is None:
             header = [h.strip() for h in fields]
             if len(set(header)) != len(header):
-                raise BudgetLoraError(f"{path} line {line}: duplicate column names in the header "
-                                      f"({brief_names(header)})")
+                raise BudgetLoraError(
+                    f"{path} line {line}: duplicate column names in the header ({brief_names(header)})"
+                )
             continue
         if len(fields) != len(header):
-            raise BudgetLoraError(f"{path} line {line}: expected {len(header)} fields like the header "
-                                  f"({brief_names(header)}), got {len(fields)}")
-        rows.append(Row(f"{path} line {line}", dict(zip(header, fields))))
+            raise BudgetLoraError(
+                f"{path} line {line}: expected {len(header)} fields like the header "
+                f"({brief_names(header)}), got {len(fields)}"
+            )
+        rows.append(Row(f"{path} line {line}", dict(zip(header, fields, strict=False))))
     if header is None:
         raise BudgetLoraError(f"{path}: the file is empty (expected a header line and rows)")
     return rows
@@ -206,9 +230,11 @@ def read_jsonl(path: Path) -> list[Row]:
             raise BudgetLoraError(f"{path} line {number}: expected a JSON object per line")
         for key, value in record.items():
             if not all(_encodable(s) for s in (key, value) if isinstance(s, str)):
-                raise BudgetLoraError(f"{path} line {number}: field {brief(key.encode('utf-8', 'replace').decode())} "
-                                      "holds a lone surrogate (an unpaired \\uD800-\\uDFFF escape), which is not "
-                                      "text")
+                raise BudgetLoraError(
+                    f"{path} line {number}: field {brief(key.encode('utf-8', 'replace').decode())} "
+                    "holds a lone surrogate (an unpaired \\uD800-\\uDFFF escape), which is not "
+                    "text"
+                )
         rows.append(Row(f"{path} line {number}", record))
     return rows
 
@@ -219,11 +245,11 @@ def read_parquet(path: Path) -> list[Row]:
     check_data_file(path)
     try:
         table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises many types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for corrupt files
         raise BudgetLoraError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
     try:
         records = table.to_pylist()
-    except Exception:  # values decode lazily: invalid UTF-8 in a string column, a date out of range
+    except Exception:  # noqa: BLE001 - values decode lazily: invalid UTF-8 in a string column, a date out of range
         raise BudgetLoraError(_parquet_value_error(path, table)) from None
     return [Row(f"{path} record {i + 1}", record) for i, record in enumerate(records)]
 
@@ -232,16 +258,20 @@ def _parquet_value_error(path: Path, table: Any) -> str:
     """Name the first column whose name, or record and column whose value, cannot become Python."""
     for index in range(table.num_columns):
         try:
-            table.schema.field(index).name
+            _ = table.schema.field(index).name  # decoding the name is the check
         except UnicodeDecodeError:
-            return (f"{path}: the name of column {index + 1} is not UTF-8 text; "
-                    "write the file again with readable column names")
+            return (
+                f"{path}: the name of column {index + 1} is not UTF-8 text; "
+                "write the file again with readable column names"
+            )
     for i in range(table.num_rows):
-        for name, column in zip(table.column_names, table.columns):
+        for name, column in zip(table.column_names, table.columns, strict=False):
             try:
                 column[i].as_py()
-            except Exception as exc:
-                return f"{path} record {i + 1}: column {brief_name(name)} holds an unreadable value ({type(exc).__name__})"
+            except Exception as exc:  # noqa: BLE001 - finding the value that fails, whatever its error
+                return (
+                    f"{path} record {i + 1}: column {brief_name(name)} holds an unreadable value ({type(exc).__name__})"
+                )
     return f"{path}: not a readable parquet file (values cannot be read)"
 
 
@@ -254,7 +284,7 @@ def read_pickle(path: Path, trust_pickle: bool) -> list[Row]:
     try:
         with path.open("rb") as handle:
             obj = pickle.load(handle)  # noqa: S301 - explicit user opt-in above
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling can raise anything
         raise BudgetLoraError(f"{path}: cannot unpickle ({type(exc).__name__}: {brief(str(exc), 80)})") from None
     if hasattr(obj, "features") and hasattr(obj, "to_list"):  # HF Dataset
         records = obj.to_list()
@@ -262,20 +292,24 @@ def read_pickle(path: Path, trust_pickle: bool) -> list[Row]:
         records = obj.to_dict("records")
     elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         keys = list(obj)
-        records = [dict(zip(keys, values)) for values in zip(*obj.values())]
+        records = [dict(zip(keys, values, strict=False)) for values in zip(*obj.values(), strict=False)]
     elif isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
         records = obj
     else:
-        raise BudgetLoraError(f"{path}: unpickled a {type(obj).__name__}; expected a Dataset, "
-                              "DataFrame, dict of columns or list of records")
+        raise BudgetLoraError(
+            f"{path}: unpickled a {type(obj).__name__}; expected a Dataset, "
+            "DataFrame, dict of columns or list of records"
+        )
     return [Row(f"{path} record {i + 1}", dict(r)) for i, r in enumerate(records)]
 
 
 def refuse_untrusted_pickle(path: Path, trust_pickle: bool) -> None:
     if not trust_pickle:
-        raise BudgetLoraError(f"{path} is read as a pickle (its suffix, or data.format: pickle); loading it can run arbitrary code. If you trust its "
-                              "source, pass --trust-pickle (trust comes from the command line or the "
-                              "trust_pickle argument only, never from a config file)")
+        raise BudgetLoraError(
+            f"{path} is read as a pickle (its suffix, or data.format: pickle); loading it can run arbitrary code. If you trust its "
+            "source, pass --trust-pickle (trust comes from the command line or the "
+            "trust_pickle argument only, never from a config file)"
+        )
 
 
 def read_rows(path: Path, fmt: str, trust_pickle: bool = False) -> tuple[str, list[Row]]:
@@ -301,10 +335,11 @@ def read_hub(dataset: str, config: Optional[str], split: str) -> tuple[list[Row]
         raise BudgetLoraError("loading hub datasets needs the 'datasets' package: pip install datasets") from None
     try:
         ds = load_dataset(dataset, config, split=split)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - datasets/hub/fsspec error types
         raise BudgetLoraError(
             f"cannot load hub dataset '{dataset}' split '{split}' ({type(exc).__name__}); offline, "
-            "download it elsewhere or point data.train_file / data.test_file at local files") from None
+            "download it elsewhere or point data.train_file / data.test_file at local files"
+        ) from None
     names = None
     for feature in ds.features.values():
         if hasattr(feature, "names"):

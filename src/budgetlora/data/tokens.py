@@ -44,15 +44,23 @@ class TokenizedSet:
         """The first `n` rows (all when n >= len)."""
         n = min(n, len(self))
         end = int(self.offsets[n])
-        return TokenizedSet(self.ids[:end], self.offsets[:n + 1], None if self.labels is None else self.labels[:n],
-                            None if self.full_lengths is None else self.full_lengths[:n])
+        return TokenizedSet(
+            self.ids[:end],
+            self.offsets[: n + 1],
+            None if self.labels is None else self.labels[:n],
+            None if self.full_lengths is None else self.full_lengths[:n],
+        )
 
     def truncation(self, max_length: int) -> dict:
         """How many rows were cut at `max_length`, with percentiles of the untruncated lengths."""
         lengths = self.full_lengths if self.full_lengths is not None else self.lengths
         cut = int(np.count_nonzero(lengths > max_length))
-        stats = {"rows": len(self), "truncated": cut, "truncated_fraction": cut / max(len(self), 1),
-                 "max_length": int(max_length)}
+        stats = {
+            "rows": len(self),
+            "truncated": cut,
+            "truncated_fraction": cut / max(len(self), 1),
+            "max_length": int(max_length),
+        }
         if len(self):
             for q in (50, 90, 99):
                 stats[f"p{q}"] = int(np.percentile(lengths, q))
@@ -80,21 +88,40 @@ def _cache_key(tokenizer, texts: list[str], max_length: int) -> str:
     return digest.hexdigest()[:32]
 
 
+# A token covers at most this many characters (WordPiece reads a longer word as one [UNK]; BPE and
+# SentencePiece pieces are shorter): a text cut to max_length x this loses nothing truncation keeps,
+# and a 16 MB field is not tokenized whole to keep its first 128 tokens.
+CHARS_PER_TOKEN = 100
+UNTRUNCATED_CHARS = 200_000  # the length report of a cut row counts at most this many characters
+
+
 def _encode(tokenizer, texts: list[str], max_length: Optional[int]) -> list[list[int]]:
-    return tokenizer(texts, truncation=max_length is not None, max_length=max_length, add_special_tokens=True,
-                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    limit = max_length * CHARS_PER_TOKEN + CHARS_PER_TOKEN if max_length is not None else UNTRUNCATED_CHARS
+    texts = [t if len(t) <= limit else t[:limit] for t in texts]
+    return tokenizer(
+        texts,
+        truncation=max_length is not None,
+        max_length=max_length,
+        add_special_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )["input_ids"]
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048,
-              progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _tokenize(
+    tokenizer, texts: list[str], max_length: int, chunk: int = 2048, progress=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pieces, lengths, full = [], [], []
     for start in range(0, len(texts), chunk):
-        batch = texts[start:start + chunk]
+        batch = texts[start : start + chunk]
         encoded = _encode(tokenizer, batch, max_length)
         # rows that reach the limit may have been cut: their untruncated length, for the report
         at_limit = [i for i, row in enumerate(encoded) if len(row) >= max_length]
-        untruncated = dict(zip(at_limit, map(len, _encode(tokenizer, [batch[i] for i in at_limit], None)))) \
-            if at_limit else {}
+        untruncated = (
+            dict(zip(at_limit, map(len, _encode(tokenizer, [batch[i] for i in at_limit], None)), strict=False))
+            if at_limit
+            else {}
+        )
         for i, row in enumerate(encoded):
             pieces.append(np.asarray(row, dtype=np.int32))
             lengths.append(len(row))
@@ -107,19 +134,28 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048,
     return ids, offsets, np.asarray(full, dtype=np.int64)
 
 
-def _load_cached(path: Path, rows: int, max_length: int,
-                 vocab_size: int) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _load_cached(
+    path: Path, rows: int, max_length: int, vocab_size: int
+) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The cached arrays if the entry is whole and consistent; None means rebuild it (a truncated or
     garbled file must cost one re-tokenization, never a failed run)."""
     try:
         with np.load(path, allow_pickle=False) as cached:
             ids, offsets, full = cached["ids"], cached["offsets"], cached["full_lengths"]
-    except Exception:  # BadZipFile, EOFError, ValueError, KeyError, OSError: all mean "not usable"
+    except Exception:  # noqa: BLE001 - BadZipFile, EOFError, ValueError, KeyError, OSError: all mean "not usable"
         return None
     lengths = np.diff(offsets) if offsets.ndim == 1 and len(offsets) == rows + 1 else None
-    if (lengths is None or ids.ndim != 1 or ids.dtype != np.int32 or offsets[0] != 0 or offsets[-1] != len(ids)
-            or (lengths < 0).any() or (lengths > max_length).any() or full.shape != (rows,)
-            or (len(ids) and (ids.min() < 0 or ids.max() >= vocab_size))):
+    if (
+        lengths is None
+        or ids.ndim != 1
+        or ids.dtype != np.int32
+        or offsets[0] != 0
+        or offsets[-1] != len(ids)
+        or (lengths < 0).any()
+        or (lengths > max_length).any()
+        or full.shape != (rows,)
+        or (len(ids) and (ids.min() < 0 or ids.max() >= vocab_size))
+    ):
         return None
     return ids, offsets, full
 
@@ -137,12 +173,15 @@ def _agrees(tokenizer, texts: list[str], cached: tuple[np.ndarray, np.ndarray, n
         return True
     rows = np.unique(np.concatenate([[0, n - 1], np.random.default_rng(n).integers(0, n, SPOT_CHECK_ROWS - 2)]))
     encoded = _encode(tokenizer, [texts[i] for i in rows], max_length)
-    return all(np.array_equal(ids[offsets[i]:offsets[i + 1]], np.asarray(row, dtype=np.int32))
-               for i, row in zip(rows, encoded))
+    return all(
+        np.array_equal(ids[offsets[i] : offsets[i + 1]], np.asarray(row, dtype=np.int32))
+        for i, row in zip(rows, encoded, strict=False)
+    )
 
 
-def tokenize(tokenizer, texts: list[str], labels: Optional[np.ndarray], max_length: int,
-             use_cache: bool = True, progress=None) -> TokenizedSet:
+def tokenize(
+    tokenizer, texts: list[str], labels: Optional[np.ndarray], max_length: int, use_cache: bool = True, progress=None
+) -> TokenizedSet:
     """Token ids for `texts`, from the disk cache when the same tokenizer saw the same texts.
     `progress(n)` is called as rows are tokenized (not for a cache hit)."""
     path = cache_dir() / f"{_cache_key(tokenizer, texts, max_length)}.npz"
@@ -177,8 +216,9 @@ def tokens_fingerprint(*parts: Optional[TokenizedSet]) -> str:
     return digest.hexdigest()[:FINGERPRINT_HEX]
 
 
-def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                     bucket_factor: int = 50) -> list[np.ndarray]:
+def bucketed_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, bucket_factor: int = 50
+) -> list[np.ndarray]:
     """One epoch of training batches: shuffled, then sorted by length inside windows of
     `bucket_factor` batches so each batch pads little, then the batch order is shuffled again.
     Deterministic in (seed, epoch), which makes resuming at a batch index exact."""
@@ -187,9 +227,9 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int
     window = batch_size * bucket_factor
     batches = []
     for start in range(0, len(order), window):
-        chunk = order[start:start + window]
+        chunk = order[start : start + window]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     # a short final batch would add one odd shape and a noisy step: drop it when others exist
     if len(batches) > 1 and len(batches[-1]) < batch_size:
         batches = [b for b in batches if len(b) == batch_size] or batches
@@ -204,13 +244,18 @@ def sorted_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> li
     while start < len(order):
         longest = int(lengths[order[min(start + max_batch, len(order)) - 1]])
         size = max(1, min(max_batch, batch_tokens // max(longest, 1)))
-        batches.append(order[start:start + size])
+        batches.append(order[start : start + size])
         start += size
     return batches
 
 
-def collate(data: TokenizedSet, index: np.ndarray, pad_id: int,
-            pad_multiple: int = PAD_MULTIPLE, pad_to: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
+def collate(
+    data: TokenizedSet,
+    index: np.ndarray,
+    pad_id: int,
+    pad_multiple: int = PAD_MULTIPLE,
+    pad_to: Optional[Sequence[int]] = None,
+) -> dict[str, torch.Tensor]:
     """Rows `index` padded to their longest (rounded up to `pad_multiple`), or to the smallest of
     the fixed widths `pad_to` that fits (compiled models: one graph per width)."""
     lengths = data.lengths[index]
@@ -219,9 +264,9 @@ def collate(data: TokenizedSet, index: np.ndarray, pad_id: int,
     width = min(fitting) if fitting else -(-width // pad_multiple) * pad_multiple
     input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(index), width), dtype=np.int64)
-    for row, (i, n) in enumerate(zip(index, lengths)):
+    for row, (i, n) in enumerate(zip(index, lengths, strict=False)):
         start = data.offsets[i]
-        input_ids[row, :n] = data.ids[start:start + n]
+        input_ids[row, :n] = data.ids[start : start + n]
         mask[row, :n] = 1
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
     if data.labels is not None:

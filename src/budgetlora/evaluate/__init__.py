@@ -6,8 +6,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"classification_metrics": "metrics", "cross_entropy": "metrics", "format_metrics": "metrics",
-            "softmax": "metrics", "evaluate_split": "predict", "predict_logits": "predict"}
+_EXPORTS = {
+    "classification_metrics": "metrics",
+    "cross_entropy": "metrics",
+    "format_metrics": "metrics",
+    "softmax": "metrics",
+    "evaluate_split": "predict",
+    "predict_logits": "predict",
+}
 __all__ = sorted(_EXPORTS)
 
 

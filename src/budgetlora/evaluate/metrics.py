@@ -24,8 +24,9 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
         return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, names: Sequence[str],
-                           logits: Optional[np.ndarray] = None) -> dict:
+def classification_metrics(
+    labels: np.ndarray, preds: np.ndarray, names: Sequence[str], logits: Optional[np.ndarray] = None
+) -> dict:
     """Accuracy with n and 95% Wilson CI, macro-F1, per-class P/R/F1 and the confusion matrix
     (rows: true class, columns: predicted class)."""
     k = len(names)
@@ -40,12 +41,23 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, names: Sequenc
         precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
         recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-                           "support": int(confusion[i].sum())}
+        per_class[name] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": int(confusion[i].sum()),
+        }
         f1s.append(f1)
-    metrics = {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct,
-               "ci_low": low, "ci_high": high, "macro_f1": float(np.mean(f1s)),
-               "per_class": per_class, "confusion_matrix": confusion.tolist()}
+    metrics = {
+        "accuracy": correct / n if n else 0.0,
+        "n": n,
+        "correct": correct,
+        "ci_low": low,
+        "ci_high": high,
+        "macro_f1": float(np.mean(f1s)),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
     if logits is not None:
         metrics["loss"] = cross_entropy(logits, labels)
     return metrics
@@ -54,17 +66,20 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, names: Sequenc
 def format_metrics(metrics: dict, names: Sequence[str]) -> str:
     """The human-readable report: headline, per-class table, confusion matrix."""
     acc, low, high = metrics["accuracy"], metrics["ci_low"], metrics["ci_high"]
-    lines = [f"accuracy {100 * acc:.2f}% (95% CI {100 * low:.2f}-{100 * high:.2f}, "
-             f"n={metrics['n']:,}, correct={metrics['correct']:,})  macro-F1 {100 * metrics['macro_f1']:.2f}"]
+    lines = [
+        f"accuracy {100 * acc:.2f}% (95% CI {100 * low:.2f}-{100 * high:.2f}, "
+        f"n={metrics['n']:,}, correct={metrics['correct']:,})  macro-F1 {100 * metrics['macro_f1']:.2f}"
+    ]
     width = max(len(n) for n in names)
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
     for name in names:
         row = metrics["per_class"][name]
-        lines.append(f"{name:<{width}}  {row['precision']:>9.4f}  {row['recall']:>6.4f}  "
-                     f"{row['f1']:>5.4f}  {row['support']:>7,}")
+        lines.append(
+            f"{name:<{width}}  {row['precision']:>9.4f}  {row['recall']:>6.4f}  {row['f1']:>5.4f}  {row['support']:>7,}"
+        )
     lines.append("confusion matrix (rows: true, columns: predicted)")
     cell = max([7] + [len(n) for n in names])
     lines.append(" " * (width + 2) + " ".join(f"{n:>{cell}}" for n in names))
-    for name, row in zip(names, metrics["confusion_matrix"]):
+    for name, row in zip(names, metrics["confusion_matrix"], strict=False):
         lines.append(f"{name:<{width}}  " + " ".join(f"{v:>{cell},}" for v in row))
     return "\n".join(lines)

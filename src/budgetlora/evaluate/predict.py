@@ -25,9 +25,15 @@ CPU_BATCH_TOKENS, CPU_MAX_BATCH = 4096, 64
 DEFAULT_BATCH = PredictionBatch(tokens=16384, rows=128)  # Config().prediction_batch
 
 
-def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: int,
-                   batch: PredictionBatch = DEFAULT_BATCH, merge: bool = True,
-                   progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+def predict_logits(
+    model: nn.Module,
+    data: TokenizedSet,
+    rt: Runtime,
+    pad_id: int,
+    batch: PredictionBatch = DEFAULT_BATCH,
+    merge: bool = True,
+    progress: Optional[Callable[[int], None]] = None,
+) -> np.ndarray:
     """Logits for every row of `data`, in the original row order (batches are length-sorted).
 
     With `merge`, a LoRA model predicts through a copy with the adapters folded into the base
@@ -46,7 +52,7 @@ def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: in
     net = merged_copy(model, inference_dtype(device, rt.precision)) if merge else model
     with torch.inference_mode():
         batches = sorted_batches(data.lengths, batch.tokens, batch.rows)
-        for index in batches[dist.rank::dist.world_size]:
+        for index in batches[dist.rank :: dist.world_size]:
             inputs = collate(data, index, pad_id, pad_multiple_for(device))
             inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items() if k != "labels"}
             with autocast(device, rt.precision):
@@ -60,9 +66,15 @@ def predict_logits(model: nn.Module, data: TokenizedSet, rt: Runtime, pad_id: in
     return gather_rows(np.concatenate(indices), rows, len(data), dist)
 
 
-def evaluate_split(model: nn.Module, data: Optional[TokenizedSet], names: list[str], rt: Runtime, pad_id: int,
-                   batch: PredictionBatch, progress: Optional[Callable[[int], None]] = None
-                   ) -> tuple[Optional[dict], Optional[np.ndarray]]:
+def evaluate_split(
+    model: nn.Module,
+    data: Optional[TokenizedSet],
+    names: list[str],
+    rt: Runtime,
+    pad_id: int,
+    batch: PredictionBatch,
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple[Optional[dict], Optional[np.ndarray]]:
     """Metrics and predicted classes of a labeled split (None, None without one)."""
     if data is None or len(data) == 0 or data.labels is None:
         return None, None

@@ -120,8 +120,9 @@ def mcnemar_worse_pvalue(candidate: Sequence[bool] | np.ndarray, leader: Sequenc
     return float(binom.cdf(only_candidate, discordant, 0.5))
 
 
-def paired_bootstrap_worse_pvalue(candidate: Sequence[bool] | np.ndarray, leader: Sequence[bool] | np.ndarray,
-                                  resamples: int = 2000, seed: int = 0) -> float:
+def paired_bootstrap_worse_pvalue(
+    candidate: Sequence[bool] | np.ndarray, leader: Sequence[bool] | np.ndarray, resamples: int = 2000, seed: int = 0
+) -> float:
     """One-sided paired bootstrap: the share of row resamples in which the candidate is at least as
     accurate as the leader (with a +1 correction, so it is never exactly 0)."""
     a = _as_bool_array(candidate, "candidate").astype(np.int8)

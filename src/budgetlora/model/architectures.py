@@ -20,49 +20,135 @@ class Family:
     position_offset: int = 0  # positions reserved by the embedding (RoBERTa: padding_idx + 1)
 
 
-BERT = Family(r"(?:^|.*\.)encoder\.layer\.(\d+)\.", {
-    "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-    "o": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"})
+BERT = Family(
+    r"(?:^|.*\.)encoder\.layer\.(\d+)\.",
+    {
+        "q": "attention.self.query",
+        "k": "attention.self.key",
+        "v": "attention.self.value",
+        "o": "attention.output.dense",
+        "ffn_in": "intermediate.dense",
+        "ffn_out": "output.dense",
+    },
+)
 ROBERTA = Family(BERT.layer_pattern, BERT.targets, position_offset=2)
-DISTILBERT = Family(r"(?:^|.*\.)transformer\.layer\.(\d+)\.", {
-    "q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
-    "o": "attention.out_lin", "ffn_in": "ffn.lin1", "ffn_out": "ffn.lin2"})
-DEBERTA_V2 = Family(BERT.layer_pattern, {
-    "q": "attention.self.query_proj", "k": "attention.self.key_proj", "v": "attention.self.value_proj",
-    "o": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"})
-MODERNBERT = Family(r"(?:^|.*\.)layers\.(\d+)\.", {
-    "qkv": "attn.Wqkv", "o": "attn.Wo", "ffn_in": "mlp.Wi", "ffn_out": "mlp.Wo"})
+DISTILBERT = Family(
+    r"(?:^|.*\.)transformer\.layer\.(\d+)\.",
+    {
+        "q": "attention.q_lin",
+        "k": "attention.k_lin",
+        "v": "attention.v_lin",
+        "o": "attention.out_lin",
+        "ffn_in": "ffn.lin1",
+        "ffn_out": "ffn.lin2",
+    },
+)
+DEBERTA_V2 = Family(
+    BERT.layer_pattern,
+    {
+        "q": "attention.self.query_proj",
+        "k": "attention.self.key_proj",
+        "v": "attention.self.value_proj",
+        "o": "attention.output.dense",
+        "ffn_in": "intermediate.dense",
+        "ffn_out": "output.dense",
+    },
+)
+MODERNBERT = Family(
+    r"(?:^|.*\.)layers\.(\d+)\.", {"qkv": "attn.Wqkv", "o": "attn.Wo", "ffn_in": "mlp.Wi", "ffn_out": "mlp.Wo"}
+)
 
 FAMILIES: dict[str, Family] = {
-    "bert": BERT, "electra": BERT, "roberta": ROBERTA, "xlm-roberta": ROBERTA, "camembert": ROBERTA,
-    "distilbert": DISTILBERT, "deberta-v2": DEBERTA_V2, "modernbert": MODERNBERT,
+    "bert": BERT,
+    "electra": BERT,
+    "roberta": ROBERTA,
+    "xlm-roberta": ROBERTA,
+    "camembert": ROBERTA,
+    "distilbert": DISTILBERT,
+    "deberta-v2": DEBERTA_V2,
+    "modernbert": MODERNBERT,
 }
 # fused projections: the short names a fused module stands for (all of them, or none)
 FUSED = {"qkv": ("q", "k", "v")}
 
 # architectures known without the hub: (model_type, config overrides of CONFIG_MAPPING[model_type]())
 KNOWN_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "roberta-base": ("roberta", dict(max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-                                     bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, vocab_size=50265)),
-    "roberta-large": ("roberta", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                      intermediate_size=4096, max_position_embeddings=514, vocab_size=50265,
-                                      type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5)),
+    "roberta-base": (
+        "roberta",
+        dict(
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            layer_norm_eps=1e-5,
+            vocab_size=50265,
+        ),
+    ),
+    "roberta-large": (
+        "roberta",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            max_position_embeddings=514,
+            vocab_size=50265,
+            type_vocab_size=1,
+            pad_token_id=1,
+            layer_norm_eps=1e-5,
+        ),
+    ),
     "bert-base-uncased": ("bert", {}),
     "distilbert-base-uncased": ("distilbert", {}),
-    "microsoft/deberta-v3-base": ("deberta-v2", dict(
-        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
-        share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7, max_relative_positions=-1,
-        position_biased_input=False, type_vocab_size=0, pad_token_id=0)),
-    "answerdotai/ModernBERT-base": ("modernbert", dict(
-        vocab_size=50368, hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
-        max_position_embeddings=8192, global_attn_every_n_layers=3, local_attention=128, pad_token_id=50283,
-        bos_token_id=50281, eos_token_id=50282, cls_token_id=50281, sep_token_id=50282)),
+    "microsoft/deberta-v3-base": (
+        "deberta-v2",
+        dict(
+            vocab_size=128100,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+            relative_attention=True,
+            position_buckets=256,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            pos_att_type=["p2c", "c2p"],
+            layer_norm_eps=1e-7,
+            max_relative_positions=-1,
+            position_biased_input=False,
+            type_vocab_size=0,
+            pad_token_id=0,
+        ),
+    ),
+    "answerdotai/ModernBERT-base": (
+        "modernbert",
+        dict(
+            vocab_size=50368,
+            hidden_size=768,
+            num_hidden_layers=22,
+            num_attention_heads=12,
+            intermediate_size=1152,
+            max_position_embeddings=8192,
+            global_attn_every_n_layers=3,
+            local_attention=128,
+            pad_token_id=50283,
+            bos_token_id=50281,
+            eos_token_id=50282,
+            cls_token_id=50281,
+            sep_token_id=50282,
+        ),
+    ),
 }
-for _alias, _name in (("FacebookAI/roberta-base", "roberta-base"), ("FacebookAI/roberta-large", "roberta-large"),
-                      ("google-bert/bert-base-uncased", "bert-base-uncased"),
-                      ("distilbert/distilbert-base-uncased", "distilbert-base-uncased"),
-                      ("deberta-v3-base", "microsoft/deberta-v3-base"), ("modernbert-base", "answerdotai/ModernBERT-base")):
+for _alias, _name in (
+    ("FacebookAI/roberta-base", "roberta-base"),
+    ("FacebookAI/roberta-large", "roberta-large"),
+    ("google-bert/bert-base-uncased", "bert-base-uncased"),
+    ("distilbert/distilbert-base-uncased", "distilbert-base-uncased"),
+    ("deberta-v3-base", "microsoft/deberta-v3-base"),
+    ("modernbert-base", "answerdotai/ModernBERT-base"),
+):
     KNOWN_ARCHITECTURES[_alias] = KNOWN_ARCHITECTURES[_name]
 
 

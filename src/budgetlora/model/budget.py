@@ -37,7 +37,7 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def _category(name: str, model_type: str, heads: list[str]) -> str:
-    path = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+    path = name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
     is_head = "modules_to_save" in path or any(path == h or path.startswith(h + ".") for h in heads)
     kind = "head" if is_head else (target_kind(path, model_type) or "other")
     for marker, label in ((".lora_A.", "lora_A"), (".lora_B.", "lora_B"), ("lora_magnitude", "dora_magnitude")):
@@ -78,8 +78,11 @@ class CountCache:
         lora = dataclasses.asdict(cfg.lora)
         for irrelevant in ("alpha", "dropout", "dropout_position", "use_rslora"):
             lora.pop(irrelevant)
-        key = json.dumps([cfg.model, cfg.mode, lora, dataclasses.asdict(cfg.head), num_labels,
-                          cfg.data.max_length], sort_keys=True, default=str)
+        key = json.dumps(
+            [cfg.model, cfg.mode, lora, dataclasses.asdict(cfg.head), num_labels, cfg.data.max_length],
+            sort_keys=True,
+            default=str,
+        )
         if key not in self._reports:
             self._reports[key] = count_trainable(build_meta_model(cfg, num_labels))
         return self._reports[key]
@@ -113,9 +116,11 @@ def max_rank(cfg: Config, num_labels: int, budget: int) -> tuple[int, int]:
 
 
 def no_rank_fits(cfg: Config, count: int) -> str:
-    return (f"no rank fits: r=1 on {','.join(cfg.lora.targets + cfg.lora.target_modules)} already needs "
-            f"{count:,} trainable parameters (budget {cfg.budget:,}); freeze or shrink the head, or target "
-            "fewer modules")
+    return (
+        f"no rank fits: r=1 on {','.join(cfg.lora.targets + cfg.lora.target_modules)} already needs "
+        f"{count:,} trainable parameters (budget {cfg.budget:,}); freeze or shrink the head, or target "
+        "fewer modules"
+    )
 
 
 def check_budget(cfg: Config, report: BudgetReport, num_labels: int) -> None:
@@ -123,10 +128,19 @@ def check_budget(cfg: Config, report: BudgetReport, num_labels: int) -> None:
     if cfg.budget is None or cfg.mode == "full" or report.trainable <= cfg.budget:
         return
     r, count = max_rank(cfg, num_labels, cfg.budget)
-    advice = (f"the largest rank that fits for targets {','.join(cfg.lora.targets + cfg.lora.target_modules)} "
-              f"is r={r} ({count:,} trainable): --set lora.r={r}") if r else no_rank_fits(cfg, count)
-    raise OverBudgetError(f"{report.trainable:,} trainable parameters exceed the budget of {cfg.budget:,}; "
-                          f"{advice}\n" + report.table(), trainable=report.trainable, budget=cfg.budget)
+    advice = (
+        (
+            f"the largest rank that fits for targets {','.join(cfg.lora.targets + cfg.lora.target_modules)} "
+            f"is r={r} ({count:,} trainable): --set lora.r={r}"
+        )
+        if r
+        else no_rank_fits(cfg, count)
+    )
+    raise OverBudgetError(
+        f"{report.trainable:,} trainable parameters exceed the budget of {cfg.budget:,}; {advice}\n" + report.table(),
+        trainable=report.trainable,
+        budget=cfg.budget,
+    )
 
 
 def known_num_labels(cfg: Config) -> Optional[int]:

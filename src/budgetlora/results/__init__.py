@@ -6,5 +6,15 @@ from budgetlora.results.report import write_report
 from budgetlora.results.runs import RunRecord, collect_runs, read_run
 from budgetlora.results.table import build_table, display_table, markdown_table, mark_ties, write_results
 
-__all__ = ["RunRecord", "build_table", "collect_runs", "compare_runs", "display_table", "mark_ties",
-           "markdown_table", "read_run", "write_report", "write_results"]
+__all__ = [
+    "RunRecord",
+    "build_table",
+    "collect_runs",
+    "compare_runs",
+    "display_table",
+    "mark_ties",
+    "markdown_table",
+    "read_run",
+    "write_report",
+    "write_results",
+]

@@ -17,8 +17,18 @@ from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results.plots import bar_chart
 from budgetlora.results.runs import RunRecord, read_run
-from budgetlora.results.table import (TIE_NOTE, csv_safe_frame, fmt_number, fmt_p, number_or_nan, accuracy_of, format_acc_ci, mark_ties,
-                                      markdown_table)
+from budgetlora.results.table import (
+    TIE_NOTE,
+    csv_safe_frame,
+    fmt_number,
+    fmt_p,
+    number_or_nan,
+    accuracy_of,
+    format_acc_ci,
+    mark_ties,
+    markdown_table,
+)
+
 
 def unique_labels(paths: Sequence[Path]) -> list[str]:
     """Shortest path suffixes that tell the runs apart (runs/a/r8 vs runs/b/r8 → a/r8, b/r8)."""
@@ -78,10 +88,7 @@ def _compare_charts(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         )
     )
     acc = 100 * table["test_acc"].to_numpy(float)
-    errors = [
-        acc - 100 * table["test_ci_low"].to_numpy(float),
-        100 * table["test_ci_high"].to_numpy(float) - acc,
-    ]
+    errors = [acc - 100 * table["test_ci_low"].to_numpy(float), 100 * table["test_ci_high"].to_numpy(float) - acc]
     written.append(
         bar_chart(
             labels,
@@ -96,7 +103,8 @@ def _compare_charts(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 
 COMPARE_FILES = ("compare.csv", "compare.md", "compare_loss.png", "compare_test_acc.png") + tuple(
-    name for _, _, name in _COMPARE_BARS)
+    name for _, _, name in _COMPARE_BARS
+)
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite: bool = False) -> pd.DataFrame:
@@ -107,8 +115,14 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, overwrite:
     out = Path(out_dir)
     inside = rd.inside_run(out)
     if inside is not None:
-        raise BudgetLoraError(f"compare --out {out} is inside the run {inside}; a comparison is not part of one "
-                              "run: write it to another folder")
+        raise BudgetLoraError(
+            f"compare --out {out} is inside the run {inside}; a comparison is not part of one "
+            "run: write it to another folder"
+        )
+    resolved = [p.resolve() for p in paths]
+    twice = next((p for p, r in zip(paths, resolved, strict=False) if resolved.count(r) > 1), None)
+    if twice is not None:
+        raise BudgetLoraError(f"compare: {twice} is given twice; compare different runs")
     runs = [read_run(p, label) for p, label in zip(paths, unique_labels(paths), strict=True)]
     folder = atomic.OutputFolder(out, overwrite)
     folder.claim(COMPARE_FILES)

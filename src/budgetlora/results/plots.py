@@ -29,6 +29,9 @@ _MAX_POINT_LABELS = 15
 
 
 _MAX_ANNOTATED_CLASSES = 12
+ROTATE_FROM = 3  # bar labels turn when there are more
+LOG_SCALE_RATIO = 20  # an x axis spanning more than this factor is drawn in log scale
+MIN_AXIS = 2  # values per heatmap axis
 
 
 def new_figure(figsize: tuple[float, float]) -> Figure:
@@ -41,7 +44,8 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
 def save_figure(fig: Figure, path: Path) -> Path:
     """Into its folder's outputs; the caller claimed the name (atomic.OutputFolder.claim) first."""
     return atomic.OutputFolder(path.parent, overwrite=True).write_with(
-        path.name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        path.name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    )
 
 
 def bar_chart(
@@ -62,16 +66,12 @@ def bar_chart(
     width = 0.8 / len(series)
     for i, (name, vals) in enumerate(series.items()):
         yerr = np.asarray(errors, dtype=float) if errors is not None and i == 0 else None
-        ax.bar(
-            x + (i - (len(series) - 1) / 2) * width,
-            np.nan_to_num(vals),
-            width,
-            label=name,
-            yerr=yerr,
-            capsize=4,
-        )
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(vals), width, label=name, yerr=yerr, capsize=4)
     ax.set_xticks(
-        x, labels, rotation=30 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center"
+        x,
+        labels,
+        rotation=30 if len(labels) > ROTATE_FROM else 0,
+        ha="right" if len(labels) > ROTATE_FROM else "center",
     )
     ax.set_title(title)
     ax.set_ylabel(ylabel)
@@ -150,12 +150,10 @@ def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
         ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=f"{split} accuracy (95% CI)")
     if len(points) <= _MAX_POINT_LABELS:
         for label, x_, _, acc in points:
-            ax.annotate(
-                label, (x_, 100 * acc.accuracy), fontsize=7, xytext=(4, 4), textcoords="offset points"
-            )
+            ax.annotate(label, (x_, 100 * acc.accuracy), fontsize=7, xytext=(4, 4), textcoords="offset points")
     xs = [p[1] for p in points]
     # Budgets span orders of magnitude (LoRA r=1 vs full fine-tuning).
-    if max(xs) / min(xs) > 20:
+    if max(xs) / min(xs) > LOG_SCALE_RATIO:
         ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("accuracy %")
@@ -173,7 +171,7 @@ def _confusion(run: RunRecord) -> tuple[np.ndarray, list[str]] | None:
         cm = np.asarray(matrix, dtype=float)
     except (TypeError, ValueError):
         return None
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:  # noqa: PLR2004 - a matrix
         return None
     names = run.label_names
     if len(names) != cm.shape[0]:
@@ -209,7 +207,7 @@ def confusion_heatmap(run: RunRecord, path: Path) -> Path | None:
                 ha="center",
                 va="center",
                 fontsize=8,
-                color="white" if norm[i, j] > 0.5 else "black",
+                color="white" if norm[i, j] > 0.5 else "black",  # noqa: PLR2004 - dark half of the colormap
             )
     return save_figure(fig, path)
 
@@ -255,8 +253,7 @@ def sweep_grid(runs: Sequence[RunRecord]) -> Grid | None:
     for row_key, col_key in itertools.combinations(keys, 2):
         grid = _grid_for(runs, row_key, col_key, metric, [k for k in keys if k not in (row_key, col_key)])
         if grid is not None and (
-            best is None
-            or np.count_nonzero(~np.isnan(grid.values)) > np.count_nonzero(~np.isnan(best.values))
+            best is None or np.count_nonzero(~np.isnan(grid.values)) > np.count_nonzero(~np.isnan(best.values))
         ):
             best = grid
     return best
@@ -278,7 +275,7 @@ def _grid_for(runs: Sequence[RunRecord], row_key: str, col_key: str, metric: str
             seen.setdefault(key, set()).add(canonical(run.config.get(key)))
     row_vals = {r for r, _ in cells}
     col_vals = {c for _, c in cells}
-    if len(row_vals) < 2 or len(col_vals) < 2 or len(cells) <= max(len(row_vals), len(col_vals)):
+    if len(row_vals) < MIN_AXIS or len(col_vals) < MIN_AXIS or len(cells) <= max(len(row_vals), len(col_vals)):
         return None
     rows, cols = _ordered(row_vals, originals), _ordered(col_vals, originals)
     values = np.full((len(rows), len(cols)), np.nan)
@@ -286,9 +283,7 @@ def _grid_for(runs: Sequence[RunRecord], row_key: str, col_key: str, metric: str
         values[rows.index(r), cols.index(c)] = float(np.mean(accs))
     # Only keys that really differ inside a cell are averaged over (lora.alpha tied to lora.r is not).
     averaged = [k for k in others if any(len(seen.get(k, ())) > 1 for seen in other_values.values())]
-    return Grid(
-        row_key, col_key, [originals[r] for r in rows], [originals[c] for c in cols], values, metric, averaged
-    )
+    return Grid(row_key, col_key, [originals[r] for r in rows], [originals[c] for c in cols], values, metric, averaged)
 
 
 def sweep_heatmap(runs: Sequence[RunRecord], path: Path) -> Path | None:
@@ -300,9 +295,7 @@ def sweep_heatmap(runs: Sequence[RunRecord], path: Path) -> Path | None:
     masked = np.ma.masked_invalid(100 * grid.values)
     image = ax.imshow(masked, cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label=f"mean {grid.metric} accuracy %")
-    ax.set_xticks(
-        np.arange(len(grid.cols)), [str(display_value(c)) for c in grid.cols], rotation=30, ha="right"
-    )
+    ax.set_xticks(np.arange(len(grid.cols)), [str(display_value(c)) for c in grid.cols], rotation=30, ha="right")
     ax.set_yticks(np.arange(len(grid.rows)), [str(display_value(r)) for r in grid.rows])
     ax.set_xlabel(grid.col_key)
     ax.set_ylabel(grid.row_key)
@@ -310,9 +303,7 @@ def sweep_heatmap(runs: Sequence[RunRecord], path: Path) -> Path | None:
     middle = (np.nanmin(grid.values) + np.nanmax(grid.values)) / 2
     for i, j in itertools.product(range(len(grid.rows)), range(len(grid.cols))):
         v = grid.values[i, j]
-        text, color = (
-            ("—", "black") if math.isnan(v) else (f"{100 * v:.2f}", "black" if v > middle else "white")
-        )
+        text, color = ("—", "black") if math.isnan(v) else (f"{100 * v:.2f}", "black" if v > middle else "white")
         ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     title = f"mean {grid.metric} accuracy: {grid.row_key} × {grid.col_key}"
     if grid.averaged_over:

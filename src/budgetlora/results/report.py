@@ -17,8 +17,17 @@ from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results.plots import curve_plot, accuracy_vs_params, confusion_heatmap, sweep_heatmap
 from budgetlora.results.runs import RunRecord, collect_runs
-from budgetlora.results.table import (RESULTS_FILES, TIE_NOTE, accuracy_of, build_table, csv_safe_frame, display_table,
-                                      markdown_table, results_markdown)
+from budgetlora.results.table import (
+    RESULTS_FILES,
+    TIE_NOTE,
+    accuracy_of,
+    build_table,
+    csv_safe_frame,
+    display_table,
+    markdown_table,
+    results_markdown,
+)
+
 
 @dataclass
 class Plots:
@@ -46,9 +55,7 @@ def _curves(runs: Sequence[RunRecord], out: Path, plots: Plots) -> None:
         "no accuracy in metrics.jsonl",
     )
     plots.add(
-        "learning rate",
-        curve_plot(runs, ["lr"], "learning rate", "lr", out / "lr.png"),
-        "no lr in metrics.jsonl",
+        "learning rate", curve_plot(runs, ["lr"], "learning rate", "lr", out / "lr.png"), "no lr in metrics.jsonl"
     )
 
 
@@ -162,16 +169,20 @@ def _folder_plots(runs: Sequence[RunRecord], out: Path) -> Plots:
         cm_path,
         "no run has a test confusion matrix",
     )
-    plots.add(
-        "sweep heatmap",
-        sweep_heatmap(runs, out / "sweep_heatmap.png"),
-        "no two varying config keys form a grid",
-    )
+    plots.add("sweep heatmap", sweep_heatmap(runs, out / "sweep_heatmap.png"), "no two varying config keys form a grid")
     return plots
 
 
-REPORT_FILES = ("report.md", "report.html", "loss.png", "accuracy.png", "lr.png", "confusion_matrix.png",
-                "accuracy_vs_params.png", "sweep_heatmap.png")
+REPORT_FILES = (
+    "report.md",
+    "report.html",
+    "loss.png",
+    "accuracy.png",
+    "lr.png",
+    "confusion_matrix.png",
+    "accuracy_vs_params.png",
+    "sweep_heatmap.png",
+)
 
 
 def write_report(path: str | Path, verdict: str = "", overwrite: bool = False) -> Path:

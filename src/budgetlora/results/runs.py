@@ -77,6 +77,11 @@ class RunRecord:
         return rd.read_metrics(self.path / rd.METRICS)
 
     @cached_property
+    def val_outcomes(self) -> pd.Series | None:
+        """Per-row correctness of the final model on the validation rows (None when not saved)."""
+        return _read_outcomes(self.path / rd.VAL_PREDICTIONS)
+
+    @cached_property
     def test_outcomes(self) -> pd.Series | None:
         """Per-row correctness indexed by test ID, or None when no usable predictions file."""
         return _read_outcomes(self.path / rd.PREDICTIONS)

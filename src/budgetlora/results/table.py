@@ -18,7 +18,7 @@ from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.artifacts.summary import SplitMetrics
 from budgetlora.errors import BudgetLoraError
-from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue
+from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue, wilson_interval
 from budgetlora.results.runs import RunRecord, collect_runs
 
 ALPHA = 0.05
@@ -52,11 +52,7 @@ def varying_keys(runs: Sequence[RunRecord]) -> list[str]:
     keys: dict[str, None] = {}
     for run in runs:
         keys.update(dict.fromkeys(run.config))
-    return [
-        key
-        for key in keys
-        if not _is_noise_key(key) and len({canonical(run.config.get(key)) for run in runs}) > 1
-    ]
+    return [key for key in keys if not _is_noise_key(key) and len({canonical(run.config.get(key)) for run in runs}) > 1]
 
 
 def display_value(value: Any) -> Any:
@@ -112,37 +108,47 @@ def format_acc_ci(acc: Accuracy | None) -> str:
     return f"{100 * acc.accuracy:.2f} ± {100 * (acc.ci_high - acc.ci_low) / 2:.2f}"
 
 
-def paired_pvalue(a: RunRecord, b: RunRecord) -> tuple[float, str]:
-    """p-value for "a and b have the same test accuracy" and the test used.
+SELECTION_SPLIT = "val"  # the split that chooses between runs; the test split is reported beside, never used
 
-    McNemar when both runs scored exactly the same test IDs (paired and more powerful),
-    otherwise the two-proportion z-test on the summary counts.
+
+def split_of(run: RunRecord, split: str) -> SplitMetrics | None:
+    return run.val if split == "val" else run.test
+
+
+def paired_pvalue(a: RunRecord, b: RunRecord, split: str = SELECTION_SPLIT) -> tuple[float, str]:
+    """p-value for "a and b have the same accuracy on `split`" and the test used.
+
+    McNemar when both runs scored exactly the same rows of the split (paired and more powerful;
+    val_predictions.csv / test_predictions.csv), otherwise the two-proportion z-test on the counts.
     """
-    out_a, out_b = a.test_outcomes, b.test_outcomes
+    out_a, out_b = (a.val_outcomes, b.val_outcomes) if split == "val" else (a.test_outcomes, b.test_outcomes)
     if out_a is not None and out_b is not None and len(out_a) and set(out_a.index) == set(out_b.index):
         aligned_b = out_b.reindex(out_a.index)
         return mcnemar_pvalue(out_a.to_numpy(bool), aligned_b.to_numpy(bool)), "mcnemar"
-    acc_a, acc_b = accuracy_of(a.test), accuracy_of(b.test)
+    acc_a, acc_b = accuracy_of(split_of(a, split)), accuracy_of(split_of(b, split))
     if acc_a is None or acc_b is None:
-        raise ValueError("both runs need a test set to be compared")
+        raise ValueError(f"both runs need a {split} split to be compared")
     return two_proportion_pvalue(acc_a.correct, acc_a.n, acc_b.correct, acc_b.n), "z-test"
 
 
-def mark_ties(runs: Sequence[RunRecord], alpha: float = ALPHA) -> dict[str, tuple[str, float, str]]:
-    """label → (mark, p-value vs the best run, test used) for runs that have a test set.
+def mark_ties(
+    runs: Sequence[RunRecord], alpha: float = ALPHA, split: str = SELECTION_SPLIT
+) -> dict[str, tuple[str, float, str]]:
+    """label → (mark, p-value vs the best run, test used) for runs scored on `split`.
 
-    The best test accuracy is "best"; a run is a "tie" when the test cannot tell it apart from
-    the best at level alpha, i.e. the ranking between the two is noise.
+    The best accuracy on the validation split (the final model's) is "best": it is the split that
+    chooses, so the test figure beside it stays an honest estimate. A run is a "tie" when the
+    paired test on the same validation rows cannot tell it apart from the best at level alpha.
     """
-    scored = [r for r in runs if accuracy_of(r.test) is not None]
+    scored = [r for r in runs if accuracy_of(split_of(r, split)) is not None and r.pruned is None]
     if not scored:
         return {}
-    best = max(scored, key=lambda r: accuracy_of(r.test).accuracy)  # type: ignore[union-attr]
+    best = max(scored, key=lambda r: accuracy_of(split_of(r, split)).accuracy)  # type: ignore[union-attr]
     marks: dict[str, tuple[str, float, str]] = {best.label: ("best", math.nan, "")}
     for run in scored:
         if run is best:
             continue
-        p, method = paired_pvalue(best, run)
+        p, method = paired_pvalue(best, run, split)
         marks[run.label] = ("tie" if p >= alpha else "", p, method)
     return marks
 
@@ -152,7 +158,7 @@ def number_or_nan(value: Any) -> float:
 
 
 def _run_row(run: RunRecord, varying: list[str], marks: dict[str, tuple[str, float, str]]) -> dict[str, Any]:
-    test = accuracy_of(run.test)
+    test, val = accuracy_of(run.test), accuracy_of(run.val)
     mark, p, method = marks.get(run.label, ("", math.nan, ""))
     if run.pruned is not None:
         mark = f"pruned @ {run.pruned.step}"
@@ -161,6 +167,9 @@ def _run_row(run: RunRecord, varying: list[str], marks: dict[str, tuple[str, flo
     row.update(
         seeds="",
         trainable_params=number_or_nan(run.trainable_params),
+        val=format_acc_ci(val),
+        val_acc=val.accuracy if val else math.nan,
+        val_n=val.n if val else math.nan,
         best_val_acc=number_or_nan(run.val_acc),
         best_val_acc_std=math.nan,
         best_step=number_or_nan(run.best_step),
@@ -191,12 +200,16 @@ def _group_row(members: list[RunRecord], varying: list[str]) -> dict[str, Any]:
     seeds = [_seed_of(r) for r in members]
     tests = [accuracy_of(r.test) for r in members]
     test_mean, test_std = _mean_or_nan(t.accuracy for t in tests if t is not None)
+    final_val_mean, final_val_std = _mean_or_nan(r.val.accuracy for r in members if r.val is not None)
     val_mean, val_std = _mean_or_nan(r.val_acc for r in members)
     row: dict[str, Any] = {"run": "mean of " + ", ".join(r.label for r in members), "kind": "mean"}
     row.update({key: "" if is_seed_key(key) else display_value(first.config.get(key)) for key in varying})
     row.update(
         seeds=",".join(str(s) for s in seeds),
         trainable_params=number_or_nan(first.trainable_params),
+        val="" if math.isnan(final_val_mean) else f"{100 * final_val_mean:.2f} ± {100 * final_val_std:.2f}",
+        val_acc=final_val_mean,
+        val_n=math.nan,
         best_val_acc=val_mean,
         best_val_acc_std=val_std,
         best_step=math.nan,
@@ -238,7 +251,11 @@ def sort_table(table: pd.DataFrame, sort_by: str, descending: bool = True) -> pd
 
 
 def default_sort_column(table: pd.DataFrame) -> str:
-    return "test_acc" if table["test_acc"].notna().any() else "best_val_acc"
+    """The split that chooses: the final model's validation accuracy, where the runs have one."""
+    for column in ("val_acc", "best_val_acc", "test_acc"):
+        if table[column].notna().any():
+            return column
+    return "val_acc"
 
 
 def build_table(runs: Sequence[RunRecord], sort_by: str | None = None, descending: bool = True) -> pd.DataFrame:
@@ -260,9 +277,7 @@ def build_table(runs: Sequence[RunRecord], sort_by: str | None = None, descendin
 def fmt_number(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    if isinstance(value, (int, np.integer)) or (
-        isinstance(value, float) and value.is_integer() and digits == 0
-    ):
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer() and digits == 0):
         return f"{int(value):,}"
     return f"{value:.{digits}f}"
 
@@ -274,7 +289,7 @@ def fmt_pct(value: Any) -> str:
 def fmt_p(value: Any) -> str:
     if value is None or math.isnan(value):
         return ""
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"  # noqa: PLR2004 - the third decimal shown
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -290,6 +305,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         fmt_pct(acc) + (f" @ {int(step)}" if not math.isnan(step) else "")
         for acc, step in zip(table["best_val_acc"], table["best_step"], strict=True)
     ]
+    if (table["val"] != "").any():
+        out["val acc % (95% CI / ± sd)"] = table["val"]
     out["test acc % (95% CI / ± sd)"] = table["test"]
     out["mark"] = table["mark"]
     out["p vs best"] = table["p_vs_best"].map(fmt_p)
@@ -313,16 +330,59 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 TIE_NOTE = (
-    "`best` = highest test accuracy; `tie` = not significantly different from `best` at 5% "
-    "(exact McNemar test on the paired rows of test_predictions.csv when both runs scored the same "
-    "test IDs, else a two-proportion z-test). Test accuracy is shown ± the half-width of its 95% "
-    "Wilson interval; `mean of …` rows are seed repeats, shown as mean ± sample std."
+    "`best` = highest validation accuracy of the final model (the split that chooses; the test split "
+    "is shown beside it and never used to choose, so the best run's test figure is an honest "
+    "estimate); `tie` = not significantly different from `best` on the validation rows at 5% (exact "
+    "McNemar test on the paired rows of val_predictions.csv when both runs scored the same rows, else "
+    "a two-proportion z-test). Accuracies are shown ± the half-width of their 95% Wilson interval; "
+    "`mean of …` rows are seed repeats, shown as mean ± sample std."
 )
+
+
+def selection_note(table: pd.DataFrame) -> str:
+    """How much choosing on the test split would have overstated the winner (its test figure
+    beside the validation-chosen winner's), and a warning when the validation split is too small
+    to separate the top runs (the half-width of its 95% interval against their spread)."""
+    runs = table[(table["kind"] == "run") & table["val_acc"].notna() & table["test_acc"].notna()]
+    if len(runs) < MIN_SELECTION_RUNS:
+        return ""
+    by_val = runs.sort_values("val_acc", ascending=False, kind="stable")
+    chosen, test_best = by_val.iloc[0], runs.loc[runs["test_acc"].idxmax()]
+    lines = ["## Selection", ""]
+    lines.append(
+        f"- chosen on validation: **{chosen['run']}**, validation {100 * chosen['val_acc']:.2f}%, test "
+        f"{100 * chosen['test_acc']:.2f}% (the honest estimate of the choice)"
+    )
+    if test_best["run"] == chosen["run"]:
+        lines.append("- choosing on the test split would have picked the same run")
+    else:
+        lines.append(
+            f"- choosing on the test split would have picked {test_best['run']} and reported "
+            f"{100 * test_best['test_acc']:.2f}%: {100 * (test_best['test_acc'] - chosen['test_acc']):.2f} points more "
+            f"than the validation-chosen winner scores on test (the winner's curse of choosing on test, over "
+            f"{len(runs)} runs)"
+        )
+    top = by_val.head(TOP_RUNS)
+    n = int(chosen["val_n"]) if not math.isnan(chosen["val_n"]) else 0
+    if n and len(top) > 1:
+        low, high = wilson_interval(round(chosen["val_acc"] * n), n)
+        half, spread = (high - low) / 2, top["val_acc"].max() - top["val_acc"].min()
+        if half > spread:
+            lines.append(
+                f"- **warning**: the validation split (n = {n:,}, 95% interval ±{100 * half:.2f} points) is too "
+                f"small to separate the top {len(top)} runs (their validation accuracies span {100 * spread:.2f} "
+                "points); raise data.val_size, or confirm the top runs over seeds (--confirm-top)"
+            )
+    return "\n".join(lines) + "\n"
+
+
+MIN_SELECTION_RUNS, TOP_RUNS = 2, 3
 
 
 def results_markdown(table: pd.DataFrame, root: Path, verdict: str = "") -> str:
     text = f"# Results: {root}\n\n{TIE_NOTE}\n\n" + markdown_table(display_table(table))
-    return text + (f"\n{verdict}" if verdict else "")
+    note = selection_note(table)
+    return text + (f"\n{note}" if note else "") + (f"\n{verdict}" if verdict else "")
 
 
 RESULTS_FILES = ("results.csv", "results.md")
@@ -333,8 +393,9 @@ def csv_safe_frame(table: pd.DataFrame) -> pd.DataFrame:
     return table.apply(lambda column: column.map(rd.spreadsheet_safe) if column.dtype == object else column)
 
 
-def write_results(root: str | Path, sort_by: str | None = None, descending: bool = True,
-                  verdict: str = "", overwrite: bool = False) -> pd.DataFrame:
+def write_results(
+    root: str | Path, sort_by: str | None = None, descending: bool = True, verdict: str = "", overwrite: bool = False
+) -> pd.DataFrame:
     """Collect the runs under root, write root/results.csv and root/results.md (with a sweep's
     verdict, when given), return the table. Files of those names that budgetlora did not write
     are replaced only with `overwrite`."""

@@ -1,6 +1,8 @@
-"""The end of a study: which configuration to use. The winner (highest test accuracy; with
-confirmation runs, highest mean over their seeds), the configurations statistically tied with
-it, and the cheapest of those (fewest trainable parameters, then fastest training)."""
+"""The end of a study: which configuration to use. The winner is chosen on the validation split
+(the final model's validation accuracy; with confirmation runs, its mean over their seeds), never
+on the test split, whose accuracy is reported beside it as the honest estimate; the
+configurations statistically tied with it on the same validation rows; and the cheapest of those
+(fewest trainable parameters, then fastest training)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,15 @@ class Candidate:
 
     label: str
     runs: list[RunRecord]
-    accuracy: float
+    accuracy: float  # on the validation split: what chose it
     std: float = 0.0
     p_vs_winner: float = math.nan
+
+    @property
+    def test_accuracy(self) -> float:
+        """Mean test accuracy of its runs (nan without a test split): reported, never compared."""
+        values = [r.test.accuracy for r in self.runs if r.test is not None]
+        return float(np.mean(values)) if values else math.nan
 
     @property
     def trainable(self) -> float:
@@ -50,24 +58,35 @@ class Verdict:
     def markdown(self) -> str:
         w, cheap = self.winner, self.cheapest
         spread = f" ± {100 * w.std:.2f} (sd over {len(w.runs)} seeds)" if len(w.runs) > 1 else ""
-        lines = ["## Verdict", "", f"- **winner: {w.label}**, test accuracy {100 * w.accuracy:.2f}%{spread}, "
-                 f"{w.trainable:,.0f} trainable parameters"]
+        test = (
+            "" if math.isnan(w.test_accuracy) else f"; test accuracy {100 * w.test_accuracy:.2f}% (not used to choose)"
+        )
+        lines = [
+            "## Verdict",
+            "",
+            f"- **winner: {w.label}**, validation accuracy {100 * w.accuracy:.2f}%{spread}{test}, "
+            f"{w.trainable:,.0f} trainable parameters",
+        ]
         if self.tied:
-            lines.append("- statistically tied with it (p >= 0.05): " + ", ".join(
-                f"{c.label} ({100 * c.accuracy:.2f}%, p={c.p_vs_winner:.3f})" for c in self.tied))
+            lines.append(
+                "- statistically tied with it (p >= 0.05): "
+                + ", ".join(f"{c.label} ({100 * c.accuracy:.2f}%, p={c.p_vs_winner:.3f})" for c in self.tied)
+            )
         else:
             lines.append("- no other configuration is statistically tied with it")
-        lines.append(f"- **cheapest of these: {cheap.label}** ({cheap.trainable:,.0f} trainable parameters, "
-                     f"{cheap.train_time:.0f} s of training)")
+        lines.append(
+            f"- **cheapest of these: {cheap.label}** ({cheap.trainable:,.0f} trainable parameters, "
+            f"{cheap.train_time:.0f} s of training)"
+        )
         lines += ["", self.method, ""]
         return "\n".join(lines)
 
 
 def _stacked_outcomes(runs: Sequence[RunRecord]) -> Optional[dict[tuple[int, str], bool]]:
-    """(seed position, test ID) -> correct, over a configuration's seed runs."""
+    """(seed position, validation row ID) -> correct, over a configuration's seed runs."""
     out: dict[tuple[int, str], bool] = {}
     for i, run in enumerate(sorted(runs, key=lambda r: str(r.config.get("train.seed")))):
-        outcomes = run.test_outcomes
+        outcomes = run.val_outcomes
         if outcomes is None:
             return None
         out.update({(i, str(k)): bool(v) for k, v in outcomes.items()})
@@ -84,28 +103,31 @@ def _grouped_p(a: Candidate, b: Candidate) -> float:
 
 
 def single_run_verdict(runs: Sequence[RunRecord]) -> Optional[Verdict]:
-    scored = [r for r in runs if accuracy_of(r.test) is not None and r.pruned is None]
+    scored = [r for r in runs if accuracy_of(r.val) is not None and r.pruned is None]
     if not scored:
         return None
     marks = mark_ties(scored)
-    candidates = {r.label: Candidate(r.label, [r], accuracy_of(r.test).accuracy) for r in scored}  # type: ignore[union-attr]
+    candidates = {r.label: Candidate(r.label, [r], accuracy_of(r.val).accuracy) for r in scored}  # type: ignore[union-attr]
     winner = next(candidates[label] for label, (mark, _, _) in marks.items() if mark == "best")
     tied = []
     for label, (mark, p, _) in marks.items():
         if mark == "tie":
             candidates[label].p_vs_winner = p
             tied.append(candidates[label])
-    return Verdict(winner, sorted(tied, key=lambda c: -c.accuracy),
-                   "Ties: exact McNemar test on the paired rows of each run's test predictions, at 5%. "
-                   "The winner is picked by test accuracy, so its accuracy is an optimistic estimate; the tied set "
-                   "is the honest answer.")
+    return Verdict(
+        winner,
+        sorted(tied, key=lambda c: -c.accuracy),
+        "Chosen on the validation split (the final model of each run); ties: exact McNemar test on the "
+        "paired validation rows, at 5%. Its validation accuracy is optimistic (it chose); its test "
+        "accuracy, never used to choose, is the honest estimate.",
+    )
 
 
 def confirmed_verdict(groups: dict[str, list[RunRecord]]) -> Optional[Verdict]:
     """From confirmation runs: configuration label -> its seed runs."""
     candidates = []
     for label, runs in groups.items():
-        accs = [accuracy_of(r.test).accuracy for r in runs if accuracy_of(r.test) is not None]  # type: ignore[union-attr]
+        accs = [accuracy_of(r.val).accuracy for r in runs if accuracy_of(r.val) is not None]  # type: ignore[union-attr]
         if accs:
             mean, std = mean_std(accs)
             candidates.append(Candidate(label, runs, mean, std))
@@ -119,6 +141,10 @@ def confirmed_verdict(groups: dict[str, list[RunRecord]]) -> Optional[Verdict]:
             if not c.p_vs_winner < ALPHA:
                 tied.append(c)
     seeds = max(len(c.runs) for c in candidates)
-    return Verdict(winner, sorted(tied, key=lambda c: -c.accuracy),
-                   f"From the confirmation runs ({seeds} seeds per configuration, full length): mean ± sd of test "
-                   "accuracy; ties by an exact McNemar test over the (seed, test row) pairs, at 5%.")
+    return Verdict(
+        winner,
+        sorted(tied, key=lambda c: -c.accuracy),
+        f"From the confirmation runs ({seeds} seeds per configuration, full length): chosen on the mean ± sd "
+        "of validation accuracy; ties by an exact McNemar test over the (seed, validation row) pairs, at 5%; "
+        "the test accuracy (mean over the seeds) is reported, never used to choose.",
+    )

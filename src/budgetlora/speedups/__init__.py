@@ -23,8 +23,17 @@ from budgetlora.speedups.lowrank_dropout import resolve_dropout_position, use_lo
 from budgetlora.speedups.merge import inference_dtype, is_peft_lora, merged_copy
 from budgetlora.speedups.packed_dropout import use_packed_dropout
 
-__all__ = ["CompileReport", "CompiledStep", "FastPath", "inference_dtype", "is_peft_lora", "keep_freed_memory", "merged_copy",
-           "prepare_for_training", "resolve_fast_path"]
+__all__ = [
+    "CompileReport",
+    "CompiledStep",
+    "FastPath",
+    "inference_dtype",
+    "is_peft_lora",
+    "keep_freed_memory",
+    "merged_copy",
+    "prepare_for_training",
+    "resolve_fast_path",
+]
 
 
 @dataclass
@@ -62,8 +71,7 @@ def resolve_fast_path(cfg, device: torch.device) -> FastPath:
     return FastPath(compiled, position, pad_to=pad_to)
 
 
-def prepare_for_training(model: nn.Module, cfg, device: torch.device, precision: str,
-                         pad_id: int = 0) -> FastPath:
+def prepare_for_training(model: nn.Module, cfg, device: torch.device, precision: str, pad_id: int = 0) -> FastPath:
     """Apply the fast path's model changes to a model already on `device`; returns what was
     applied. Compiling is the training step's (training.step.step_runner, for `pad_to`)."""
     fast = resolve_fast_path(cfg, device)

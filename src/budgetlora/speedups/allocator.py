@@ -27,8 +27,12 @@ _applied: bool | None = None
 
 def _user_chose() -> bool:
     preload = os.environ.get("LD_PRELOAD", "")
-    return ("jemalloc" in preload or "tcmalloc" in preload or "GLIBC_TUNABLES" in os.environ
-            or any(name.startswith("MALLOC_") for name in os.environ))
+    return (
+        "jemalloc" in preload
+        or "tcmalloc" in preload
+        or "GLIBC_TUNABLES" in os.environ
+        or any(name.startswith("MALLOC_") for name in os.environ)
+    )
 
 
 def keep_freed_memory() -> bool:
@@ -39,8 +43,10 @@ def keep_freed_memory() -> bool:
         if sys.platform.startswith("linux") and not _user_chose():
             try:
                 libc = ctypes.CDLL("libc.so.6")
-                _applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-                                and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+                _applied = bool(
+                    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+                )
             except (OSError, AttributeError):  # musl or another libc: leave it as it is
                 _applied = False
     return _applied

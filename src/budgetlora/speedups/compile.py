@@ -68,15 +68,19 @@ class CompileReport:
     def describe(self) -> str:
         if self.failure is not None:
             return f"compile: not used ({self.failure}); training eagerly"
-        text = (f"compile: {self.graphs} graph(s) for widths {'/'.join(map(str, self.widths))} in "
-                f"{self.seconds:.1f} s")
+        text = f"compile: {self.graphs} graph(s) for widths {'/'.join(map(str, self.widths))} in {self.seconds:.1f} s"
         if self.recompiles:
             text += f"; {self.recompiles} step(s) asked for a recompile and ran eagerly (first: {self.first_recompile})"
         return text
 
     def as_dict(self) -> dict[str, Any]:
-        return {"widths": list(self.widths), "graphs": self.graphs, "seconds": round(self.seconds, 3),
-                "recompiles": self.recompiles, "failure": self.failure}
+        return {
+            "widths": list(self.widths),
+            "graphs": self.graphs,
+            "seconds": round(self.seconds, 3),
+            "recompiles": self.recompiles,
+            "failure": self.failure,
+        }
 
 
 @dataclass
@@ -138,7 +142,9 @@ class CompiledStep:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.report.widths) + 2)
         self.step.compile(fullgraph=True, dynamic=False, backend=self.backend)
 
-    def warm_up(self, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, precision: str) -> CompileReport:
+    def warm_up(
+        self, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, precision: str
+    ) -> CompileReport:
         """One forward + backward per width; the global RNG (data order, dropout) is left as it
         was, gradients are dropped and parameters are unchanged. A model that cannot be captured
         whole is left eager, with the reason in the report."""
@@ -152,7 +158,7 @@ class CompiledStep:
                     with autocast(device, precision):
                         loss, _ = self.step(**{k: v.to(device) for k, v in batch.items()})
                     loss.backward()
-            except Exception as exc:  # a graph break under fullgraph, or a backend that cannot build
+            except Exception as exc:  # noqa: BLE001 - a graph break under fullgraph, or a backend that cannot build
                 self.uncompile()
                 self.report.failure = _first_line(exc)
         for param in self.step.parameters():
@@ -184,8 +190,9 @@ class CompiledStep:
             return module(**inputs)
 
 
-def warm_up_batches(widths: Sequence[int], rows: int, token_ids: torch.Tensor, labels: torch.Tensor,
-                    pad_id: int) -> list[dict[str, torch.Tensor]]:
+def warm_up_batches(
+    widths: Sequence[int], rows: int, token_ids: torch.Tensor, labels: torch.Tensor, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
     """A batch per width, shaped as training batches are: `rows` rows of real token ids (the last
     row half padding) and real labels, so dtypes and shapes match the steps to come."""
     generator = torch.Generator().manual_seed(0)
@@ -194,7 +201,7 @@ def warm_up_batches(widths: Sequence[int], rows: int, token_ids: torch.Tensor, l
         pick = torch.randint(0, len(token_ids), (rows, width), generator=generator)
         ids = token_ids[pick].long()
         mask = torch.ones(rows, width, dtype=torch.long)
-        mask[-1, max(1, width // 2):] = 0
-        ids[-1, max(1, width // 2):] = pad_id
+        mask[-1, max(1, width // 2) :] = 0
+        ids[-1, max(1, width // 2) :] = pad_id
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels[:rows].clone()})
     return batches

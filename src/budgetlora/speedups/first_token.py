@@ -40,13 +40,18 @@ class _FirstTokenLayer:
         key = attention.key(hidden_states).view(batch, length, -1, size).transpose(1, 2)
         value = attention.value(hidden_states).view(batch, length, -1, size).transpose(1, 2)
         mask = attention_mask
-        if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
+        if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:  # noqa: PLR2004 - batch x heads x q x k
             mask = mask[:, :, :1]  # the row of position 0 (bool or additive: SDPA takes both)
         if mask is not None and mask.dtype not in (torch.bool, query.dtype):
             mask = mask.to(query.dtype)
         context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=attention.scaling,
-            dropout_p=attention.dropout.p if self.training else 0.0)
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            scale=attention.scaling,
+            dropout_p=attention.dropout.p if self.training else 0.0,
+        )
         context = context.transpose(1, 2).reshape(batch, 1, -1)
         return self.feed_forward_chunk(self.attention.output(context, first))
 
@@ -69,11 +74,14 @@ def last_layer(model: nn.Module) -> nn.Module | None:
 
 def _has_parts(layer: nn.Module) -> bool:
     attention = getattr(getattr(layer, "attention", None), "self", None)
-    return (attention is not None and callable(getattr(layer, "feed_forward_chunk", None))
-            and all(hasattr(attention, a) for a in ("query", "key", "value", "attention_head_size", "scaling"))
-            and isinstance(getattr(attention, "dropout", None), nn.Dropout)
-            and getattr(layer.attention, "output", None) is not None
-            and not getattr(layer, "add_cross_attention", False))
+    return (
+        attention is not None
+        and callable(getattr(layer, "feed_forward_chunk", None))
+        and all(hasattr(attention, a) for a in ("query", "key", "value", "attention_head_size", "scaling"))
+        and isinstance(getattr(attention, "dropout", None), nn.Dropout)
+        and getattr(layer.attention, "output", None) is not None
+        and not getattr(layer, "add_cross_attention", False)
+    )
 
 
 def _probe_logits(model: nn.Module, pad_id: int) -> torch.Tensor:
@@ -105,7 +113,7 @@ def use_first_token_last_layer(model: nn.Module, pad_id: int | None = None) -> b
         layer.__class__ = _swapped_class(original)
         after = _probe_logits(model, pad_id)
         same = before.shape == after.shape and torch.allclose(before, after, rtol=1e-4, atol=1e-5)
-    except Exception:  # an internal API this forward does not fit: keep the model as it was
+    except Exception:  # noqa: BLE001 - an internal API this forward does not fit: keep the model as it was
         same = False
     if not same:
         layer.__class__ = original

@@ -84,14 +84,22 @@ def use_packed_dropout(model: nn.Module) -> int:
     return changed
 
 
-def _sdpa_with_packed_dropout(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
+def _sdpa_with_packed_dropout(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling=None,
+    dropout: float = 0.0,
+    **kwargs,
+):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (dropout == 0.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1]
-            or torch.compiler.is_compiling()):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+    if dropout == 0.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1] or torch.compiler.is_compiling():
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     # what SDPA's math kernel computes in training, with the mask drawn here
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
@@ -118,8 +126,11 @@ def _register_attention() -> bool:
 def _use_packed_attention_dropout(model: nn.Module) -> None:
     """Point every (sub-)config that uses SDPA at the packed-dropout attention; models that do not
     dispatch through AttentionInterface never read it and keep SDPA's own dropout."""
-    configs = {id(m.config): m.config for m in model.modules()
-               if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}
+    configs = {
+        id(m.config): m.config
+        for m in model.modules()
+        if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"
+    }
     if configs and _register_attention():
         for config in configs.values():
             config._attn_implementation = ATTENTION_NAME

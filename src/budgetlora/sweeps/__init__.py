@@ -7,5 +7,16 @@ from budgetlora.sweeps.run import SweepOutcome, SweepRequest, run_sweep, run_wor
 from budgetlora.sweeps.spec import StudySpec, load_study
 from budgetlora.sweeps.storage import open_storage
 
-__all__ = ["Planned", "StudySpec", "SweepOutcome", "SweepRequest", "build_config", "check_point", "load_study",
-           "open_storage", "plan", "run_sweep", "run_worker"]
+__all__ = [
+    "Planned",
+    "StudySpec",
+    "SweepOutcome",
+    "SweepRequest",
+    "build_config",
+    "check_point",
+    "load_study",
+    "open_storage",
+    "plan",
+    "run_sweep",
+    "run_worker",
+]

@@ -28,8 +28,10 @@ RUNG_DECISIONS = "rung-decisions.json"  # in the sweep folder: every rung's comp
 
 def rung_study(spec: StudySpec, opts: SweepOptions, step: int) -> tuple[StudySpec, SweepOptions]:
     name = f"{opts.study_name or spec.name}@{step}"
-    return (dataclasses.replace(spec, name=name, objectives=["val_acc"], confirm=None),
-            dataclasses.replace(opts, study_name=name, pause_at=step))
+    return (
+        dataclasses.replace(spec, name=name, objectives=["val_acc"], confirm=None),
+        dataclasses.replace(opts, study_name=name, pause_at=step),
+    )
 
 
 def _record(planned: Planned, opts: SweepOptions, step: int) -> RungRecord | None:
@@ -40,8 +42,9 @@ def _record(planned: Planned, opts: SweepOptions, step: int) -> RungRecord | Non
         return None
 
 
-def decide_rung(spec: StudySpec, opts: SweepOptions, step: int, alive: list[Planned],
-                population: list[Planned]) -> tuple[list[Planned], int]:
+def decide_rung(
+    spec: StudySpec, opts: SweepOptions, step: int, alive: list[Planned], population: list[Planned]
+) -> tuple[list[Planned], int]:
     """The points of `alive` that go on from `step`; the others get their pruned.json. The
     decision depends only on the records of the whole `population` at this rung, so every worker,
     and a rerun after a crash, reaches the same one."""
@@ -55,15 +58,32 @@ def decide_rung(spec: StudySpec, opts: SweepOptions, step: int, alive: list[Plan
             survivors.append(planned)
             continue
         decision = decide(record, [r for other, r in records.items() if other != name], spec.prune)
-        lines.append({"point": name, "val_acc": record.accuracy, "pruned": decision.prune, "reason": decision.reason,
-                      "p_value": decision.p_value, "leader": decision.leader})
+        lines.append(
+            {
+                "point": name,
+                "val_acc": record.accuracy,
+                "pruned": decision.prune,
+                "reason": decision.reason,
+                "p_value": decision.p_value,
+                "leader": decision.leader,
+            }
+        )
         if not decision.prune:
             survivors.append(planned)
             continue
         pruned += 1
         if rd.read_pruned(opts.out / name) is None:
-            rd.write_pruned(opts.out / name, PrunedRecord(step, decision.reason, record.accuracy, leader=decision.leader,
-                                                          p_value=decision.p_value, trainable_params=planned.trainable))
+            rd.write_pruned(
+                opts.out / name,
+                PrunedRecord(
+                    step,
+                    decision.reason,
+                    record.accuracy,
+                    leader=decision.leader,
+                    p_value=decision.p_value,
+                    trainable_params=planned.trainable,
+                ),
+            )
             opts.say(f"PRUNE {name} at step {step}: {decision.reason}")
     _write_summary(opts, step, lines)
     return survivors, pruned

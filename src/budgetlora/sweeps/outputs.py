@@ -18,7 +18,12 @@ from budgetlora.sweeps.storage import open_optuna_study, open_storage
 from budgetlora.sweeps.worker import SweepOptions
 
 SKIPPED_FILE, TRIALS_FILE, PARETO_FILE, BEST_FILE, VERDICT_FILE = (
-    "skipped.json", "trials.json", "pareto.json", "best.yaml", "verdict.md")
+    "skipped.json",
+    "trials.json",
+    "pareto.json",
+    "best.yaml",
+    "verdict.md",
+)
 # every file a sweep writes into its folder besides runs and its storage (results.table.RESULTS_FILES too)
 SWEEP_FILES = (SKIPPED_FILE, TRIALS_FILE, PARETO_FILE, BEST_FILE, VERDICT_FILE, "results.csv", "results.md")
 
@@ -32,30 +37,47 @@ def finite_values(values: Any) -> Optional[list[float]]:
 
 
 def trial_records(study: Any) -> list[dict[str, Any]]:
-    return [{"number": t.number, "point": t.user_attrs["point"], "state": t.state.name,
-             "values": finite_values(t.values),
-             "params": t.params, **{k: v for k, v in t.user_attrs.items() if k != "point" and not k.startswith("rung:")}}
-            for t in study.get_trials(deepcopy=False) if "point" in t.user_attrs]
+    return [
+        {
+            "number": t.number,
+            "point": t.user_attrs["point"],
+            "state": t.state.name,
+            "values": finite_values(t.values),
+            "params": t.params,
+            **{k: v for k, v in t.user_attrs.items() if k != "point" and not k.startswith("rung:")},
+        }
+        for t in study.get_trials(deepcopy=False)
+        if "point" in t.user_attrs
+    ]
 
 
 def pareto_front(study: Any, spec: StudySpec) -> list[dict[str, Any]]:
     """Optuna's non-dominated trials (accuracy up, trainable parameters down), by accuracy."""
-    front = [{"point": t.user_attrs.get("point"), "run_dirs": t.user_attrs.get("run_dirs"),
-              **dict(zip(spec.objectives, t.values)), "test_acc": t.user_attrs.get("test_acc")}
-             for t in study.best_trials if finite_values(t.values) is not None]
+    front = [
+        {
+            "point": t.user_attrs.get("point"),
+            "run_dirs": t.user_attrs.get("run_dirs"),
+            **dict(zip(spec.objectives, t.values, strict=False)),
+            "test_acc": t.user_attrs.get("test_acc"),
+        }
+        for t in study.best_trials
+        if finite_values(t.values) is not None
+    ]
     return sorted(front, key=lambda r: -r.get("val_acc", 0.0))
 
 
 def _retried(record: dict[str, Any], records: list[dict[str, Any]]) -> bool:
-    return any(r["point"] == record["point"] and r["number"] > record["number"] and r["state"] == "COMPLETE"
-               for r in records)
+    return any(
+        r["point"] == record["point"] and r["number"] > record["number"] and r["state"] == "COMPLETE" for r in records
+    )
 
 
 def best_config(run: Path, name: str) -> str:
     """The winner's config as `budgetlora train` takes it (every key, absolute data paths)."""
     cfg = rd.read_run_config(run)
     return f"# the winner of a budgetlora sweep: budgetlora train {BEST_FILE}\n" + config_yaml(
-        dataclasses.replace(cfg, name=name))
+        dataclasses.replace(cfg, name=name)
+    )
 
 
 def _verdict(out: Path, confirmed: bool) -> Any:
@@ -67,22 +89,24 @@ def _verdict(out: Path, confirmed: bool) -> Any:
         groups: dict[str, list] = {}
         for run in runs:
             if run.label.startswith("confirm/") and run.pruned is None:
-                groups.setdefault(run.label[len("confirm/"):].rsplit("-seed", 1)[0], []).append(run)
+                groups.setdefault(run.label[len("confirm/") :].rsplit("-seed", 1)[0], []).append(run)
         verdict = confirmed_verdict(groups)
         if verdict is not None:
             return verdict
     return single_run_verdict([r for r in runs if not r.label.startswith("confirm/")])
 
 
-def write_outputs(spec: StudySpec, opts: SweepOptions, skipped: list[dict[str, Any]], report: bool = False,
-                  confirmed: bool = False) -> list[str]:
+def write_outputs(
+    spec: StudySpec, opts: SweepOptions, skipped: list[dict[str, Any]], report: bool = False, confirmed: bool = False
+) -> list[str]:
     """Write the sweep's files; returns the lines the command prints."""
     from budgetlora.results.table import display_table, markdown_table, write_results
 
     study = open_optuna_study(spec, open_storage(opts.storage_url, None), opts.study_name)
     records = trial_records(study)
-    skipped = skipped + [{"name": r["point"], "axes": r.get("params", {}), "reason": r["skipped"]}
-                         for r in records if "skipped" in r]
+    skipped = skipped + [
+        {"name": r["point"], "axes": r.get("params", {}), "reason": r["skipped"]} for r in records if "skipped" in r
+    ]
     folder = atomic.OutputFolder(opts.out, overwrite=True)  # claimed when the sweep started (run.run_sweep)
     folder.write_json(SKIPPED_FILE, skipped)
     folder.write_text(TRIALS_FILE, json.dumps(records, indent=2, default=str, allow_nan=False) + "\n")
@@ -107,8 +131,9 @@ def write_outputs(spec: StudySpec, opts: SweepOptions, skipped: list[dict[str, A
         winner_dir = verdict.winner.runs[0].path
         folder.write_text(BEST_FILE, best_config(winner_dir, verdict.winner.label.replace("/", "-")))
         lines.append(verdict.markdown().rstrip())
-    lines.append(f"wrote {opts.out / 'results.csv'}, results.md, {VERDICT_FILE}, {BEST_FILE}, {SKIPPED_FILE}, "
-                 f"{TRIALS_FILE}")
+    lines.append(
+        f"wrote {opts.out / 'results.csv'}, results.md, {VERDICT_FILE}, {BEST_FILE}, {SKIPPED_FILE}, {TRIALS_FILE}"
+    )
     if report:
         from budgetlora.results.report import write_report
 

@@ -75,8 +75,15 @@ def plan(spec: StudySpec) -> tuple[list[Planned], list[dict[str, Any]]]:
             cfg = build_config(spec, point.overrides, point.name)
             trainable = check_point(cfg)
         except OverBudgetError as exc:
-            skipped.append({"name": point.name, "axes": point.axes, "reason": str(exc).splitlines()[0],
-                            "trainable_params": exc.trainable, "budget": exc.budget})
+            skipped.append(
+                {
+                    "name": point.name,
+                    "axes": point.axes,
+                    "reason": str(exc).splitlines()[0],
+                    "trainable_params": exc.trainable,
+                    "budget": exc.budget,
+                }
+            )
             continue
         runnable.append(Planned(point, cfg, trainable))
     return runnable, skipped

@@ -44,10 +44,12 @@ class PruneSpec:
 
     rungs: list[int] = opt(help="evaluation steps at which trials are compared", range=Range(1), factory=list)
     test: Literal["mcnemar", "bootstrap", "median", "successive_halving", "hyperband"] = opt(
-        "mcnemar", "the paired test against the rung's leader, or one of Optuna's pruners")
+        "mcnemar", "the paired test against the rung's leader, or one of Optuna's pruners"
+    )
     alpha: float = opt(0.05, "family-wise error rate of the pruning decisions", range=Range(0, 0.5, low_open=True))
-    eta: Optional[float] = opt(None, "keep the top 1/eta of a rung whatever the test says",
-                               range=Range(1, 100, low_open=True))
+    eta: Optional[float] = opt(
+        None, "keep the top 1/eta of a rung whatever the test says", range=Range(1, 100, low_open=True)
+    )
     min_trials: int = opt(2, "trials at a rung before any is pruned (the leader and one more)", range=Range(2))
     comparisons: int = field(default=1, metadata={"internal": True})  # m of the Bonferroni correction
 
@@ -56,8 +58,10 @@ class PruneSpec:
             raise BudgetLoraError("study key 'prune.rungs': lists a step twice")
         object.__setattr__(self, "rungs", sorted(self.rungs))
         if self.test in ("successive_halving", "hyperband") and self.eta is not None and self.eta != int(self.eta):
-            raise BudgetLoraError(f"study key 'prune.eta': must be a whole number for Optuna's {self.test} pruner "
-                                  "(its reduction factor), e.g. 3")
+            raise BudgetLoraError(
+                f"study key 'prune.eta': must be a whole number for Optuna's {self.test} pruner "
+                "(its reduction factor), e.g. 3"
+            )
 
     @property
     def synchronous(self) -> bool:
@@ -83,14 +87,16 @@ class PruneSpec:
         if self.test == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=self.min_trials, n_warmup_steps=0)
         if self.test == "successive_halving":
-            return optuna.pruners.SuccessiveHalvingPruner(min_resource=min(self.rungs),
-                                                          reduction_factor=int(self.eta or 3))
+            return optuna.pruners.SuccessiveHalvingPruner(
+                min_resource=min(self.rungs), reduction_factor=int(self.eta or 3)
+            )
         if self.test == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=min(self.rungs), reduction_factor=int(self.eta or 3))
         return optuna.pruners.NopPruner()
 
 
 DEFAULT_CONFIRM_SEEDS = 3
+MAX_CONFIRM_SEEDS, MAX_CONFIRM_TOP = 1000, 10_000
 
 
 @dataclass(frozen=True)
@@ -99,10 +105,19 @@ class ConfirmSpec:
     n means seeds 1..n)."""
 
     top: int = opt(1, "configurations to confirm", range=Range(1))
-    seeds: Union[int, list[int]] = opt(help="a seed count, or the seeds", range=Range(0, 2**32 - 1),
-                                       factory=lambda: list(range(1, DEFAULT_CONFIRM_SEEDS + 1)))
+    seeds: Union[int, list[int]] = opt(
+        help="a seed count, or the seeds",
+        range=Range(0, 2**32 - 1),
+        factory=lambda: list(range(1, DEFAULT_CONFIRM_SEEDS + 1)),
+    )
 
     def __post_init__(self) -> None:
+        count = self.seeds if isinstance(self.seeds, int) else len(self.seeds)
+        if count > MAX_CONFIRM_SEEDS or self.top > MAX_CONFIRM_TOP:
+            raise BudgetLoraError(
+                f"study key 'confirm': at most {MAX_CONFIRM_TOP:,} configurations and "
+                f"{MAX_CONFIRM_SEEDS:,} seeds each, got top {self.top:,} and {count:,} seeds"
+            )
         seeds = list(range(1, self.seeds + 1)) if isinstance(self.seeds, int) else list(self.seeds)
         if not seeds or len(set(seeds)) != len(seeds):
             raise BudgetLoraError("study key 'confirm.seeds': must be a count >= 1 or a list of distinct seeds")
@@ -120,8 +135,9 @@ def parse_prune(path: Path, raw: Any) -> Optional[PruneSpec]:
     if raw is None:
         return None
     if isinstance(raw, dict) and not raw.get("rungs"):
-        raise BudgetLoraError(f"{path}: study key 'prune.rungs': give the evaluation steps to compare at, e.g. "
-                              "[100, 200]")
+        raise BudgetLoraError(
+            f"{path}: study key 'prune.rungs': give the evaluation steps to compare at, e.g. [100, 200]"
+        )
     return _section(path, PruneSpec, raw, "prune.")
 
 
@@ -146,8 +162,14 @@ class RungRecord:
 
     def to_attr(self) -> dict[str, Any]:
         packed = base64.b64encode(np.packbits(self.correct.astype(bool)).tobytes()).decode("ascii")
-        return {"run": self.run, "step": self.step, "n": int(len(self.correct)), "bits": packed,
-                "val": self.val_key, "acc": self.accuracy}
+        return {
+            "run": self.run,
+            "step": self.step,
+            "n": int(len(self.correct)),
+            "bits": packed,
+            "val": self.val_key,
+            "acc": self.accuracy,
+        }
 
     @classmethod
     def from_attr(cls, data: dict[str, Any]) -> "RungRecord":
@@ -177,28 +199,40 @@ class Decision:
 def decide(candidate: RungRecord, others: list[RungRecord], spec: PruneSpec) -> Decision:
     """Prune `candidate` only if it is significantly behind the leader (and, with eta, outside the
     top 1/eta)."""
-    peers = [r for r in others if r.step == candidate.step and r.val_key == candidate.val_key and r.run != candidate.run]
+    peers = [
+        r for r in others if r.step == candidate.step and r.val_key == candidate.val_key and r.run != candidate.run
+    ]
     if len(peers) + 1 < spec.min_trials:
         return Decision(False, f"{len(peers) + 1} trial(s) at step {candidate.step}; fewer than {spec.min_trials}")
     ranked = sorted(peers + [candidate], key=lambda r: -r.accuracy)
     kept = max(1, math.ceil(len(ranked) / spec.eta)) if spec.eta else 1
     leader = ranked[0]
     if any(candidate is r for r in ranked[:kept]):
-        return Decision(False, f"{'the leader' if kept == 1 else f'in the top {kept} of {len(ranked)}'} at step "
-                               f"{candidate.step}", leader.run)
+        return Decision(
+            False,
+            f"{'the leader' if kept == 1 else f'in the top {kept} of {len(ranked)}'} at step {candidate.step}",
+            leader.run,
+        )
     test = mcnemar_worse_pvalue if spec.test == "mcnemar" else paired_bootstrap_worse_pvalue
     p = test(candidate.correct, leader.correct)
     level = spec.alpha / max(1, spec.comparisons)
-    verdict = (f"val acc {100 * candidate.accuracy:.2f}% vs {100 * leader.accuracy:.2f}% for {leader.run} at step "
-               f"{candidate.step}; one-sided {spec.test} p={p:.2g} {'<' if p < level else '>='} "
-               f"{spec.alpha:g}/{spec.comparisons} (Bonferroni)")
-    return Decision(p < level, ("significantly behind: " if p < level else "not significantly behind: ") + verdict,
-                    leader.run, p)
+    verdict = (
+        f"val acc {100 * candidate.accuracy:.2f}% vs {100 * leader.accuracy:.2f}% for {leader.run} at step "
+        f"{candidate.step}; one-sided {spec.test} p={p:.2g} {'<' if p < level else '>='} "
+        f"{spec.alpha:g}/{spec.comparisons} (Bonferroni)"
+    )
+    return Decision(
+        p < level, ("significantly behind: " if p < level else "not significantly behind: ") + verdict, leader.run, p
+    )
 
 
 def _records(study: Any) -> list[RungRecord]:
-    records = (RungRecord.read(value) for t in study.get_trials(deepcopy=False)
-               for key, value in t.user_attrs.items() if key.startswith("rung:"))
+    records = (
+        RungRecord.read(value)
+        for t in study.get_trials(deepcopy=False)
+        for key, value in t.user_attrs.items()
+        if key.startswith("rung:")
+    )
     return [r for r in records if r is not None]
 
 
@@ -236,8 +270,12 @@ class RungJudge:
         record = RungRecord(self.run, step, correct, val_key)
         if self.spec.test in OPTUNA_PRUNERS:
             if self.report and self.trial.should_prune():
-                raise RunPruned(step, f"Optuna {self.spec.test} pruner at step {step} (val acc {100 * accuracy:.2f}%)",
-                                accuracy, self.run)
+                raise RunPruned(
+                    step,
+                    f"Optuna {self.spec.test} pruner at step {step} (val acc {100 * accuracy:.2f}%)",
+                    accuracy,
+                    self.run,
+                )
             return
         decision = decide(record, _records(self.study), self.spec)
         self.trial.set_user_attr(f"rung:{step}:{self.run}", record.to_attr())

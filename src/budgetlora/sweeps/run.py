@@ -32,8 +32,13 @@ CONFIRM_DIR, CONFIRM_POINTS = "confirm", "points.json"
 
 
 DEFAULT_HEARTBEAT_S = 10
-STORAGE_DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary] (pip install 'budgetlora[postgres]')",
-                   "pymysql": "PyMySQL", "mysqldb": "mysqlclient", "asyncpg": "asyncpg"}
+STORAGE_DRIVERS = {
+    "psycopg2": "psycopg2-binary",
+    "psycopg": "psycopg[binary] (pip install 'budgetlora[postgres]')",
+    "pymysql": "PyMySQL",
+    "mysqldb": "mysqlclient",
+    "asyncpg": "asyncpg",
+}
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,9 @@ class SweepRequest:
     seeds: Optional[list[int]] = opt(None, "replaces the study's seeds", range=Range(0, 2**32 - 1))
     workers: int = opt(1, "worker processes on this machine", range=Range(1, 1024))
     storage: Optional[str] = opt(None, "the Optuna storage URL (default sqlite:///OUT/study.db)")
-    heartbeat: Optional[int] = opt(DEFAULT_HEARTBEAT_S, "seconds between heartbeats (0 or None: off)",
-                                   range=Range(0, 86400))
+    heartbeat: Optional[int] = opt(
+        DEFAULT_HEARTBEAT_S, "seconds between heartbeats (0 or None: off)", range=Range(0, 86400)
+    )
     verbose: bool = opt(False, "each trial's training progress, and the traceback of a trial's unexpected error")
     report: bool = opt(False, "also write the report")
     threads: Optional[int] = opt(None, "CPU threads per worker", range=Range(1, 4096))
@@ -70,9 +76,12 @@ class SweepRequest:
             if f.name in ("overrides", "seeds") and isinstance(value, tuple):
                 value = list(value)
             if f.name == "overrides" and not isinstance(value, list):  # a lone string would split at its commas
-                raise BudgetLoraError(f"sweep option 'overrides': expected a list of \"KEY=VALUE\" strings, got {value!r}")
-            object.__setattr__(self, f.name, coerce_value(value, hints[f.name], f.name, f.metadata.get("range"),
-                                                          "sweep option"))
+                raise BudgetLoraError(
+                    f"sweep option 'overrides': expected a list of \"KEY=VALUE\" strings, got {value!r}"
+                )
+            object.__setattr__(
+                self, f.name, coerce_value(value, hints[f.name], f.name, f.metadata.get("range"), "sweep option")
+            )
         for name in ("study", "out"):
             value = getattr(self, name)
             if value is not None:
@@ -82,8 +91,10 @@ class SweepRequest:
         if self.confirm_seeds is not None and self.confirm_top is None:
             raise BudgetLoraError("sweep option 'confirm_seeds' needs confirm_top (--confirm-top K)")
         if self.workers > 1 and not self.heartbeat:
-            raise BudgetLoraError("--workers > 1 needs heartbeats (--heartbeat N > 0): without them a worker cannot "
-                                  "tell another's running trial from one left by a killed worker")
+            raise BudgetLoraError(
+                "--workers > 1 needs heartbeats (--heartbeat N > 0): without them a worker cannot "
+                "tell another's running trial from one left by a killed worker"
+            )
         if self.storage is not None:
             check_storage_url(self.storage)
 
@@ -112,7 +123,7 @@ def check_storage_url(url: str) -> None:
     """A storage URL names a journal file or a SQLAlchemy database whose driver is installed: a
     missing driver is one line naming its package (SQLAlchemy says only that it cannot import it)."""
     if url.startswith(JOURNAL_PREFIX):
-        if not url[len(JOURNAL_PREFIX):].strip():
+        if not url[len(JOURNAL_PREFIX) :].strip():
             raise BudgetLoraError("--storage journal:PATH needs a file path")
         return
     try:
@@ -124,15 +135,19 @@ def check_storage_url(url: str) -> None:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
-        raise BudgetLoraError(f"--storage {url}: not a database URL SQLAlchemy knows ({first_line(exc, 120)}); give "
-                              "sqlite:///PATH, postgresql+psycopg://..., mysql+pymysql://... or journal:PATH") from None
+        raise BudgetLoraError(
+            f"--storage {url}: not a database URL SQLAlchemy knows ({first_line(exc, 120)}); give "
+            "sqlite:///PATH, postgresql+psycopg://..., mysql+pymysql://... or journal:PATH"
+        ) from None
     try:
         dialect.import_dbapi()
     except ImportError:
         driver = parsed.get_driver_name()
         package = STORAGE_DRIVERS.get(driver, driver)
-        raise BudgetLoraError(f"--storage {parsed.render_as_string(hide_password=True)}: the {parsed.get_backend_name()} "
-                              f"driver '{driver}' is not installed: pip install {package}") from None
+        raise BudgetLoraError(
+            f"--storage {parsed.render_as_string(hide_password=True)}: the {parsed.get_backend_name()} "
+            f"driver '{driver}' is not installed: pip install {package}"
+        ) from None
 
 
 @dataclass
@@ -171,15 +186,25 @@ def _default_rungs(spec: StudySpec) -> list[int]:
         raise BudgetLoraError("--prune needs train.eval_every and train.max_steps (or a prune: section with rungs)")
     rungs = list(range(every, last, every))
     if not rungs:
-        raise BudgetLoraError(f"--prune: no evaluation step before the last one (train.eval_every {every}, "
-                              f"train.max_steps {last}); evaluate more often or give prune.rungs")
+        raise BudgetLoraError(
+            f"--prune: no evaluation step before the last one (train.eval_every {every}, "
+            f"train.max_steps {last}); evaluate more often or give prune.rungs"
+        )
     return rungs
 
 
 def _options(request: SweepRequest, out: Path, worker: str) -> SweepOptions:
-    return SweepOptions(out=out, storage_url=request.storage or default_storage(out), study_name=request.study_name,
-                        heartbeat=request.heartbeat, verbose=request.verbose, worker=worker,
-                        trust_pickle=request.trust_pickle, console=request.console, keep_going=request.keep_going)
+    return SweepOptions(
+        out=out,
+        storage_url=request.storage or default_storage(out),
+        study_name=request.study_name,
+        heartbeat=request.heartbeat,
+        verbose=request.verbose,
+        worker=worker,
+        trust_pickle=request.trust_pickle,
+        console=request.console,
+        keep_going=request.keep_going,
+    )
 
 
 def _spawn_worker(request: SweepRequest, opts: SweepOptions, index: int, confirm_phase: bool) -> subprocess.Popen:
@@ -192,6 +217,7 @@ def _spawn_worker(request: SweepRequest, opts: SweepOptions, index: int, confirm
 
 def worker_main(argv: list[str]) -> int:
     """A child worker's entry point (`_spawn_worker`): argv[0] is the job as JSON."""
+
     def work_job() -> int:
         job = jsonfile.loads(argv[0], "the worker's job")
         run_worker(SweepRequest.from_json(job["request"]), str(job["worker"]), bool(job["confirm_phase"]))
@@ -207,8 +233,9 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def _phase(request: SweepRequest, spec: StudySpec, opts: SweepOptions, planned: list[Planned],
-           confirm_phase: bool = False) -> WorkerStats:
+def _phase(
+    request: SweepRequest, spec: StudySpec, opts: SweepOptions, planned: list[Planned], confirm_phase: bool = False
+) -> WorkerStats:
     """This process works on the study while N-1 children do the same; returns this process's stats."""
     children = [_spawn_worker(request, opts, i, confirm_phase) for i in range(1, request.workers)]
     try:
@@ -233,10 +260,21 @@ def confirm_spec(spec: StudySpec, out: Path) -> StudySpec:
     try:
         points = [Point(str(p["name"]), dict(p["overrides"]), dict(p.get("axes", {}))) for p in raw]
     except (TypeError, KeyError, ValueError, AttributeError):
-        raise BudgetLoraError(f"{path}: not the list of points budgetlora wrote; the file is damaged "
-                              "(delete it to choose the confirmation points again)") from None
-    return dataclasses.replace(spec, name=f"{spec.name}-confirm", points=points, search=[], sampler=None,
-                               seeds=None, n_trials=None, prune=None, objectives=["val_acc"])
+        raise BudgetLoraError(
+            f"{path}: not the list of points budgetlora wrote; the file is damaged "
+            "(delete it to choose the confirmation points again)"
+        ) from None
+    return dataclasses.replace(
+        spec,
+        name=f"{spec.name}-confirm",
+        points=points,
+        search=[],
+        sampler=None,
+        seeds=None,
+        n_trials=None,
+        prune=None,
+        objectives=["val_acc"],
+    )
 
 
 def _plan_confirmation(spec: StudySpec, opts: SweepOptions) -> Optional[StudySpec]:
@@ -245,12 +283,19 @@ def _plan_confirmation(spec: StudySpec, opts: SweepOptions) -> Optional[StudySpe
 
     assert spec.confirm is not None
     study = open_optuna_study(spec, open_storage(opts.storage_url, None), opts.study_name)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE
-            and finite_values(t.values) is not None]
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.COMPLETE and finite_values(t.values) is not None
+    ]
     if not done:
         return None
     sign = -1 if spec.directions[0] == "maximize" else 1
-    best = sorted(done, key=lambda t: sign * t.values[0])[: spec.confirm.top]
+    best, seen = [], set()
+    for trial in sorted(done, key=lambda t: sign * t.values[0]):  # a point trained twice counts once
+        if trial.user_attrs.get("point") not in seen and len(best) < spec.confirm.top:
+            best.append(trial)
+            seen.add(trial.user_attrs.get("point"))
     planned = {p.point.name: p for p in plan(spec)[0]}
     points = []
     for trial in best:
@@ -260,11 +305,18 @@ def _plan_confirmation(spec: StudySpec, opts: SweepOptions) -> Optional[StudySpe
         elif isinstance(trial.user_attrs.get("overrides"), dict):
             base = trial.user_attrs["overrides"]
         else:
-            raise BudgetLoraError(f"trial {trial.number} ({name}) has no stored search values to confirm (it was "
-                                  "trained by an older budgetlora); rerun the search into a new --out")
+            raise BudgetLoraError(
+                f"trial {trial.number} ({name}) has no stored search values to confirm (it was "
+                "trained by an older budgetlora); rerun the search into a new --out"
+            )
         for seed in spec.confirm.seeds:
-            points.append({"name": f"{name}-seed{seed}", "overrides": {**base, "train.seed": seed},
-                           "axes": {"config": name, "seed": seed}})
+            points.append(
+                {
+                    "name": f"{name}-seed{seed}",
+                    "overrides": {**base, "train.seed": seed},
+                    "axes": {"config": name, "seed": seed},
+                }
+            )
     atomic.write_json(opts.out / CONFIRM_DIR / CONFIRM_POINTS, points)
     return confirm_spec(spec, opts.out)
 
@@ -279,15 +331,19 @@ def run_sweep(request: SweepRequest) -> SweepOutcome:
     report_files: tuple[str, ...] = ()
     if request.report:
         from budgetlora.results.report import REPORT_FILES as report_files
-    atomic.OutputFolder(out).claim(SWEEP_FILES + report_files)  # a user's own results.md is never written over
+    atomic.OutputFolder(out, flag=None).claim(
+        SWEEP_FILES + report_files
+    )  # a user's own results.md is never written over
     if request.storage:
         open_storage(request.storage, request.heartbeat)  # a bad --storage fails before anything is written
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         blocker = atomic.file_in_the_way(out / "x")
-        raise BudgetLoraError(f"--out {out}: " + (f"{blocker} is a file, not a folder" if blocker is not None
-                                                   else str(exc.strerror or exc))) from None
+        raise BudgetLoraError(
+            f"--out {out}: "
+            + (f"{blocker} is a file, not a folder" if blocker is not None else str(exc.strerror or exc))
+        ) from None
     opts = _options(request, out, "w0" if request.workers > 1 else "")
     planned, skipped = plan(spec)
     if skipped:
@@ -295,8 +351,11 @@ def run_sweep(request: SweepRequest) -> SweepOutcome:
     for record in skipped:
         request.console.say(f"  {record['name']}: {record['reason']}")
     atomic.OutputFolder(out, overwrite=True).write_json(SKIPPED_FILE, skipped)
-    what = f"{len(planned)} point(s) to run, {len(skipped)} skipped" if spec.sampler is None else \
-        f"{spec.sampler} search, {spec.n_trials} trial(s)"
+    what = (
+        f"{len(planned)} point(s) to run, {len(skipped)} skipped"
+        if spec.sampler is None
+        else f"{spec.sampler} search, {spec.n_trials} trial(s)"
+    )
     pruning = f"; pruning at steps {spec.prune.rungs} ({spec.prune.test})" if spec.prune else ""
     request.console.say(f"study {spec.name}: {what}{pruning}; out {out}")
     _set_threads(request.threads or (max(1, (os.cpu_count() or 1) // request.workers) if request.workers > 1 else None))
@@ -304,7 +363,9 @@ def run_sweep(request: SweepRequest) -> SweepOutcome:
     confirmation = _plan_confirmation(spec, opts) if spec.confirm is not None else None
     if confirmation is not None:
         request.console.say(f"confirming the {spec.confirm.top} best with seeds {spec.confirm.seeds}")
-        copts = dataclasses.replace(opts, out=out / CONFIRM_DIR, study_name=f"{request.study_name or spec.name}-confirm")
+        copts = dataclasses.replace(
+            opts, out=out / CONFIRM_DIR, study_name=f"{request.study_name or spec.name}-confirm"
+        )
         _phase(request, confirmation, copts, plan(confirmation)[0], confirm_phase=True)
     return SweepOutcome(out, stats, write_outputs(spec, opts, skipped, request.report, confirmation is not None))
 
@@ -316,6 +377,8 @@ def run_worker(request: SweepRequest, worker: str, confirm_phase: bool) -> Worke
     _set_threads(request.threads)
     opts = _options(request, out, worker)
     if confirm_phase:
-        return work(confirm_spec(spec, out), dataclasses.replace(
-            opts, out=out / CONFIRM_DIR, study_name=f"{request.study_name or spec.name}-confirm"))
+        return work(
+            confirm_spec(spec, out),
+            dataclasses.replace(opts, out=out / CONFIRM_DIR, study_name=f"{request.study_name or spec.name}-confirm"),
+        )
     return work_study(spec, opts, plan(spec)[0])

@@ -176,17 +176,11 @@ def _axis_values(path: Path, key: str, values: Any, study_dir: Path) -> list[tup
             for label, over in values.items()
         ]
     if not isinstance(values, list) or not values:
-        raise _study_error(
-            path, f"axis '{key}' must be a non-empty list of values (or a mapping label -> overrides)"
-        )
+        raise _study_error(path, f"axis '{key}' must be a non-empty list of values (or a mapping label -> overrides)")
     out = []
     for value in values:
         over = _dotted({key: value}, path, key, study_dir) if key != ALPHA_OVER_R else {key: value}
-        if (
-            key == "lora.r"
-            and value != MAX_RANK
-            and not (isinstance(value, int) and not isinstance(value, bool))
-        ):
+        if key == "lora.r" and value != MAX_RANK and not (isinstance(value, int) and not isinstance(value, bool)):
             raise _study_error(path, f"lora.r values must be integers or '{MAX_RANK}', got {value!r}")
         out.append((name_part(key, value), over, value))
     return out
@@ -203,10 +197,7 @@ def _grid_axes(path: Path, raw: Any, study_dir: Path) -> list[Axis]:
     axes = []
     for key, values in raw.items():
         axes.append(
-            [
-                (part, over, {str(key): shown})
-                for part, over, shown in _axis_values(path, str(key), values, study_dir)
-            ]
+            [(part, over, {str(key): shown}) for part, over, shown in _axis_values(path, str(key), values, study_dir)]
         )
     return axes
 
@@ -219,19 +210,15 @@ def _zip_axes(path: Path, raw: Any, study_dir: Path) -> list[Axis]:
     axes = []
     for group in groups:
         if not isinstance(group, dict) or not group:
-            raise _study_error(
-                path, "'zip' must be a mapping of config key -> list (or a list of such mappings)"
-            )
+            raise _study_error(path, "'zip' must be a mapping of config key -> list (or a list of such mappings)")
         columns = {str(k): _axis_values(path, str(k), v, study_dir) for k, v in group.items()}
         lengths = {k: len(v) for k, v in columns.items()}
         if len(set(lengths.values())) != 1:
             raise _study_error(
-                path,
-                "zipped lists must have the same length: "
-                + ", ".join(f"{k} has {n}" for k, n in lengths.items()),
+                path, "zipped lists must have the same length: " + ", ".join(f"{k} has {n}" for k, n in lengths.items())
             )
         axis: Axis = []
-        for row in zip(*columns.values()):
+        for row in zip(*columns.values(), strict=False):
             over: dict[str, Any] = {}
             for _, o, _ in row:
                 over.update(o)
@@ -239,7 +226,7 @@ def _zip_axes(path: Path, raw: Any, study_dir: Path) -> list[Axis]:
                 (
                     "-".join(part for part, _, _ in row),
                     over,
-                    {k: shown for k, (_, _, shown) in zip(columns, row)},
+                    {k: shown for k, (_, _, shown) in zip(columns, row, strict=False)},
                 )
             )
         axes.append(axis)
@@ -248,9 +235,7 @@ def _zip_axes(path: Path, raw: Any, study_dir: Path) -> list[Axis]:
 
 def _search_space(path: Path, raw: Any) -> list[Param]:
     if not isinstance(raw, dict) or not raw:
-        raise _study_error(
-            path, "a search ('optuna:' or 'random:') must map config keys to value lists or ranges"
-        )
+        raise _study_error(path, "a search ('optuna:' or 'random:') must map config keys to value lists or ranges")
     space = []
     for key, spec in raw.items():
         key = str(key)
@@ -263,25 +248,29 @@ def _search_space(path: Path, raw: Any) -> list[Param]:
             if unknown:
                 raise _study_error(
                     path,
-                    f"search key '{key}': unknown range option(s) {sorted(unknown)}; "
-                    "valid: low, high, log, step, type",
+                    f"search key '{key}': unknown range option(s) {sorted(unknown)}; valid: low, high, log, step, type",
                 )
             low, high = spec["low"], spec["high"]
             if (
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+                not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)
+                )
                 or low > high
             ):
-                raise _study_error(path, f"search key '{key}': low/high must be numbers with low <= high")
+                raise _study_error(path, f"search key '{key}': low/high must be finite numbers with low <= high")
+            if spec.get("log") and low <= 0:
+                raise _study_error(path, f"search key '{key}': a log range needs low > 0 (got {low!r})")
+            step = spec.get("step")
+            if step is not None and (
+                isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0
+            ):
+                raise _study_error(path, f"search key '{key}': step must be a positive number (got {step!r})")
             kind = spec.get("type") or ("int" if isinstance(low, int) and isinstance(high, int) else "float")
             if kind not in ("int", "float"):
                 raise _study_error(path, f"search key '{key}': type must be int or float")
-            space.append(
-                Param(key, kind, low=low, high=high, log=bool(spec.get("log", False)), step=spec.get("step"))
-            )
+            space.append(Param(key, kind, low=low, high=high, log=bool(spec.get("log", False)), step=spec.get("step")))
         else:
-            raise _study_error(
-                path, f"search key '{key}': give a list of choices or {{low: .., high: .., log: true}}"
-            )
+            raise _study_error(path, f"search key '{key}': give a list of choices or {{low: .., high: .., log: true}}")
     return space
 
 
@@ -292,8 +281,11 @@ MAX_TRIALS = 100_000
 def _expand(axes: list[Axis], seeds: list[int] | None, path: Path) -> list[Point]:
     count = math.prod(len(axis) for axis in axes) * len(seeds or [None])
     if count > MAX_POINTS:
-        raise _study_error(path, f"the grid has {count:,} points (axes of {' x '.join(str(len(a)) for a in axes)}"
-                                 f"{f' x {len(seeds)} seeds' if seeds else ''}); at most {MAX_POINTS:,} are allowed")
+        raise _study_error(
+            path,
+            f"the grid has {count:,} points (axes of {' x '.join(str(len(a)) for a in axes)}"
+            f"{f' x {len(seeds)} seeds' if seeds else ''}); at most {MAX_POINTS:,} are allowed",
+        )
     points = []
     for combo in itertools.product(*axes):
         parts, overrides, shown = [], {}, {}
@@ -329,8 +321,7 @@ class StudyOptions:
     description: Optional[str] = opt(None, "free text")
     seeds: Optional[list[int]] = opt(None, "every point once per seed", range=Range(0, 2**32 - 1))
     n_trials: Optional[int] = opt(None, "trials of a search", range=Range(1, MAX_TRIALS))
-    objectives: Union[Objective, list[Objective]] = opt(help="what the sweep optimises",
-                                                        factory=lambda: ["val_acc"])
+    objectives: Union[Objective, list[Objective]] = opt(help="what the sweep optimises", factory=lambda: ["val_acc"])
     sampler_seed: Optional[int] = opt(None, "seed of the search's sampler", range=Range(0, 2**32 - 1))
 
     def __post_init__(self) -> None:
@@ -341,8 +332,10 @@ class StudyOptions:
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise BudgetLoraError("study key 'seeds': must list at least one seed, each once")
         if self.name is not None and (not re.fullmatch(STUDY_NAME_PATTERN, self.name) or not self.name.strip(".")):
-            raise BudgetLoraError("study key 'name': must be a plain word (letters, digits, . _ + -, not only dots; "
-                                  "it names the sweep folder)")
+            raise BudgetLoraError(
+                "study key 'name': must be a plain word (letters, digits, . _ + -, not only dots; "
+                "it names the sweep folder)"
+            )
 
 
 def _options(path: Path, raw: dict[str, Any], seeds: list[int] | None) -> StudyOptions:
@@ -375,8 +368,7 @@ def _grid_points(path: Path, raw: dict[str, Any], study_dir: Path, seeds: list[i
     return _expand(axes, seeds, path)
 
 
-def load_study(path: str | Path, overrides: Sequence[str] | None = None,
-               seeds: list[int] | None = None) -> StudySpec:
+def load_study(path: str | Path, overrides: Sequence[str] | None = None, seeds: list[int] | None = None) -> StudySpec:
     """Read and validate a study file; `overrides` are `--set KEY=VALUE` items (paths relative to
     CWD); `seeds` replaces the file's seeds (e.g. one seed for a quick check)."""
     path = Path(path)
@@ -406,13 +398,25 @@ def load_study(path: str | Path, overrides: Sequence[str] | None = None,
         raise BudgetLoraError(f"--set {', '.join(clash)}: the study varies these keys; edit the study file instead")
     name = options.name or path.stem
     if not re.fullmatch(STUDY_NAME_PATTERN, name) or not name.strip("."):
-        raise _study_error(path, f"study key 'name': the file name {path.name!r} is not a plain word; give "
-                                 "'name: ...' (letters, digits, . _ + -; it names the sweep folder)")
+        raise _study_error(
+            path,
+            f"study key 'name': the file name {path.name!r} is not a plain word; give "
+            "'name: ...' (letters, digits, . _ + -; it names the sweep folder)",
+        )
     from budgetlora.sweeps.prune import parse_confirm, parse_prune
 
-    return StudySpec(path=path, name=name, base_raw=base_raw, fixed={**_dotted(raw.get("set"), path, "set", study_dir), **cli},
-                     points=points, search=search,
-                     sampler=({"optuna": "tpe", "random": "random"}[searches[0]] if searches else None),
-                     seeds=seeds, n_trials=n_trials, objectives=list(options.objectives),
-                     sampler_seed=options.sampler_seed, prune=parse_prune(path, raw.get("prune")),
-                     confirm=parse_confirm(path, raw.get("confirm")))
+    return StudySpec(
+        path=path,
+        name=name,
+        base_raw=base_raw,
+        fixed={**_dotted(raw.get("set"), path, "set", study_dir), **cli},
+        points=points,
+        search=search,
+        sampler=({"optuna": "tpe", "random": "random"}[searches[0]] if searches else None),
+        seeds=seeds,
+        n_trials=n_trials,
+        objectives=list(options.objectives),
+        sampler_seed=options.sampler_seed,
+        prune=parse_prune(path, raw.get("prune")),
+        confirm=parse_confirm(path, raw.get("confirm")),
+    )

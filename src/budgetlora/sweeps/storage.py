@@ -24,6 +24,8 @@ SQLITE_BUSY_S = 120  # how long a write waits for another worker's transaction
 GRACE_FACTOR = 3  # a trial whose heartbeat is silent for this many intervals is taken for dead
 MAX_RETRIES = 2  # a dead worker's trial is queued again at most this many times
 HEARTBEAT_FAILURES_TO_WARN = 3
+# what a damaged or foreign storage raises from inside Optuna (its records read back)
+DAMAGED_STORAGE = (KeyError, ValueError, TypeError, AttributeError, IndexError)
 
 
 def grace_period(interval: int, sqlite: bool) -> int:
@@ -40,11 +42,11 @@ def default_storage(out: Path) -> str:
 def _sqlite_path(url: str) -> Path | None:
     if not url.startswith("sqlite:///") or url.endswith(":memory:"):
         return None
-    return Path(url[len("sqlite:///"):])
+    return Path(url[len("sqlite:///") :])
 
 
 def _journal_path(url: str) -> Path | None:
-    return Path(url[len(JOURNAL_PREFIX):]).expanduser() if url.startswith(JOURNAL_PREFIX) else None
+    return Path(url[len(JOURNAL_PREFIX) :]).expanduser() if url.startswith(JOURNAL_PREFIX) else None
 
 
 def lock_path(url: str) -> Path | None:
@@ -91,14 +93,20 @@ def _rdb_storage(url: str, heartbeat: int | None) -> Any:
         if heartbeat:
             # a beat can wait SQLITE_BUSY_S for the write lock: a live trial must not look dead meanwhile
             grace = grace_period(heartbeat, sqlite=path is not None)
-            kwargs = {"heartbeat_interval": int(heartbeat), "grace_period": grace,
-                      "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                          max_retry=MAX_RETRIES)}
+            kwargs = {
+                "heartbeat_interval": int(heartbeat),
+                "grace_period": grace,
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRIES
+                ),
+            }
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-        except Exception as exc:  # a bad URL or an unreachable server: SQLAlchemy's many error types
-            raise BudgetLoraError(f"--storage {url}: cannot open the Optuna storage ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0][:160]})") from None
+        except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable server: SQLAlchemy's many types
+            raise BudgetLoraError(
+                f"--storage {url}: cannot open the Optuna storage ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]})"
+            ) from None
     if path is not None:
         from sqlalchemy import event
 
@@ -128,7 +136,13 @@ def open_storage(url: str, heartbeat: int | None = 10) -> Any:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     journal.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
+    try:  # the journal is replayed here: a damaged record surfaces as Optuna's KeyError, ValueError, ...
+        return JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
+    except DAMAGED_STORAGE as exc:
+        raise BudgetLoraError(
+            f"--storage {url}: the journal cannot be replayed ({type(exc).__name__}: "
+            f"{first_line(exc, 120)}); it is damaged or not Optuna's"
+        ) from None
 
 
 def open_optuna_study(spec: StudySpec, storage: Any, study_name: str | None = None) -> Any:
@@ -142,33 +156,60 @@ def open_optuna_study(spec: StudySpec, storage: Any, study_name: str | None = No
         sampler = optuna.samplers.RandomSampler(seed=spec.sampler_seed)
     name = study_name or spec.name
     pruner = spec.prune.optuna_pruner() if spec.prune is not None else None
-    study = optuna.create_study(storage=storage, study_name=name, directions=spec.directions,  # type: ignore[arg-type]
-                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            directions=spec.directions,  # type: ignore[arg-type]
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+    except DAMAGED_STORAGE as exc:
+        raise BudgetLoraError(
+            f"the Optuna storage cannot be read ({type(exc).__name__}: {first_line(exc, 120)}); "
+            "it is damaged or not Optuna's: use another --storage or --out"
+        ) from None
     stored = [d.name.lower() for d in study.directions]
     if stored != spec.directions:
-        raise BudgetLoraError(f"study '{name}' in the storage optimizes {stored}, the study file asks for "
-                              f"{spec.directions} ({', '.join(spec.objectives)}); use another --out, "
-                              "--storage or study name")
+        raise BudgetLoraError(
+            f"study '{name}' in the storage optimizes {stored}, the study file asks for "
+            f"{spec.directions} ({', '.join(spec.objectives)}); use another --out, "
+            "--storage or study name"
+        )
     return study
 
 
-def is_done_or_live(trial: Any) -> bool:
-    """A trial that settles its point: waiting, running, complete, or pruned by the pruner."""
+def is_done_or_live(trial: Any, out: Optional[Path] = None) -> bool:
+    """A trial that settles its point: waiting, running, complete, or pruned by the pruner. With
+    `out` (the sweep folder), a settled trial whose run directories are gone settles nothing: its
+    point is trained again rather than silently missing from the results."""
     from optuna.trial import TrialState
 
-    return trial.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE) or (
-        trial.state == TrialState.PRUNED and "pruned_at" in trial.user_attrs)
+    settled = trial.state == TrialState.COMPLETE or (
+        trial.state == TrialState.PRUNED and "pruned_at" in trial.user_attrs
+    )
+    if settled and out is not None and isinstance(trial.user_attrs.get("run_dirs"), list):
+        if not all((Path(out) / str(name)).is_dir() for name in trial.user_attrs["run_dirs"]):
+            return False
+    return settled or trial.state in (TrialState.WAITING, TrialState.RUNNING)
 
 
-def enqueue_missing(study: Any, points: Sequence[Any]) -> int:
-    """Enqueue every point that has no waiting, running, completed or pruned trial; returns how
-    many. Points whose trials all failed are enqueued again: rerunning a sweep retries failures."""
-    have = {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False) if is_done_or_live(t)}
+def enqueue_missing(study: Any, points: Sequence[Any], out: Optional[Path] = None) -> int:
+    """Enqueue every point that has no waiting, running, completed or pruned trial (with its run
+    directories still in `out`); returns how many. Points whose trials all failed are enqueued
+    again: rerunning a sweep retries failures."""
+    have = {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False) if is_done_or_live(t, out)}
     added = 0
     for planned in points:
         if planned.point.name not in have:
-            study.enqueue_trial({}, user_attrs={"point": planned.point.name,
-                                                "axes": json.loads(json.dumps(planned.point.axes, default=str))})
+            study.enqueue_trial(
+                {},
+                user_attrs={
+                    "point": planned.point.name,
+                    "axes": json.loads(json.dumps(planned.point.axes, default=str)),
+                },
+            )
             added += 1
     return added
 
@@ -216,13 +257,15 @@ class Heartbeat(BaseHeartbeat):
         try:
             self.beat()
             self.failures = 0
-        except Exception as exc:  # the storage's driver raises its own types (SQLAlchemy, OSError, ...)
+        except Exception as exc:  # noqa: BLE001 - the storage driver's own types (SQLAlchemy, OSError, ...)
             self.failures += 1
             if self.failures >= HEARTBEAT_FAILURES_TO_WARN and not self.warned:
                 self.warned = True
-                self.warn(f"trial {self.trial.number}: {self.failures} heartbeats in a row failed "
-                          f"({type(exc).__name__}: {first_line(exc, 120)}); if this goes on, another worker will "
-                          "take the trial for dead and train it again")
+                self.warn(
+                    f"trial {self.trial.number}: {self.failures} heartbeats in a row failed "
+                    f"({type(exc).__name__}: {first_line(exc, 120)}); if this goes on, another worker will "
+                    "take the trial for dead and train it again"
+                )
 
     def __enter__(self) -> "Heartbeat":
         self._stop = threading.Event()
@@ -263,9 +306,14 @@ def fail_stale(study: Any, storage: Any, interval: int | None) -> None:
             if _fail(storage, trial):
                 retries = int(trial.user_attrs.get("retries", 0))
                 if retries < MAX_RETRIES and "point" in trial.user_attrs:
-                    study.enqueue_trial({}, user_attrs={"point": trial.user_attrs["point"],
-                                                        "axes": trial.user_attrs.get("axes", {}),
-                                                        "retries": retries + 1})
+                    study.enqueue_trial(
+                        {},
+                        user_attrs={
+                            "point": trial.user_attrs["point"],
+                            "axes": trial.user_attrs.get("axes", {}),
+                            "retries": retries + 1,
+                        },
+                    )
 
 
 def fail_running(study: Any, storage: Any) -> None:

@@ -8,59 +8,33 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import traceback
 import socket
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from budgetlora.artifacts import run_dir as rd
-from budgetlora.artifacts.placement import RunLock, check_replaceable
-from budgetlora.artifacts.summary import PrunedRecord, RunSummary
+from budgetlora.artifacts.summary import PrunedRecord
 from budgetlora.config import Config
-from budgetlora.errors import (BudgetLoraError, NotResumable, OverBudgetError, RunInterrupted, RunPaused, RunPruned,
-                               first_line)
-from budgetlora.progress import Console
+from budgetlora.errors import BudgetLoraError, OverBudgetError, RunInterrupted, RunPruned, first_line
+from budgetlora.sweeps.options import SweepOptions, WorkerStats
 from budgetlora.sweeps.plan import Planned, build_config, check_point, plan
 from budgetlora.sweeps.prune import RungJudge
+from budgetlora.sweeps.trial_runs import RunOutcome, summary_values, train_or_reuse
 from budgetlora.sweeps.spec import StudySpec, name_part
-from budgetlora.sweeps.storage import (enqueue_missing, fail_running, fail_stale, file_lock, heartbeat_for,
-                                      is_done_or_live, lock_path, open_optuna_study, open_storage)
-
-
-
-@dataclass
-class SweepOptions:
-    out: Path
-    storage_url: str
-    study_name: Optional[str] = None
-    heartbeat: Optional[int] = 10
-    verbose: bool = False
-    poll_s: float = 2.0
-    worker: str = ""
-    trust_pickle: bool = False
-    console: Console = field(default_factory=Console)
-    pause_at: Optional[int] = None  # a synchronous rung: train each run to this step and pause it there
-    keep_going: bool = False  # go on after a trial's unexpected error (a bug) instead of stopping the sweep
-
-    def say(self, message: str) -> None:
-        self.console.say(f"[{self.worker}] {message}" if self.worker else message)
-
-
-@dataclass
-class WorkerStats:
-    trained: int = 0
-    reused: int = 0
-    failed: int = 0
-    skipped: int = 0
-    pruned: int = 0
-
-    def add(self, other: "WorkerStats") -> None:
-        for key in ("trained", "reused", "failed", "skipped", "pruned"):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
+from budgetlora.sweeps.storage import (
+    enqueue_missing,
+    fail_running,
+    fail_stale,
+    file_lock,
+    heartbeat_for,
+    is_done_or_live,
+    lock_path,
+    open_optuna_study,
+    open_storage,
+)
 
 
 class Skip(Exception):
@@ -75,116 +49,13 @@ class Duplicate(Exception):
         self.of = of
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    """What a trial's run gave: its summary when it finished, or where it paused at a rung."""
-
-    summary: Optional[RunSummary]
-    paused: Optional[rd.Paused]
-    reused: bool
-
-    @property
-    def val_acc(self) -> Optional[float]:
-        return self.summary.val_acc if self.summary is not None else (self.paused.val_acc if self.paused else None)
-
-
-def summary_values(spec: StudySpec, outcomes: list[RunOutcome]) -> list[float]:
-    """The objective values of a trial's runs (one per seed): mean validation accuracy, and the
-    trainable count (a run paused at a rung has no summary: the planner's count stands in)."""
-    accs = [o.val_acc for o in outcomes]
-    if any(a is None for a in accs):
-        raise BudgetLoraError("the run has no validation accuracy to optimize (data.val_size: 0?)")
-
-    def trainable() -> float:
-        finished = [o.summary.trainable_params for o in outcomes if o.summary is not None]
-        if not finished:
-            raise BudgetLoraError("a run paused at a rung has no trainable count; objectives of paused runs use "
-                                  "val_acc only")
-        return float(finished[0])
-
-    values = {"val_acc": lambda: sum(a for a in accs if a is not None) / len(accs), "trainable_params": trainable}
-    return [values[o]() for o in spec.objectives]
-
-
-def _free_overrides(run_dir: Path, cfg: Config) -> list[str]:
-    """--set items that move a stored run's free keys (device, threads, ...) to this sweep's values."""
-    from budgetlora.config import flatten
-    from budgetlora.recipe import RESUME_FREE_KEYS
-
-    stored, wanted = flatten(rd.read_run_config(run_dir).to_dict()), flatten(cfg.to_dict())
-    return [f"{k}={json.dumps(wanted[k])}" for k in RESUME_FREE_KEYS if k in wanted and stored.get(k) != wanted[k]]
-
-
-def _discard(run_dir: Path) -> None:
-    """Remove an unfinished run left by a killed trial so it can be trained again, never anything
-    that is not a run directory, and never while another process writes it."""
-    check_replaceable(run_dir, "train over")
-    trash = run_dir.with_name(f".{run_dir.name}.discard-{os.getpid()}")
-    with RunLock(run_dir, "train it again"):
-        if rd.is_finished(run_dir):  # another worker finished it meanwhile: keep it
-            return
-        os.replace(run_dir, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any = None) -> RunOutcome:
-    """The run's outcome, training it unless `run_dir` already holds the finished run of this
-    config (or, at a synchronous rung, the run paused there): one decision on the run's status."""
-    from budgetlora.recipe import RESUME_FREE_KEYS
-    from budgetlora.sweeps.prune import RungPause
-
-    judging = on_eval is not None or opts.pause_at is not None
-    status = rd.run_status(run_dir, cfg, opts.pause_at, RESUME_FREE_KEYS)
-    match status:
-        case rd.Finished(config_diff=diff) if diff:
-            raise BudgetLoraError(f"{run_dir} holds a finished run of a different config (differs in "
-                                  f"{', '.join(diff[:6])}); delete it or sweep into another --out")
-        case rd.Finished(summary=summary):
-            return RunOutcome(summary, None, reused=True)
-        case rd.Pruned(record=record) if judging:  # settled by an earlier pass of this sweep
-            raise RunPruned(record.step, record.reason, record.val_acc, run_dir.name)
-        case rd.Paused():
-            return RunOutcome(None, status, reused=True)
-    if opts.pause_at is not None:
-        on_eval = RungPause(run_dir, opts.pause_at)
-    resumable = isinstance(status, (rd.Unfinished, rd.Pruned)) and status.resumable
-    try:
-        return _train_run(cfg, run_dir, opts, on_eval, resumable, fresh=isinstance(status, rd.Absent))
-    except RunPaused:
-        paused = rd.run_status(run_dir, pause_at=opts.pause_at or 0)
-        if not isinstance(paused, rd.Paused):
-            raise BudgetLoraError(f"{run_dir} paused at a rung but recorded no accuracy there") from None
-        return RunOutcome(None, paused, reused=False)
-
-
-def _train_run(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any, resumable: bool,
-               fresh: bool) -> RunOutcome:
-    """Resume the run (when it can), else start it again (a leftover is discarded first)."""
-    from budgetlora.recipe import resume_run, train_run
-
-    if resumable:
-        try:
-            resume_run(run_dir, overrides=_free_overrides(run_dir, cfg), trust_pickle=opts.trust_pickle,
-                       verbose=opts.verbose, on_eval=on_eval)
-            return RunOutcome(rd.read_summary(run_dir), None, reused=False)
-        except NotResumable as exc:  # anything else (disk full, busy, tracker down) is the trial's fate
-            opts.say(f"cannot resume {run_dir.name} ({str(exc).splitlines()[0]}); training it again")
-    if not fresh:
-        _discard(run_dir)
-        if rd.is_finished(run_dir):  # another worker finished it meanwhile
-            return RunOutcome(rd.read_summary(run_dir), None, reused=True)
-    train_run(cfg, run_dir.parent, trust_pickle=opts.trust_pickle, verbose=opts.verbose, run_dir=run_dir,
-              on_eval=on_eval)
-    return RunOutcome(rd.read_summary(run_dir), None, reused=False)
-
-
-def _superseded_by(study: Any, trial: Any, point: str) -> Optional[int]:
+def _superseded_by(study: Any, trial: Any, point: str, out: Optional[Path] = None) -> Optional[int]:
     """The number of a lower trial for the same point that is waiting, running or settled.
 
     Two workers can enqueue the same point (different storages/locks, retries); the lowest live
     trial is the one that runs, every other copy steps aside."""
     for other in study.get_trials(deepcopy=False):
-        if other.number < trial.number and other.user_attrs.get("point") == point and is_done_or_live(other):
+        if other.number < trial.number and other.user_attrs.get("point") == point and is_done_or_live(other, out):
             return other.number
     return None
 
@@ -206,13 +77,19 @@ def _claim(study: Any, storage: Any, spec: StudySpec, opts: SweepOptions) -> Opt
             assert spec.n_trials is not None
             # Over-budget samples do not use up n_trials (TPE learns to avoid them; 20x caps a
             # space that is mostly over budget), nor do trials of dead workers, which are re-queued.
-            counted = [t for t in trials if not {"skipped", "empty", "duplicate_of"} & set(t.user_attrs)
-                       and (t.state != TrialState.FAIL or "error" in t.user_attrs)]
+            counted = [
+                t
+                for t in trials
+                if not {"skipped", "empty", "duplicate_of"} & set(t.user_attrs)
+                and (t.state != TrialState.FAIL or "error" in t.user_attrs)
+            ]
             recent = trials[-MAX_SKIPPED_IN_A_ROW:]
             hopeless = len(recent) == MAX_SKIPPED_IN_A_ROW and all("skipped" in t.user_attrs for t in recent)
             if hopeless:
-                opts.console.say(f"the last {MAX_SKIPPED_IN_A_ROW} sampled points were all over the budget: the search "
-                                 "stops (narrow the search space to configurations that fit)")
+                opts.console.say(
+                    f"the last {MAX_SKIPPED_IN_A_ROW} sampled points were all over the budget: the search "
+                    "stops (narrow the search space to configurations that fit)"
+                )
             elif len(counted) < spec.n_trials and len(trials) < 20 * spec.n_trials:
                 trial = study.ask()
         if trial is not None:
@@ -250,7 +127,9 @@ def _search_name(trial: Any, spec: StudySpec, over: dict[str, Any]) -> str:
     return "-".join(parts)
 
 
-def _jobs(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned]) -> tuple[str, list[tuple[str, Config]]]:
+def _jobs(
+    study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned], out: Optional[Path] = None
+) -> tuple[str, list[tuple[str, Config]]]:
     """The point a trial stands for and the runs (name, config) it trains."""
     point = trial.user_attrs.get("point")
     if spec.sampler is None:
@@ -270,14 +149,15 @@ def _jobs(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned]) 
             cfg = build_config(spec, {**over, **({} if seed is None else {"train.seed": seed})}, name)
             check_point(cfg)
             jobs.append((name, cfg))
-    lower = _superseded_by(study, trial, point)
+    lower = _superseded_by(study, trial, point, out)
     if lower is not None:
         raise Duplicate(lower)
     return point, jobs
 
 
-def _train_jobs(study: Any, trial: Any, spec: StudySpec, jobs: list[tuple[str, Config]], opts: SweepOptions,
-                storage: Any) -> list[RunOutcome]:
+def _train_jobs(
+    study: Any, trial: Any, spec: StudySpec, jobs: list[tuple[str, Config]], opts: SweepOptions, storage: Any
+) -> list[RunOutcome]:
     trial.set_user_attr("run_dirs", [name for name, _ in jobs])
     outcomes = []
     with heartbeat_for(storage, trial, opts.heartbeat, warn=opts.say):
@@ -289,15 +169,22 @@ def _train_jobs(study: Any, trial: Any, spec: StudySpec, jobs: list[tuple[str, C
     return outcomes
 
 
-def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planned], opts: SweepOptions,
-              storage: Any, stats: WorkerStats) -> None:
+def run_trial(
+    study: Any,
+    trial: Any,
+    spec: StudySpec,
+    planned: dict[str, Planned],
+    opts: SweepOptions,
+    storage: Any,
+    stats: WorkerStats,
+) -> None:
     """Train one claimed trial (all its seeds in search mode) and tell Optuna its outcome, once."""
     from optuna.trial import TrialState
 
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     point, start = trial.user_attrs.get("point") or f"trial {trial.number}", time.perf_counter()
     try:
-        point, jobs = _jobs(study, trial, spec, planned)
+        point, jobs = _jobs(study, trial, spec, planned, opts.out)
         outcomes = _train_jobs(study, trial, spec, jobs, opts, storage)
         values = summary_values(spec, outcomes)
     except Skip as exc:
@@ -311,14 +198,20 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planne
     except RunPruned as exc:
         stats.pruned += 1
         if rd.read_pruned(opts.out / (exc.run or point)) is None:
-            rd.write_pruned(opts.out / (exc.run or point), PrunedRecord(exc.step, exc.reason, exc.val_acc, trial.number))
+            rd.write_pruned(
+                opts.out / (exc.run or point), PrunedRecord(exc.step, exc.reason, exc.val_acc, trial.number)
+            )
         opts.say(f"PRUNE {point} at step {exc.step}: {exc.reason}")
-        _settle(study, trial, TrialState.PRUNED, {"pruned_at": exc.step, "pruned_reason": exc.reason,
-                                                  "val_acc_at_prune": exc.val_acc})
+        _settle(
+            study,
+            trial,
+            TrialState.PRUNED,
+            {"pruned_at": exc.step, "pruned_reason": exc.reason, "val_acc_at_prune": exc.val_acc},
+        )
     except (RunInterrupted, KeyboardInterrupt):
         _settle(study, trial, TrialState.FAIL, {"error": "interrupted"})  # a rerun retries (or resumes) it
         raise
-    except Exception as exc:  # the trial's fate, in one place (as Optuna's _run_trial)
+    except Exception as exc:  # noqa: BLE001 - the trial's fate, in one place (as Optuna's _run_trial)
         _fail_trial(study, trial, point, exc, opts, stats)
     else:
         finished = [o.summary for o in outcomes if o.summary is not None]
@@ -332,9 +225,12 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, planned: dict[str, Planne
             stats.reused += 1
         else:
             stats.trained += 1
-        shown = "  ".join(f"{o} {v:.4g}" for o, v in zip(spec.objectives, values))
-        opts.say(f"done  {point}: " + ("already finished, not retrained" if reused else
-                                       f"{shown}  ({time.perf_counter() - start:.0f} s)") + _standing(study, spec))
+        shown = "  ".join(f"{o} {v:.4g}" for o, v in zip(spec.objectives, values, strict=False))
+        opts.say(
+            f"done  {point}: "
+            + ("already finished, not retrained" if reused else f"{shown}  ({time.perf_counter() - start:.0f} s)")
+            + _standing(study, spec)
+        )
 
 
 def _fail_trial(study: Any, trial: Any, point: str, exc: Exception, opts: SweepOptions, stats: WorkerStats) -> None:
@@ -354,9 +250,11 @@ def _fail_trial(study: Any, trial: Any, point: str, exc: Exception, opts: SweepO
     if not expected and opts.verbose:
         opts.say(attrs["traceback"].rstrip())
     if not expected and not opts.keep_going:
-        raise BudgetLoraError(f"trial {trial.number} ({point}) failed with an unexpected error ({reason.splitlines()[0][:200]}); "
-                              "its traceback is in the trial record (sweep --verbose prints it). The sweep stops here; "
-                              "pass --keep-going to go on past such failures") from exc
+        raise BudgetLoraError(
+            f"trial {trial.number} ({point}) failed with an unexpected error ({reason.splitlines()[0][:200]}); "
+            "its traceback is in the trial record (sweep --verbose prints it). The sweep stops here; "
+            "pass --keep-going to go on past such failures"
+        ) from exc
 
 
 def _settle(study: Any, trial: Any, state: Any, attrs: dict[str, Any], values: Optional[list[float]] = None) -> None:
@@ -407,7 +305,7 @@ def work(spec: StudySpec, opts: SweepOptions, planned: Optional[list[Planned]] =
         if not opts.heartbeat:
             fail_running(study, storage)
         if spec.sampler is None:
-            added = enqueue_missing(study, planned)
+            added = enqueue_missing(study, planned, opts.out)
             if added:
                 opts.say(f"queued {added} trial(s)")
     by_name = {p.point.name: p for p in planned}
@@ -421,8 +319,10 @@ def work(spec: StudySpec, opts: SweepOptions, planned: Optional[list[Planned]] =
             running = {t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
             if running and opts.heartbeat:
                 if running != waiting_for:
-                    opts.say(f"waiting for {len(running)} trial(s) running in other workers (taken over if "
-                             f"their worker dies): {', '.join(map(str, sorted(running)))}")
+                    opts.say(
+                        f"waiting for {len(running)} trial(s) running in other workers (taken over if "
+                        f"their worker dies): {', '.join(map(str, sorted(running)))}"
+                    )
                     waiting_for = running
                 time.sleep(opts.poll_s)
                 continue

@@ -70,8 +70,12 @@ def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: _encode(v, f"{key}.{k}", tensors) for k, v in obj.items()}
         # optimizer state is keyed by int parameter index; JSON would turn the keys into strings
-        return {"__items__": [[_encode(k, f"{key}.k{i}", tensors), _encode(v, f"{key}.{k}", tensors)]
-                              for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__items__": [
+                [_encode(k, f"{key}.k{i}", tensors), _encode(v, f"{key}.{k}", tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {key}")
@@ -95,8 +99,11 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def capture_rng() -> dict[str, Any]:
     """Every RNG a training step can draw from (dropout uses torch's; CUDA kernels use CUDA's)."""
-    rng: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(legacy=False),
-                           "torch": torch.get_rng_state()}
+    rng: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=False),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
@@ -154,14 +161,21 @@ def _remove(path: Path) -> None:
 def prune_checkpoints(run_dir: Path, keep: int, best_step: Optional[int]) -> None:
     """Keep the newest `keep` checkpoints (at least one: it is what a resume needs) and the best."""
     paths = complete_checkpoints(run_dir)
-    newest = set(paths[-max(1, keep):])
+    newest = set(paths[-max(1, keep) :])
     for path in paths:
         if path not in newest and _step_of(path) != best_step:
             _remove(path)
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, progress: Resumable, reason: str,
-                    config: dict[str, Any], data_fingerprint: str = "", keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    progress: Resumable,
+    reason: str,
+    config: dict[str, Any],
+    data_fingerprint: str = "",
+    keep: int = 2,
+) -> Path:
     """Write one checkpoint atomically and prune old ones; returns its directory.
 
     A failure while writing (disk full, unwritable directory) raises BudgetLoraError and leaves
@@ -183,12 +197,21 @@ def save_checkpoint(run_dir: Path, model: nn.Module, progress: Resumable, reason
             "rng": _encode(capture_rng(), "rng", tensors),
         }
         _save_tensors(tensors, tmp / "state.safetensors")
-        _write_json(tmp / "state.json", {
-            "format": FORMAT_VERSION, "step": state.step, "reason": reason, "time": time.time(),
-            "total_steps": progress.total_steps, "loop_state": dataclasses.asdict(state),
-            "history": progress.history, "config": config, "data_fingerprint": data_fingerprint,
-            **structure,
-        })
+        _write_json(
+            tmp / "state.json",
+            {
+                "format": FORMAT_VERSION,
+                "step": state.step,
+                "reason": reason,
+                "time": time.time(),
+                "total_steps": progress.total_steps,
+                "loop_state": dataclasses.asdict(state),
+                "history": progress.history,
+                "config": config,
+                "data_fingerprint": data_fingerprint,
+                **structure,
+            },
+        )
         settle_tree(tmp)
         final.parent.mkdir(exist_ok=True)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
@@ -199,8 +222,10 @@ def save_checkpoint(run_dir: Path, model: nn.Module, progress: Resumable, reason
     except OSError as exc:
         previous = [p.name for p in complete_checkpoints(run_dir)]
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise BudgetLoraError(f"cannot write the checkpoint for step {state.step} in {run_dir / CHECKPOINTS}: "
-                              f"{exc.strerror or exc}; {kept}") from None
+        raise BudgetLoraError(
+            f"cannot write the checkpoint for step {state.step} in {run_dir / CHECKPOINTS}: "
+            f"{exc.strerror or exc}; {kept}"
+        ) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -211,8 +236,15 @@ def save_checkpoint(run_dir: Path, model: nn.Module, progress: Resumable, reason
 class Checkpointer:
     """The `on_checkpoint` hook of `train_loop`: one checkpoint per step at most."""
 
-    def __init__(self, run_dir: Path, model: nn.Module, config: dict[str, Any], data_fingerprint: str,
-                 keep: int, saved_step: Optional[int] = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        model: nn.Module,
+        config: dict[str, Any],
+        data_fingerprint: str,
+        keep: int,
+        saved_step: Optional[int] = None,
+    ):
         self.run_dir, self.model, self.config = Path(run_dir), model, config
         self.data_fingerprint, self.keep = data_fingerprint, keep
         self.saved_step = saved_step
@@ -256,7 +288,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except OSError as exc:
         raise BudgetLoraError(f"{meta_file}: unreadable checkpoint state ({type(exc).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise BudgetLoraError(f"{meta_file}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}")
+        raise BudgetLoraError(
+            f"{meta_file}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}"
+        )
 
     def tensors(name: str, required: bool = True) -> Optional[dict[str, torch.Tensor]]:
         file = path / name
@@ -273,13 +307,22 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         decoded = {k: _decode(meta[k], state_tensors) for k in ("optimizer", "scheduler", "scaler", "rng")}
         loop_state = _loop_state(meta["loop_state"])
-        return Checkpoint(path=path, step=_count(meta["step"]), reason=str(meta.get("reason", "")),
-                          total_steps=_count(meta["total_steps"]), state=loop_state,
-                          trainable=tensors("trainable.safetensors") or {},
-                          best_trainable=tensors("best.safetensors", required=False),
-                          optimizer=decoded["optimizer"], scheduler=decoded["scheduler"], scaler=decoded["scaler"],
-                          rng=decoded["rng"], history=list(meta.get("history") or []),
-                          config=dict(meta.get("config") or {}), data_fingerprint=str(meta.get("data_fingerprint", "")))
+        return Checkpoint(
+            path=path,
+            step=_count(meta["step"]),
+            reason=str(meta.get("reason", "")),
+            total_steps=_count(meta["total_steps"]),
+            state=loop_state,
+            trainable=tensors("trainable.safetensors") or {},
+            best_trainable=tensors("best.safetensors", required=False),
+            optimizer=decoded["optimizer"],
+            scheduler=decoded["scheduler"],
+            scaler=decoded["scaler"],
+            rng=decoded["rng"],
+            history=list(meta.get("history") or []),
+            config=dict(meta.get("config") or {}),
+            data_fingerprint=str(meta.get("data_fingerprint", "")),
+        )
     except KeyError as exc:
         raise BudgetLoraError(f"{meta_file}: incomplete checkpoint state (missing {exc})") from None
     except (TypeError, ValueError, AttributeError) as exc:
@@ -306,15 +349,16 @@ def _loop_state(raw: Any) -> LoopState:
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:  # floats, and the optional losses
-            ok = (value is None and default is None) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            ok = (value is None and default is None) or (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+            )
         if not ok:
             raise ValueError(f"loop_state.{f.name} is {value!r}")
         values[f.name] = value
     return LoopState(**values)
 
 
-def load_latest_checkpoint(run_dir: Path,
-                           warn: Callable[[str], None] = lambda s: None) -> Optional[Checkpoint]:
+def load_latest_checkpoint(run_dir: Path, warn: Callable[[str], None] = lambda s: None) -> Optional[Checkpoint]:
     """The newest checkpoint that loads; an unreadable one is reported and skipped."""
     for path in reversed(complete_checkpoints(run_dir)):
         try:
@@ -330,12 +374,16 @@ def restore_model(model: nn.Module, checkpoint: Checkpoint) -> None:
     missing = sorted(set(params) - set(checkpoint.trainable))
     unexpected = sorted(set(checkpoint.trainable) - set(params))
     if missing or unexpected:
-        raise BudgetLoraError(f"{checkpoint.path}: the checkpoint does not match the model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise BudgetLoraError(
+            f"{checkpoint.path}: the checkpoint does not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     with torch.no_grad():
         for name, param in params.items():
             value = checkpoint.trainable[name]
             if value.shape != param.shape:
-                raise BudgetLoraError(f"{checkpoint.path}: tensor {name} has shape {tuple(value.shape)}, "
-                                      f"the model expects {tuple(param.shape)}")
+                raise BudgetLoraError(
+                    f"{checkpoint.path}: tensor {name} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(param.shape)}"
+                )
             param.copy_(value)

@@ -95,8 +95,13 @@ def fresh_resumable(model: nn.Module, train_data: TokenizedSet, cfg: TrainConfig
     batches = len(bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, 0))
     total = total_steps_for(cfg, batches)
     optimizer = build_optimizer(model, cfg, rt.device)
-    return Resumable(LoopState(), optimizer, build_scheduler(optimizer, cfg, total),
-                     torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16"), total)
+    return Resumable(
+        LoopState(),
+        optimizer,
+        build_scheduler(optimizer, cfg, total),
+        torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16"),
+        total,
+    )
 
 
 def trainable_tensors(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
@@ -115,8 +120,10 @@ def check_gradients_flow(model: nn.Module) -> None:
     base detaches the adapters, and training then silently does nothing)."""
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
-        raise BudgetLoraError(f"{len(missing)} trainable tensors received no gradient after the first "
-                              f"backward step (first: {missing[0]}); the adapters would not train")
+        raise BudgetLoraError(
+            f"{len(missing)} trainable tensors received no gradient after the first "
+            f"backward step (first: {missing[0]}); the adapters would not train"
+        )
 
 
 class _Window:
@@ -143,12 +150,15 @@ class _Window:
     def check_finite(self, lr: float) -> None:
         step = int(self.nonfinite_at)  # a host sync: only at log, evaluation and checkpoint points
         if step >= 0:
-            raise RunDiverged(f"the training loss became NaN or infinite at step {step} (lr {lr:.3g}); the run is "
-                              "removed: lower train.lr, keep train.grad_clip on, or use bf16/fp32 instead of fp16")
+            raise RunDiverged(
+                f"the training loss became NaN or infinite at step {step} (lr {lr:.3g}); the run is "
+                "removed: lower train.lr, keep train.grad_clip on, or use bf16/fp32 instead of fp16"
+            )
 
     def totals(self) -> tuple[float, int, int]:
-        loss, correct, rows = all_reduce_sum([float(self.loss), int(self.correct), self.rows],
-                                             self.rt.dist, self.rt.device)
+        loss, correct, rows = all_reduce_sum(
+            [float(self.loss), int(self.correct), self.rows], self.rt.dist, self.rt.device
+        )
         return loss, int(correct), int(rows)
 
     def reset(self) -> None:
@@ -167,17 +177,29 @@ def _log_window(window: _Window, progress: Resumable, stream: BatchStream, log: 
     window.check_finite(progress.optimizer.param_groups[0]["lr"])
     elapsed = time.perf_counter() - window.start
     loss_sum, correct, rows = window.totals()
-    record = {"step": state.step, "epoch": round(state.epoch + state.position / stream.batches_per_epoch(), 4),
-              "train_loss": loss_sum / rows, "train_acc": correct / rows,
-              "lr": progress.optimizer.param_groups[0]["lr"], "samples_per_s": rows / max(elapsed, 1e-9)}
+    record = {
+        "step": state.step,
+        "epoch": round(state.epoch + state.position / stream.batches_per_epoch(), 4),
+        "train_loss": loss_sum / rows,
+        "train_acc": correct / rows,
+        "lr": progress.optimizer.param_groups[0]["lr"],
+        "samples_per_s": rows / max(elapsed, 1e-9),
+    }
     state.last_train_loss = record["train_loss"]
     progress.history.append(record)
     log(record)
     window.reset()
 
 
-def _evaluate(model: nn.Module, val_data: TokenizedSet, rt: Runtime, pad_id: int, progress: Resumable,
-              log: Sink, batch: PredictionBatch) -> np.ndarray:
+def _evaluate(
+    model: nn.Module,
+    val_data: TokenizedSet,
+    rt: Runtime,
+    pad_id: int,
+    progress: Resumable,
+    log: Sink,
+    batch: PredictionBatch,
+) -> np.ndarray:
     """Validation metrics into the log and the best-so-far tracking; returns per-row correctness."""
     state = progress.state
     logits = predict_logits(model, val_data, rt, pad_id, batch)
@@ -185,9 +207,11 @@ def _evaluate(model: nn.Module, val_data: TokenizedSet, rt: Runtime, pad_id: int
     acc = float(correct.mean())
     state.last_eval_loss = cross_entropy(logits, val_data.labels)
     if not math.isfinite(state.last_eval_loss):  # the model's outputs overflowed: its accuracy means nothing
-        raise RunDiverged(f"the validation loss became NaN or infinite at step {state.step} (lr "
-                          f"{progress.optimizer.param_groups[0]['lr']:.3g}); the run is removed: lower train.lr, "
-                          "keep train.grad_clip on, or use bf16/fp32 instead of fp16")
+        raise RunDiverged(
+            f"the validation loss became NaN or infinite at step {state.step} (lr "
+            f"{progress.optimizer.param_groups[0]['lr']:.3g}); the run is removed: lower train.lr, "
+            "keep train.grad_clip on, or use bf16/fp32 instead of fp16"
+        )
     record = {"step": state.step, "eval_loss": state.last_eval_loss, "eval_acc": acc}
     progress.history.append(record)
     log(record)
@@ -199,8 +223,17 @@ def _evaluate(model: nn.Module, val_data: TokenizedSet, rt: Runtime, pad_id: int
     return correct
 
 
-def _backward(module: nn.Module, runner: StepRunner, batch: dict[str, torch.Tensor], rt: Runtime,
-              scaler: torch.amp.GradScaler, grad_accum: int, sync: bool, window: _Window, step: int) -> None:
+def _backward(
+    module: nn.Module,
+    runner: StepRunner,
+    batch: dict[str, torch.Tensor],
+    rt: Runtime,
+    scaler: torch.amp.GradScaler,
+    grad_accum: int,
+    sync: bool,
+    window: _Window,
+    step: int,
+) -> None:
     """Forward and backward of one micro-batch; its loss and accuracy go into the window."""
     batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
     with contextlib.nullcontext() if sync else module.no_sync():
@@ -210,11 +243,43 @@ def _backward(module: nn.Module, runner: StepRunner, batch: dict[str, torch.Tens
     window.add(loss, logits, batch["labels"], step)
 
 
-def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[TokenizedSet], cfg: TrainConfig,
-               rt: Runtime, pad_id: int, log: Sink, resume: Optional[Resumable] = None,
-               on_checkpoint: Optional[Hook] = None, should_stop: Callable[[], bool] = lambda: False,
-               runner: Optional[StepRunner] = None, on_eval: Optional[EvalHook] = None,
-               eval_batch: PredictionBatch = DEFAULT_BATCH) -> Resumable:
+def _evaluation_due(cfg: TrainConfig, step: int, total: int, val_data: Optional[TokenizedSet]) -> bool:
+    scheduled = (cfg.eval_every and (step % cfg.eval_every == 0 or step == total)) or step in cfg.eval_at
+    return bool(val_data is not None and len(val_data) > 0 and scheduled)
+
+
+def _stop_agreed(should_stop: Callable[[], bool], rt: Runtime) -> bool:
+    """Ranks must agree on where to stop, or the others would wait forever in the next all-reduce."""
+    return bool(all_reduce_sum([float(should_stop())], rt.dist, rt.device)[0]) if rt.dist.enabled else should_stop()
+
+
+def _optimizer_step(progress: Resumable, trainable: list[torch.Tensor], grad_clip: Optional[float]) -> None:
+    """Clip (unscaled), step, advance the schedule and drop the gradients."""
+    optimizer, scaler = progress.optimizer, progress.scaler
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    progress.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_loop(
+    model: nn.Module,
+    train_data: TokenizedSet,
+    val_data: Optional[TokenizedSet],
+    cfg: TrainConfig,
+    rt: Runtime,
+    pad_id: int,
+    log: Sink,
+    resume: Optional[Resumable] = None,
+    on_checkpoint: Optional[Hook] = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    runner: Optional[StepRunner] = None,
+    on_eval: Optional[EvalHook] = None,
+    eval_batch: PredictionBatch = DEFAULT_BATCH,
+) -> Resumable:
     """Train until the last step (or early stopping); evaluate on `val_data` every `eval_every` steps.
 
     `on_checkpoint(reason, progress)` is called at save/eval points and when `should_stop()` turns
@@ -238,10 +303,6 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
         if on_checkpoint is not None:
             on_checkpoint(reason, progress)
 
-    def stop_requested() -> bool:
-        # ranks must agree on where to stop, or the others would wait forever in the next all-reduce
-        return bool(all_reduce_sum([float(should_stop())], dist, rt.device)[0]) if dist.enabled else should_stop()
-
     forward_module = wrap_model(runner.step, dist, rt.device)
     pad_multiple = pad_multiple_for(rt.device)
     batches = iter(stream)
@@ -256,13 +317,7 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
             _backward(forward_module, runner, batch, rt, scaler, cfg.grad_accum, sync, window, state.step + 1)
         if state.step == 0:
             check_gradients_flow(model)
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        progress.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(progress, trainable, cfg.grad_clip)
         state.step += 1
         state.epoch, state.position = stream.epoch, stream.position
         state.samples_seen += cfg.batch_size * cfg.grad_accum
@@ -270,9 +325,7 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
 
         if state.step % cfg.log_every == 0 or state.step == total:
             _log_window(window, progress, stream, log)
-        scheduled = (cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == total)) \
-            or state.step in cfg.eval_at
-        evaluating = bool(val_data is not None and len(val_data) > 0 and scheduled)
+        evaluating = _evaluation_due(cfg, state.step, total, val_data)
         if evaluating:
             window.check_finite(optimizer.param_groups[0]["lr"])
             correct = _evaluate(model, val_data, rt, pad_id, progress, log, eval_batch)
@@ -284,7 +337,7 @@ def train_loop(model: nn.Module, train_data: TokenizedSet, val_data: Optional[To
         if evaluating and cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
             state.stopped_early = True
             break
-        if state.step < total and stop_requested():
+        if state.step < total and _stop_agreed(should_stop, rt):
             if checkpointing:
                 checkpoint("signal")
             break

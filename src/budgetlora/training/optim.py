@@ -48,7 +48,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def _takes_muon(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim == 2 and _group_of(name) != "head" and "embeddings" not in name
+    return param.ndim == 2 and _group_of(name) != "head" and "embeddings" not in name  # noqa: PLR2004 - a matrix
 
 
 def _group_of(name: str) -> str:
@@ -62,8 +62,7 @@ def _group_of(name: str) -> str:
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Trainable parameters split by role, each with its learning rate and weight decay (and, for
     `muon`, by whether Muon or AdamW updates them: the group's "muon" flag)."""
-    lr_of = {"base": cfg.lr, "head": cfg.head_lr or cfg.lr,
-             "lora_B": cfg.lr * (cfg.lora_plus_ratio or 1.0)}
+    lr_of = {"base": cfg.lr, "head": cfg.head_lr or cfg.lr, "lora_B": cfg.lr * (cfg.lora_plus_ratio or 1.0)}
     groups: dict[tuple[str, bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -71,9 +70,16 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         decay = not any(marker in name for marker in _NO_DECAY)
         muon = cfg.optimizer == "muon" and _takes_muon(name, param)
         groups.setdefault((_group_of(name), decay, muon), []).append(param)
-    return [{"params": params, "lr": lr_of[role], "weight_decay": cfg.weight_decay if decay else 0.0,
-             "name": f"{role}{'' if decay else '_no_decay'}{'_muon' if muon else ''}", "muon": muon}
-            for (role, decay, muon), params in sorted(groups.items())]
+    return [
+        {
+            "params": params,
+            "lr": lr_of[role],
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "name": f"{role}{'' if decay else '_no_decay'}{'_muon' if muon else ''}",
+            "muon": muon,
+        }
+        for (role, decay, muon), params in sorted(groups.items())
+    ]
 
 
 def fused_available(device: torch.device) -> bool:
@@ -92,8 +98,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | N
     groups = param_groups(model, cfg)
     fused = device is not None and fused_available(device)
     if cfg.optimizer == "muon":
-        return MuonWithAdamW([g for g in groups if g["muon"]], [g for g in groups if not g["muon"]],
-                             momentum=cfg.momentum, fused=fused)
+        return MuonWithAdamW(
+            [g for g in groups if g["muon"]], [g for g in groups if not g["muon"]], momentum=cfg.momentum, fused=fused
+        )
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
     if cfg.optimizer == "rmsprop":
@@ -107,15 +114,18 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return int(round(cfg.warmup * total_steps)) if cfg.warmup < 1 else int(cfg.warmup)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     from transformers import get_scheduler
 
     warmup = warmup_steps(cfg, total_steps)
     if warmup >= total_steps and cfg.warmup >= 1:
-        raise BudgetLoraError(f"config key 'train.warmup': {warmup} warmup steps is not shorter than the "
-                              f"{total_steps} steps of the run")
+        raise BudgetLoraError(
+            f"config key 'train.warmup': {warmup} warmup steps is not shorter than the {total_steps} steps of the run"
+        )
     name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
     extra = {"num_cycles": cfg.num_cycles} if cfg.scheduler == "cosine_with_restarts" else None
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup,
-                         num_training_steps=total_steps, scheduler_specific_kwargs=extra)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, scheduler_specific_kwargs=extra
+    )

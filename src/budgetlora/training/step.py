@@ -25,8 +25,9 @@ class TrainStep(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return self.loss_fn(logits.float(), labels), logits
 
@@ -62,8 +63,15 @@ def micro_batch_rows(train: TokenizedSet, cfg: TrainConfig, rt: Runtime) -> int:
     return len(local_slice(first, rt.dist))
 
 
-def step_runner(model: nn.Module, cfg: TrainConfig, rt: Runtime, train: TokenizedSet, pad_id: int,
-                widths: Optional[Sequence[int]] = None, backend: Optional[str] = None) -> StepRunner:
+def step_runner(
+    model: nn.Module,
+    cfg: TrainConfig,
+    rt: Runtime,
+    train: TokenizedSet,
+    pad_id: int,
+    widths: Optional[Sequence[int]] = None,
+    backend: Optional[str] = None,
+) -> StepRunner:
     """The step for `model`; with `widths`, compiled and warmed up for each of them here (the
     report says how many graphs and how long, or why it runs eagerly)."""
     step = TrainStep(model, loss_function(cfg))
