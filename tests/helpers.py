@@ -59,7 +59,7 @@ def build_tiny_model(path: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     corpus = [t for t, _ in synthetic_rows(400, seed=123)]
     tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -131,7 +131,7 @@ def build_tiny_encoder(path: Path, model_type: str, seed: int = 0, **overrides) 
         [t for t, _ in synthetic_rows(400, seed=123)], trainers.WordLevelTrainer(special_tokens=specials)
     )
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -245,3 +245,68 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ----- data of the other tasks: multi-label sets, regression targets, text pairs -----------------
+
+TOPIC_NAMES = ["world", "sports", "business", "tech"]
+
+
+def multi_label_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Texts whose topic words name their labels (0-3 of the four), labels joined by ','."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        labels = sorted(rng.sample(range(4), rng.choice([0, 1, 1, 2, 2, 3])))
+        words = [rng.choice(TOPIC_WORDS[label]) for label in labels for _ in range(3)]
+        words += [rng.choice(FILLER) for _ in range(4)]
+        rng.shuffle(words)
+        rows.append((" ".join(words), ",".join(TOPIC_NAMES[label] for label in labels)))
+    return rows
+
+
+def regression_rows(n: int, seed: int = 0) -> list[tuple[str, float, float]]:
+    """Texts scored by how many sports words (target 1) and how many business words (target 2) they hold."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        sports, business = rng.randint(0, 4), rng.randint(0, 4)
+        words = [rng.choice(TOPIC_WORDS[1]) for _ in range(sports)] + [
+            rng.choice(TOPIC_WORDS[2]) for _ in range(business)
+        ]
+        words += [rng.choice(FILLER) for _ in range(10 - sports - business)]
+        rng.shuffle(words)
+        rows.append((" ".join(words), 1.0 + 0.5 * sports, 10.0 - business))
+    return rows
+
+
+def pair_rows(n: int, seed: int = 0) -> list[tuple[str, str, int]]:
+    """Two short texts (the first never about sports) and whether the second is about sports (1)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a = rng.choice([0, 2, 3])
+        b = 1 if rng.random() < 0.5 else rng.choice([0, 2, 3])
+        first = " ".join(rng.choice(TOPIC_WORDS[a]) for _ in range(4))
+        second = " ".join(rng.choice(TOPIC_WORDS[b]) for _ in range(4))
+        rows.append((first, second, int(b == 1)))
+    return rows
+
+
+def write_rows(path: Path, header: list[str], rows: list) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def task_config(model_dir: Path, train_file: Path, test_file: Path, /, **sections: Any) -> dict[str, Any]:
+    """The tiny config on other data: a linear mean-pooled head, 60 steps."""
+    cfg = tiny_config(model_dir, {"train": train_file, "test": test_file}, head={"type": "linear", "pooling": "mean"})
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    return cfg

@@ -9,6 +9,7 @@ none: a failed command leaves no run directory, no half-written file, no deleted
 from __future__ import annotations
 
 import errno
+import json
 import re
 import hashlib
 import os
@@ -507,15 +508,15 @@ DAMAGE = {
     ),
     "no adapter weights": (lambda run: (run / "adapter" / "adapter_model.safetensors").unlink(), "is missing"),
     "labels not json": (lambda run: (run / "labels.json").write_text("{names"), "labels.json: not valid JSON"),
-    "labels wrong shape": (lambda run: (run / "labels.json").write_text('{"names": "World"}'), 'expected {"names"'),
-    "labels one name": (lambda run: (run / "labels.json").write_text('{"names": ["a"]}'), "two or more distinct"),
+    "labels wrong shape": (lambda run: (run / "labels.json").write_text('{"names": "World"}'), "names is not a list"),
+    "labels one name": (lambda run: (run / "labels.json").write_text('{"names": ["a"]}'), "2 or more distinct"),
     "labels duplicate": (
         lambda run: (run / "labels.json").write_text('{"names": ["a", "a", "b", "c"]}'),
-        "two or more distinct",
+        "2 or more distinct",
     ),
     "labels more than the head": (
         lambda run: (run / "labels.json").write_text('{"names": ["a", "b", "c", "d", "e"]}'),
-        "the weights do not fit this model (size mismatch",
+        "decisions for a single_label model with 4 outputs, but the run is single_label with 5",
     ),
     "labels missing": (lambda run: (run / "labels.json").unlink(), "labels.json is missing"),
     "config garbage": (lambda run: (run / "config.yaml").write_text("name: [oops\n"), "invalid YAML"),
@@ -1085,7 +1086,7 @@ def test_a_sweep_keeps_the_checkpoints_of_a_trial_that_fails_for_a_passing_reaso
 
 
 def test_a_discard_keeps_a_run_another_worker_finished_meanwhile(sandbox):
-    from budgetlora.sweeps.worker import _discard
+    from budgetlora.sweeps.trial_runs import _discard
 
     run = _unfinished_copy(sandbox, "r2")
     (run / "summary.json").write_text((sandbox / "runs" / "tiny" / "summary.json").read_text())
@@ -1550,7 +1551,7 @@ def test_foreign_or_damaged_onnx_graphs_are_one_error(sandbox, exports, capsys):
         _onnx_graph(file, module, (ids, ids), ["input_ids", "attention_mask"])
         _refuse_export(sandbox, capsys, exports["onnx"], message)
     _onnx_graph(file, _ThreeInputs(), (ids, ids, ids), ["input_ids", "attention_mask", "token_type_ids"])
-    _refuse_export(sandbox, capsys, exports["onnx"], "expected the inputs input_ids and attention_mask")
+    _refuse_export(sandbox, capsys, exports["onnx"], "expected the inputs input_ids, attention_mask")
     constant = helper.make_node(
         "Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [2], [40_000_000_000, 4])
     )  # 160 GB of float32
@@ -2026,3 +2027,185 @@ def test_an_onnx_graph_that_never_ends_is_stopped(sandbox, exports, capsys, monk
 
 def test_comparing_a_run_with_itself_is_refused(sandbox, capsys):
     expect_refusal(sandbox, capsys, ["compare", "{sb}/runs/tiny", "{sb}/runs/tiny/", "--out", "{sb}/c"], "given twice")
+
+
+# ----- beyond one label: the task keys, their data, their files (multi-label, regression, pairs) ----
+
+TASK_CONFIG_CASES = [
+    ("task=ranking", "'task': got 'ranking'"),
+    ("data.label_columns=[a, b]", "'data.label_columns': several label columns are multi-label"),
+    ("data.label_columns=[a, a]", "'data.label_columns': lists a column twice"),
+    ("data.label_separator=a", "'data.label_separator': 'a': 1-3 printable characters, no letters"),
+    ("data.label_separator=''", "'data.label_separator'"),
+    ("data.label_separator=' , '", "'data.label_separator'"),
+    ("data.text_pair_columns=[text]", "'data.text_pair_columns': names the two columns of a text pair"),
+    ("data.text_pair_columns=[text, text]", "'data.text_pair_columns'"),
+    ("data.text_pair_columns=[a, b, c]", "'data.text_pair_columns'"),
+    ("train.loss=mse", "'train.loss': mse is a regression loss"),
+    ("train.loss=hinge", "'train.loss': got 'hinge'"),
+    ("train.class_weights=heavy", "'train.class_weights': got 'heavy'"),
+    ("train.class_weights={World: -1}", "'train.class_weights.World': got -1.0"),
+    ("train.class_weights={World: 0}", "'train.class_weights.World': got 0.0"),
+    ("train.class_weights={Moon: 2}", "'train.class_weights': unknown class(es) Moon"),
+    ("train.focal_gamma=-1", "'train.focal_gamma': got -1.0"),
+    ("train.focal_gamma=.nan", "must be a finite number"),
+    ("train.calibrate=sometimes", "'train.calibrate': got 'sometimes'"),
+    ("data.val_file={sb}/nope.csv", "not found"),
+]
+
+
+@pytest.mark.parametrize("item, message", TASK_CONFIG_CASES, ids=[c[0][:40] for c in TASK_CONFIG_CASES])
+def test_task_keys_are_refused_before_any_work(sandbox, capsys, item, message):
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", item], message)
+
+
+TASK_PAIRS = [  # (task, key=value, message): a key that does not fit the task
+    ("regression", "train.loss=focal", "'train.loss': focal is a classification loss"),
+    ("regression", "train.class_weights=balanced", "'train.class_weights': weights classes"),
+    ("regression", "data.label_names=[a, b]", "'data.label_names': a regression task has targets"),
+    ("multi_label", "train.label_smoothing=0.1", "'train.label_smoothing': smooths a softmax"),
+    ("multi_label", "data.label_columns=[a]", "needs one column per class (two or more)"),
+    ("single_label", "train.label_smoothing=0.1", ""),  # allowed: then the next key refuses
+]
+
+
+@pytest.mark.parametrize("task, item, message", TASK_PAIRS[:-1], ids=[f"{t}-{i}"[:40] for t, i, _ in TASK_PAIRS[:-1]])
+def test_keys_that_do_not_fit_the_task(sandbox, capsys, task, item, message):
+    expect_refusal(sandbox, capsys, TRAIN + ["--set", f"task={task}", "--set", item], message)
+
+
+TASK_DATA = {
+    # multi-label
+    "ml_unknown.csv": (
+        "multi_label",
+        {"data.label_names": "[a, b]"},
+        'text,label\nmatch,"a,b"\ngoal,a\nteam,c\n',
+        "line 4: unknown label 'c' (separator ',')",
+    ),
+    "ml_all_single.csv": (
+        "multi_label",
+        {},
+        "text,label\nmatch,a\ngoal,b\nteam,a\n",
+        "every training row has exactly one label: this is single-label data; use task: single_label",
+    ),
+    "ml_bad_column.csv": (
+        "multi_label",
+        {"data.label_columns": "[x, y]"},
+        "text,x,y\nmatch,1,0\ngoal,2,1\n",
+        "line 3: column 'x' holds '2'",
+    ),
+    "ml_dict_cell.jsonl": (
+        "multi_label",
+        {},
+        '{"text": "match", "label": {"a": 1}}\n{"text": "goal", "label": ["a", "b"]}\n',
+        "are not names, ids or a list of them",
+    ),
+    "ml_mixed.csv": ("multi_label", {}, 'text,label\nmatch,"a,1"\ngoal,b\n', "labels mix class names with integer ids"),
+    "ml_no_positive.csv": (
+        "multi_label",
+        {"data.label_names": "[a, b, c]"},
+        'text,label\nmatch,"a,b"\ngoal,a\n',
+        "1 of 3 labels have no positive training rows (c)",
+    ),
+    # single-label data that is another task's
+    "sl_joined.csv": (
+        "single_label",
+        {},
+        'text,label\nmatch,a\ngoal,b\nteam,"a,b"\n',
+        "looks like several labels joined by ',': for multi-label data set task: multi_label",
+    ),
+    "sl_float.csv": ("single_label", {}, "text,label\nmatch,2.5\ngoal,1\n", "(a numeric target? set task: regression)"),
+    # regression
+    "rg_nan.csv": ("regression", {}, "text,label\nmatch,1.5\ngoal,nan\n", "line 3: column 'label' holds 'nan'"),
+    "rg_inf.csv": ("regression", {}, "text,label\nmatch,1.5\ngoal,-inf\n", "must be a finite number"),
+    "rg_text.csv": ("regression", {}, "text,label\nmatch,1.5\ngoal,high\n", "holds 'high', not a number"),
+    "rg_empty.csv": ("regression", {}, "text,label\nmatch,1.5\ngoal,\n", "line 3: column 'label' holds ''"),
+    "rg_missing.csv": ("regression", {"data.label_columns": "[y1, y2]"}, "text,y1\nmatch,1\n", "no label column 'y2'"),
+    "rg_constant.csv": ("regression", {}, "text,label\nmatch,2\ngoal,2\nteam,2\n", "never vary"),
+    "rg_huge.csv": ("regression", {}, "text,label\nmatch,1e300\ngoal,2\n", "too large for float32"),
+    # pairs
+    "pair_empty.csv": (
+        "single_label",
+        {"data.text_pair_columns": "[a, b]"},
+        "a,b,label\nmatch,goal,0\nteam, ,1\n",
+        "line 3: empty text (one side of a text pair)",
+    ),
+    "pair_missing.csv": (
+        "single_label",
+        {"data.text_pair_columns": "[a, b]"},
+        "a,label\nmatch,0\n",
+        "no text column 'b'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TASK_DATA))
+def test_task_data_that_cannot_train(sandbox, capsys, name):
+    task, sets, content, message = TASK_DATA[name]
+    path = sandbox / "data" / name
+    path.write_text(content)
+    argv = TRAIN + ["--set", f"task={task}", "--set", f"data.train_file={path}", "--set", "data.val_size=0"]
+    argv += ["--set", "data.test_file=null"]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    expect_refusal(sandbox, capsys, argv, message)
+
+
+DECISIONS_DAMAGE = {
+    "not_json": ("{", "decisions.json"),
+    "width": ('{"task": "single_label", "width": 9, "temperature": 1.0}', "decisions for a single_label model with 9"),
+    "task": ('{"task": "regression", "width": 4}', "decisions for a regression model"),
+    "temperature": ('{"task": "single_label", "width": 4, "temperature": -2}', "temperature must be a finite positive"),
+    "threshold": (
+        '{"task": "single_label", "width": 4, "thresholds": [0.5, 0.5, 0.5, 0.5]}',
+        "thresholds need one value per label",
+    ),
+    "list": ("[1, 2]", "decisions.json: not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DECISIONS_DAMAGE))
+def test_a_damaged_decisions_file_is_one_error(sandbox, capsys, damage):
+    content, message = DECISIONS_DAMAGE[damage]
+    (sandbox / "runs" / "tiny" / "decisions.json").write_text(content)
+    expect_refusal(
+        sandbox, capsys, ["classify", "{sb}/runs/tiny", "match goal"], message, allowed=("runs/tiny/decisions.json",)
+    )
+
+
+def test_labels_json_of_another_task_is_refused(sandbox, capsys):
+    (sandbox / "runs" / "tiny" / "labels.json").write_text('{"task": "regression", "names": ["y"]}')
+    expect_refusal(
+        sandbox,
+        capsys,
+        ["classify", "{sb}/runs/tiny", "match goal"],
+        "task is 'single_label' but the run was trained as 'regression'",
+        allowed=("runs/tiny/labels.json",),
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["eval", "{sb}/runs/tiny", "--data", "{sb}/data/test.csv", "--threshold", "0.3"],
+            "a threshold applies to multi-label",
+        ),
+        (["classify", "{sb}/runs/tiny", "a", "b", "--pair", "c"], "2 text(s) but 1 --pair"),
+        (["classify", "{sb}/runs/tiny", "a", "--pair", "b"], "texts to classify must be strings"),
+    ],
+    ids=["threshold-single-label", "pair-count", "pair-on-single-text-model"],
+)
+def test_task_options_that_do_not_fit_the_run(sandbox, capsys, argv, message):
+    expect_refusal(sandbox, capsys, argv, message)
+
+
+def test_an_export_whose_decisions_are_not_baked_is_refused(sandbox, capsys):
+    assert main(["export", str(sandbox / "runs" / "tiny"), "--merged", str(sandbox / "exp")]) == 0
+    capsys.readouterr()
+    meta = json.loads((sandbox / "exp" / "budgetlora.json").read_text())
+    meta["decisions"]["baked"] = False
+    (sandbox / "exp" / "budgetlora.json").write_text(json.dumps(meta))
+    expect_refusal(
+        sandbox, capsys, ["classify", "{sb}/exp", "match goal"], "decisions not marked as baked", allowed=("exp",)
+    )

@@ -104,7 +104,10 @@ def test_eval_predict_classify_export(trained_run, synthetic_data, tmp_path, cap
     with torch.no_grad():
         merged_logits = model(**batch).logits
         adapter_logits = adapter_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert torch.allclose(merged_logits, adapter_logits, atol=1e-4)
+    # the run's temperature (fitted on validation) is folded into the export's last layer
+    temperature = json.loads((trained_run / "decisions.json").read_text())["temperature"]
+    assert temperature != 1.0 and json.loads((merged / "config.json").read_text())["budgetlora_decisions"]["baked"]
+    assert torch.allclose(merged_logits, adapter_logits / temperature, atol=1e-4)
     assert torch.equal(merged_logits.argmax(-1), adapter_logits.argmax(-1))
 
 

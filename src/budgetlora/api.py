@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
-
 from budgetlora.config import SECTIONS, Config, config_from_dict, flatten, load_config, resolve_paths, set_dotted
 from budgetlora.artifacts.summary import RunSummary
 from budgetlora.config.schema import MIN_CLASSES
 from budgetlora.errors import BudgetLoraError
 from budgetlora.progress import QUIET, Console
+from budgetlora.task import PAIR, global_threshold
 
 from budgetlora.inference import Predictions  # noqa: E402  (part of the API)
 
@@ -75,10 +74,16 @@ def _as_texts(data: Any) -> Data:
     if isinstance(data, (str, os.PathLike)):
         return Path(os.fspath(data)).expanduser() if isinstance(data, os.PathLike) else data
     if isinstance(data, (list, tuple)):
-        bad = next((t for t in data if not isinstance(t, str)), None)
+
+        def is_text(item: Any) -> bool:  # a text, or a (text, pair) for a text-pair model
+            return isinstance(item, str) or (
+                isinstance(item, (tuple, list)) and len(item) == PAIR and all(isinstance(t, str) for t in item)
+            )
+
+        bad = next((t for t in data if not is_text(t)), None)
         if bad is not None or not data:
             raise BudgetLoraError(
-                "texts to predict must be a non-empty list of strings"
+                "texts to predict must be a non-empty list of strings (or of (text, pair) tuples)"
                 + (f" (found a {type(bad).__name__})" if bad is not None else "")
             )
         return list(data)
@@ -194,10 +199,13 @@ class Run:
         format: Optional[str] = None,
         text_columns: Optional[Sequence[str]] = None,
         quiet: bool = True,
+        threshold: Optional[float] = None,
     ) -> dict[str, Any]:
-        """Accuracy with n and its 95% CI, macro-F1, per-class metrics and the confusion matrix of a
-        labeled data file."""
-        from budgetlora.evaluate.metrics import classification_metrics
+        """The metrics of a labeled data file, as the run's summary has them for its test split:
+        single-label accuracy with n and its 95% CI, macro-F1, per-class metrics and the confusion
+        matrix; multi-label micro/macro-F1, subset accuracy, Jaccard and per-label figures at the
+        run's thresholds (or one global `threshold`); regression Pearson/Spearman/MAE/RMSE."""
+        from budgetlora.evaluate.scoring import score_split
         from budgetlora.inference import predict_data
 
         data = as_path(data, "evaluate()'s data (a labeled data file)")
@@ -211,9 +219,11 @@ class Run:
             text_columns=text_columns,
             console=QUIET if _flag(quiet, "quiet") else Console(),
         )
-        metrics = classification_metrics(
-            labels, predictions.indices, self.label_names, np.log(np.clip(predictions.probabilities, 1e-12, None))
-        )
+        decisions = predictions.decisions
+        if threshold is not None:
+            decisions = global_threshold(decisions, threshold)
+        assert labels is not None
+        metrics, _ = score_split(predictions.space, decisions, predictions.outputs, labels)
         metrics["data"] = str(Path(data).resolve())
         return metrics
 

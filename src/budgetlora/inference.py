@@ -13,49 +13,116 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from budgetlora.errors import BudgetLoraError
-from budgetlora.evaluate.metrics import softmax
 from budgetlora.progress import QUIET, Console
+from budgetlora.task import PAIR, Decisions, LabelSpace
 
 
 @dataclass
 class Predictions:
-    """Predicted classes with their probabilities, in the input's row order."""
+    """A model's answers in the input's row order, under its decisions (task.Decisions):
+    single-label: a class per row with every class's probability; multi-label: a set of labels per
+    row with every label's probability; regression: a value per target."""
 
     ids: list[str]
-    indices: np.ndarray  # class index per row
-    probabilities: np.ndarray  # rows x classes
-    label_names: list[str]
+    outputs: np.ndarray  # the model's raw outputs, rows x outputs
+    space: LabelSpace
+    decisions: Decisions
     texts: Optional[list[str]] = None
+    pairs: Optional[list[str]] = None
 
     @property
-    def labels(self) -> list[str]:
-        return [self.label_names[int(i)] for i in self.indices]
+    def task(self) -> str:
+        return self.space.task
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.space.names)
+
+    @property
+    def answers(self) -> np.ndarray:
+        """Class indices, a rows x labels boolean matrix, or rows x targets values."""
+        return self.decisions.decide(self.outputs)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Single-label: the class index per row."""
+        if self.task != "single_label":
+            raise BudgetLoraError(f"a {self.task} model has no single class per row; use .answers or .labels")
+        return self.answers
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """rows x classes: softmax (single-label, at the run's temperature) or per-label sigmoid
+        (multi-label); regression: the values."""
+        return self.decisions.scores(self.outputs)
+
+    @property
+    def labels(self) -> list[Any]:
+        """Per row: the class name, the list of label names, or the value(s) (one target: a float)."""
+        names, answers = self.label_names, self.answers
+        if self.task == "single_label":
+            return [names[int(i)] for i in answers]
+        if self.task == "multi_label":
+            return [[names[i] for i in np.flatnonzero(row)] for row in answers]
+        values = answers.reshape(len(answers), -1)
+        return [float(row[0]) if values.shape[1] == 1 else [float(v) for v in row] for row in values]
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.outputs)
 
     def records(self) -> list[dict[str, Any]]:
-        """One dict per row: id, label, class index and every class's probability."""
-        return [
-            {
-                "id": row_id,
-                **({"text": self.texts[i]} if self.texts is not None else {}),
-                "label": self.label_names[int(k)],
-                "index": int(k),
-                "probabilities": {
-                    n: round(float(p), 4) for n, p in zip(self.label_names, self.probabilities[i], strict=False)
-                },
-            }
-            for i, (row_id, k) in enumerate(zip(self.ids, self.indices, strict=False))
-        ]
+        """One dict per row: id, (text), the answer and every class's probability or every target's value."""
+        out = []
+        scores = self.probabilities
+        for i, (row_id, label) in enumerate(zip(self.ids, self.labels, strict=False)):
+            record: dict[str, Any] = {"id": row_id}
+            if self.texts is not None:
+                record["text"] = self.texts[i]
+            if self.pairs is not None:
+                record["pair"] = self.pairs[i]
+            if self.task == "single_label":
+                record.update(label=label, index=int(self.answers[i]))
+            elif self.task == "multi_label":
+                record["labels"] = label
+            else:
+                record["values"] = dict(zip(self.label_names, map(float, np.atleast_1d(self.answers[i])), strict=False))
+                out.append(record)
+                continue
+            record["probabilities"] = {n: round(float(p), 4) for n, p in zip(self.label_names, scores[i], strict=False)}
+            out.append(record)
+        return out
 
-    def to_csv(self, path: Union[str, Path], names: bool = False) -> Path:
-        """An `ID,Label` file (class names with `names`, else class indices)."""
-        from budgetlora.artifacts.run_dir import check_output_file, write_predictions_csv
+    def to_csv(
+        self, path: Union[str, Path], names: bool = False, probabilities: bool = False, separator: str = ","
+    ) -> Path:
+        """single-label: `ID,Label` (class names with `names`, else class indices); multi-label:
+        `ID,Labels` (names joined by `separator`); regression: `ID,Score` (one column per target
+        when there are several). `probabilities` adds one column per class or label."""
+        from budgetlora.artifacts.run_dir import check_output_file, write_predictions_csv, write_table_csv
 
         path = Path(path).expanduser()
         check_output_file(path)
-        write_predictions_csv(path, self.ids, self.indices, self.label_names if names else None)
+        if self.task == "single_label" and not probabilities:
+            write_predictions_csv(path, self.ids, self.indices, self.label_names if names else None)
+            return path
+        if self.task == "regression":
+            values = self.answers.reshape(len(self), -1)
+            header = ["ID", "Score"] if values.shape[1] == 1 else ["ID", *self.label_names]
+            write_table_csv(path, header, ([i, *map(float, row)] for i, row in zip(self.ids, values, strict=True)))
+            return path
+        if self.task == "single_label":
+            header = ["ID", "Label"]
+            answers: list[Any] = [self.label_names[int(i)] if names else int(i) for i in self.indices]
+        else:
+            header = ["ID", "Labels"]
+            answers = [separator.join(row) for row in self.labels]
+        extra = [f"p:{n}" for n in self.label_names] if probabilities else []
+        scores = self.probabilities
+        rows = (
+            [row_id, answer, *([round(float(p), 6) for p in scores[i]] if probabilities else [])]
+            for i, (row_id, answer) in enumerate(zip(self.ids, answers, strict=True))
+        )
+        write_table_csv(path, header + extra, rows)
         return path
 
 
@@ -110,18 +177,45 @@ def _texts(
             labeled,
             trust_pickle,
             indices_ok=indices_mean_names(trained.label_names, explicit),
+            task=trained.space.task,
         )
         return texts, True
     if labeled:
         raise BudgetLoraError("evaluation needs a labeled data file")
-    if not all(isinstance(t, str) for t in data):
-        raise BudgetLoraError("texts to classify must be strings")
     if not data:
         raise BudgetLoraError("no texts to classify (an empty list)")
-    cleaned = [clean_text(t) if trained.cfg.data.clean_text else t.strip() for t in data]
-    if not all(cleaned):
-        raise BudgetLoraError("empty text: give the text(s) to classify")
-    return TextSet(cleaned, None, [str(i) for i in range(len(cleaned))]), False
+    first, second = _sides(trained, data)
+
+    def clean(text: str) -> str:
+        return clean_text(text) if trained.cfg.data.clean_text else text.strip()
+
+    cleaned = [clean(t) for t in first]
+    pairs = [clean(t) for t in second] if second is not None else None
+    if not all(cleaned) or (pairs is not None and not all(pairs)):
+        raise BudgetLoraError(
+            "empty text: give the text(s) to classify" + (" (both sides of each pair)" if pairs else "")
+        )
+    return TextSet(cleaned, None, [str(i) for i in range(len(cleaned))], pairs), False
+
+
+def _sides(trained: Any, data: Sequence[Any]) -> tuple[list[str], Optional[list[str]]]:
+    """The texts of a list: strings, or for a text-pair model (text, pair) tuples or "text<TAB>pair"."""
+    if not trained.cfg.data.text_pair_columns:
+        if not all(isinstance(t, str) for t in data):
+            raise BudgetLoraError("texts to classify must be strings")
+        return list(data), None
+    first, second = [], []
+    for item in data:
+        if isinstance(item, str) and item.count("\t") == 1:
+            item = item.split("\t")
+        if not (isinstance(item, (tuple, list)) and len(item) == PAIR and all(isinstance(t, str) for t in item)):
+            raise BudgetLoraError(
+                f"this model reads text pairs ({', '.join(trained.cfg.data.text_pair_columns)}): give each row as "
+                f"(text, pair) or as one string with a tab between the two, not {str(item)[:60]!r}"
+            )
+        first.append(item[0])
+        second.append(item[1])
+    return first, second
 
 
 def predict_data(
@@ -140,7 +234,14 @@ def predict_data(
     max_length = trained.cfg.data.max_length
     with console.task("tokenizing", len(texts)) as task:
         tokens = tokenize(
-            trained.tokenizer, texts.texts, texts.labels, max_length, use_cache=from_file, progress=task.advance
+            trained.tokenizer,
+            texts.texts,
+            texts.labels,
+            max_length,
+            use_cache=from_file,
+            progress=task.advance,
+            pairs=texts.pairs,
+            segments=trained.segments,
         )
     check_vocabulary(trained, tokens)
     cut = tokens.truncation(max_length)
@@ -148,8 +249,13 @@ def predict_data(
         console.say(f"{cut['truncated']:,} of {cut['rows']:,} rows cut at max_length {max_length}")
     with console.task("predicting", len(texts)) as task:
         logits = _logits(trained, tokens, task.advance)
-    shown = list(data) if not from_file and not isinstance(data, (str, Path)) else None
-    return Predictions(texts.ids, logits.argmax(1), softmax(logits), trained.label_names, shown), texts.labels
+    shown = None
+    if not from_file and not isinstance(data, (str, Path)):
+        shown = [d if isinstance(d, str) else d[0] for d in data]
+    predictions = Predictions(
+        texts.ids, logits, trained.space, trained.decisions, shown, texts.pairs if not from_file else None
+    )
+    return predictions, texts.labels
 
 
 def check_vocabulary(trained: Any, tokens: Any) -> None:

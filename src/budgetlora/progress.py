@@ -4,6 +4,7 @@ stays free for results (a run directory, a table, JSON)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, Optional, TextIO
@@ -130,18 +131,19 @@ class TrainingDisplay:
 
     def log(self, record: dict) -> None:
         step = int(record["step"])
-        if "eval_acc" in record:
-            self.console.say(
-                f"step {step}/{self.total}  eval loss {record['eval_loss']:.4f}  "
+        if "eval_loss" in record:
+            figure = (
                 f"eval acc {100 * record['eval_acc']:.2f}%"
+                if "eval_acc" in record
+                else f"eval score {record.get('eval_score', math.nan):.4f}"
             )
+            self.console.say(f"step {step}/{self.total}  eval loss {record['eval_loss']:.4f}  {figure}")
             return
-        postfix = {
-            "loss": f"{record['train_loss']:.4f}",
-            "acc": f"{100 * record['train_acc']:.1f}%",
-            "lr": f"{record['lr']:.2e}",
-            "samples/s": f"{record['samples_per_s']:.1f}",
-        }
+        postfix = {"loss": f"{record['train_loss']:.4f}"}
+        for key, label in (("train_acc", "acc"), ("train_subset_acc", "exact")):
+            if key in record:
+                postfix[label] = f"{100 * record[key]:.1f}%"
+        postfix.update(lr=f"{record['lr']:.2e}", **{"samples/s": f"{record['samples_per_s']:.1f}"})
         if self.console.interactive:
             self.task.advance(step - self.step, **postfix)
         else:
@@ -166,7 +168,4 @@ class TrainingDisplay:
         """The result line of a finished run (its test split, if it has one)."""
         test = summary.test
         if test is not None:
-            self.console.say(
-                f"test accuracy {100 * test.accuracy:.2f}% (95% CI {100 * test.ci_low:.2f}-"
-                f"{100 * test.ci_high:.2f}, n={test.n:,}); macro-F1 {100 * test.macro_f1:.2f}"
-            )
+            self.console.say(f"test {test.headline()}")

@@ -29,21 +29,27 @@ from budgetlora.data.dataset import rows_key
 from budgetlora.data.prepare import Prepared, prepare_data
 from budgetlora.distributed import barrier, broadcast
 from budgetlora.errors import NotResumable, RunDiverged, RunInterrupted
-from budgetlora.evaluate.predict import evaluate_split
+from budgetlora.evaluate.final import Evaluated, final_evaluation
+from budgetlora.evaluate.scoring import answer_cells, label_cells
+from budgetlora.evaluate.task_metrics import validation_score
 from budgetlora.model import (
     BudgetReport,
     build_model,
     check_budget,
     count_trainable,
+    load_model_config,
     load_tokenizer,
     pad_token_id,
     precheck_budget,
+    takes_segments,
 )
 from budgetlora.progress import QUIET, Console
 from budgetlora.runtime import Runtime, peak_memory_mb, process_runtime, seed_everything
 from budgetlora.speedups import CompileReport, prepare_for_training
 from budgetlora.tracking import FanOut, open_sinks, require_trackers
-from budgetlora.artifacts.summary import CompileRecord, RunSummary, SplitMetrics
+from budgetlora.artifacts.summary import CompileRecord, RunSummary
+from budgetlora.task import LabelSpace
+from budgetlora.training.losses import class_weights, loss_function
 from budgetlora.training import (
     Checkpoint,
     Checkpointer,
@@ -75,10 +81,11 @@ class Session:
     console: Console
     out_root: Path
     wall_start: float
+    space: LabelSpace
 
     @property
     def names(self) -> list[str]:
-        return self.prepared.splits.label_names
+        return list(self.space.names)
 
     @property
     def pad_id(self) -> int:
@@ -94,21 +101,26 @@ def setup_session(
     wall_start: float,
     checkpoint: Optional[Checkpoint] = None,
 ) -> Session:
-    prepared = prepare_data(cfg.data, cfg.train.seed, load_tokenizer(cfg.model), trust_pickle, console)
+    segments = bool(cfg.data.text_pair_columns) and takes_segments(load_model_config(cfg.model, 2))
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare_data(cfg.data, cfg.train.seed, tokenizer, trust_pickle, console, cfg.task, segments)
     if checkpoint is not None and checkpoint.data_fingerprint and prepared.fingerprint != checkpoint.data_fingerprint:
         raise NotResumable(
             f"the training data ({cfg.data.train_file or cfg.data.dataset}) changed since "
             f"{checkpoint.path.name}; resuming would not continue the same run"
         )
-    names = prepared.splits.label_names
+    space = prepared.label_space(cfg.data.standardize_targets)
+    prepared = prepared.in_model_units(space)
+    assert prepared.train.labels is not None
+    class_weights(cfg.train, cfg.task, space.names, prepared.train.labels)  # unknown class names: refused now
     seed_everything(cfg.train.seed)
-    model = build_model(cfg, len(names), weights=True)
+    model = build_model(cfg, space.width, weights=True)
     report = count_trainable(model)
-    check_budget(cfg, report, len(names))
+    check_budget(cfg, report, space.width)
     if checkpoint is not None:
         restore_model(model, checkpoint)
     model.to(rt.device)
-    return Session(cfg, rt, prepared, model, report, console, out_root, wall_start)
+    return Session(cfg, rt, prepared, model, report, console, out_root, wall_start, space)
 
 
 def train_run(
@@ -231,7 +243,7 @@ def _write_run_files(session: Session, run_dir: Path, resumed: Optional[Checkpoi
         return
     rd.write_config(session.cfg, run_dir)  # on a resume with --extend this records the new length
     if resumed is None:
-        rd.write_labels(run_dir, session.names)
+        rd.write_labels(run_dir, session.space)
         with atomic.atomic_dir(run_dir / rd.TOKENIZER, replace=True) as tmp:
             session.prepared.tokenizer.save_pretrained(str(tmp))
 
@@ -243,8 +255,17 @@ def _training_step(session: Session, run_dir: Path, resumed: Optional[Checkpoint
     _describe(session, run_dir, fast.describe(), resumed)
     if fast.compiled:
         session.console.say(f"compiling the training step for widths {'/'.join(map(str, fast.pad_to or ()))} ...")
+    train = session.prepared.train
+    assert train.labels is not None
+    weights = class_weights(cfg.train, cfg.task, session.space.names, train.labels)
     runner = step_runner(
-        session.model, cfg.train, rt, session.prepared.train, session.pad_id, fast.pad_to if fast.compiled else None
+        session.model,
+        cfg.train,
+        rt,
+        train,
+        session.pad_id,
+        fast.pad_to if fast.compiled else None,
+        loss_fn=loss_function(cfg.train, cfg.task, weights),
     )
     if runner.report is not None:
         session.console.say(runner.report.describe())
@@ -282,6 +303,7 @@ def _run_loop(
             runner=runner,
             on_eval=_eval_hook(session, on_eval),
             eval_batch=cfg.prediction_batch,
+            score=validation_score(cfg.task, session.space.target_mean, session.space.target_std),
         )
     state = progress.state
     if state.step < progress.total_steps and not state.stopped_early and (stop() or rt.dist.enabled):
@@ -300,8 +322,8 @@ def _run_loop(
 def _finish(
     session: Session, run_dir: Path, progress: Resumable, runner: StepRunner, checkpointer: Optional[Checkpointer]
 ) -> RunSummary:
-    """The final checkpoint, the weights to keep, the evaluation, the card and summary.json (last:
-    the run is finished once it exists)."""
+    """The final checkpoint, the weights to keep, the decisions tuned on validation, the
+    evaluation, the card and summary.json (last: the run is finished once it exists)."""
     cfg, main = session.cfg, session.rt.dist.is_main
     if checkpointer:
         checkpointer("final", progress)  # what `--resume --extend` continues from
@@ -311,42 +333,30 @@ def _finish(
         save_trained_model(session.model, cfg, run_dir, session.names)
     if runner.report is not None and runner.report.recompiles:
         session.console.say(runner.report.describe())
-    evaluated = _evaluate_splits(session)
-    summary = _summarize(session, progress, evaluated, runner.report)
+    final = final_evaluation(
+        session.model,
+        session.prepared,
+        session.space,
+        cfg.train.calibrate,
+        session.rt,
+        session.pad_id,
+        cfg.prediction_batch,
+        session.console,
+    )
+    for note in final.decisions.notes:
+        session.console.say(note)
+    summary = _summarize(session, progress, final.splits, runner.report)
     if main:
+        rd.write_decisions(run_dir, final.decisions)
         for split, name in (("test", rd.PREDICTIONS), ("val", rd.VAL_PREDICTIONS)):
-            outcome, rows = evaluated[split], getattr(session.prepared.splits, split)
-            tokens = getattr(session.prepared, split)
-            if outcome is not None and rows is not None and tokens is not None:
-                rd.write_test_predictions(run_dir, rows.ids, tokens.labels, outcome.preds, name)
+            outcome, rows = final.splits[split], getattr(session.prepared.splits, split)
+            if outcome is not None and rows is not None and rows.labels is not None:
+                truth = label_cells(session.space, rows.labels)
+                assert truth is not None
+                rd.write_test_predictions(run_dir, rows.ids, truth, answer_cells(session.space, outcome.answers), name)
         write_run_card(run_dir, cfg, summary)
         rd.write_summary(run_dir, summary)
     return summary
-
-
-@dataclass
-class Evaluated:
-    metrics: SplitMetrics
-    preds: np.ndarray
-
-
-def _evaluate_splits(session: Session) -> dict[str, Optional[Evaluated]]:
-    """Validation and test metrics of the final model (None for a split the run does not have)."""
-    out: dict[str, Optional[Evaluated]] = {}
-    for name, data in (("val", session.prepared.val), ("test", session.prepared.test)):
-        rows = len(data) if data is not None else 0
-        with session.console.task(f"evaluating {name}", rows) if rows else contextlib.nullcontext() as task:
-            metrics, preds = evaluate_split(
-                session.model,
-                data,
-                session.names,
-                session.rt,
-                session.pad_id,
-                session.cfg.prediction_batch,
-                progress=task.advance if task else None,
-            )
-        out[name] = None if metrics is None else Evaluated(SplitMetrics.from_dict(metrics, name), preds)
-    return out
 
 
 def _summarize(
@@ -384,4 +394,5 @@ def _summarize(
         val=evaluated["val"].metrics if evaluated["val"] is not None else None,
         test=evaluated["test"].metrics if evaluated["test"] is not None and rt.dist.is_main else None,
         wall_time_s=time.perf_counter() - session.wall_start,
+        task=cfg.task,
     )

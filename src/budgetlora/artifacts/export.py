@@ -24,10 +24,12 @@ from torch import nn
 
 from budgetlora import atomic, jsonfile
 from budgetlora.artifacts import run_dir as rd
-from budgetlora.artifacts.run_dir import EXPORT_FORMAT, EXPORT_META, export_config, labels_of, read_export_meta
+from budgetlora.artifacts.export_meta import decisions_of, export_config, read_export_meta, space_of
+from budgetlora.artifacts.run_dir import EXPORT_FORMAT, EXPORT_META
 from budgetlora.artifacts.model_card import write_export_card
 from budgetlora.artifacts.trained import MODEL_WEIGHTS, MODELING_FILE, POOLED_CLASS, TrainedModel, save_tensors, untie
 from budgetlora.errors import BudgetLoraError, first_line
+from budgetlora.task import Decisions, LabelSpace, logit
 
 # the worst logit difference a plain reload may show against budgetlora's own model (fp32 round-off)
 RELOAD_TOLERANCE = 1e-3
@@ -112,41 +114,108 @@ def check_weights(path: Path, meta: dict[str, Any], weights: str) -> None:
 
 
 def merged_model(trained: TrainedModel) -> nn.Module:
-    """A CPU, fp32, eval-mode copy with the adapters folded in (or the fully trained model)."""
+    """A CPU, fp32, eval-mode copy with the adapters folded in (or the fully trained model) and the
+    run's decisions baked into its last layer."""
     model = copy.deepcopy(trained.model).to("cpu").float().eval()
     if callable(getattr(model, "merge_and_unload", None)):
         with torch.no_grad():
             model = model.merge_and_unload()
+    assert trained.decisions is not None
+    bake_decisions(model, trained.decisions)
     return model.eval()
 
 
-def probe_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
-    texts = [
-        "Stocks rally as the central bank holds interest rates",
-        "The team won the final in extra time",
-        "A new chip doubles battery life",
-        "Talks resume after the ceasefire",
-        "short",
-    ]
+def output_layer(model: nn.Module) -> nn.Linear:
+    """The linear layer that gives the logits: `classifier` (BERT, DistilBERT, DeBERTa, ModernBERT,
+    budgetlora's pooled head) or `classifier.out_proj` (RoBERTa's head)."""
+    head = getattr(model, "classifier", None)
+    layer = head if isinstance(head, nn.Linear) else getattr(head, "out_proj", None)
+    if not isinstance(layer, nn.Linear) or layer.bias is None:
+        raise BudgetLoraError(
+            f"{type(model).__name__}: no linear output layer with a bias (classifier / classifier.out_proj) "
+            "to carry the run's decisions; use head.type: linear"
+        )
+    return layer
+
+
+def bake_decisions(model: nn.Module, decisions: Decisions) -> None:
+    """Fold the decisions into the last layer, so plain Transformers and ONNX Runtime answer as the
+    run does: weights and bias / temperature (single-label: same argmax, calibrated softmax), bias
+    - logit(threshold) (multi-label: a label is on where its output is > 0, sigmoid > 0.5), and
+    weights x std, bias x std + mean (regression: outputs in the targets' units)."""
+    if decisions.baked:
+        return
+    layer = output_layer(model)
+    weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
+    if decisions.task == "single_label":
+        weight, bias = weight / decisions.temperature, bias / decisions.temperature
+    elif decisions.task == "multi_label":
+        bias = bias - torch.from_numpy(logit(decisions.label_thresholds))
+    elif decisions.scale:
+        scale, shift = (
+            torch.tensor(decisions.scale, dtype=torch.float64),
+            torch.tensor(decisions.shift, dtype=torch.float64),
+        )
+        weight, bias = weight * scale[:, None], bias * scale + shift
+    with torch.no_grad():
+        layer.weight.copy_(weight.float())
+        layer.bias.copy_(bias.float())
+
+
+PROBE_TEXTS = (
+    "Stocks rally as the central bank holds interest rates",
+    "The team won the final in extra time",
+    "A new chip doubles battery life",
+    "Talks resume after the ceasefire",
+    "short",
+)
+
+
+def probe_batch(tokenizer: Any, pairs: bool = False, segments: bool = False) -> dict[str, torch.Tensor]:
+    """A few rows to compare the run and its export on (text pairs for a pair-trained run, with
+    their segment ids when its model has them)."""
+    from budgetlora.data.tokens import uses_segments
+
+    second = list(reversed(PROBE_TEXTS)) if pairs else None
     return dict(
-        tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt", return_token_type_ids=False)
+        tokenizer(
+            list(PROBE_TEXTS),
+            second,
+            padding=True,
+            truncation=True,
+            max_length=64,
+            return_tensors="pt",
+            return_token_type_ids=pairs and segments and uses_segments(tokenizer),
+        )
     )
 
 
-def _save_pooled(model: nn.Module, tmp: Path, names: list[str]) -> None:
+def describe_outputs(config: Any, trained: TrainedModel) -> None:
+    """config.json as Transformers reads it: problem_type, the output names, and (for people and
+    other tools) the decisions baked into the last layer."""
+    from budgetlora.task import PROBLEM_TYPES
+
+    assert trained.space is not None and trained.decisions is not None
+    names = list(trained.space.names)
+    config.num_labels = len(names)
+    config.problem_type = PROBLEM_TYPES[trained.space.task]
+    config.id2label, config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    config.budgetlora_decisions = trained.decisions.as_baked().to_json()
+
+
+def _save_pooled(model: nn.Module, tmp: Path, trained: TrainedModel) -> None:
     config = copy.deepcopy(model.config)
     config.architectures = [POOLED_CLASS]
     config.auto_map = {"AutoModelForSequenceClassification": f"modeling_budgetlora.{POOLED_CLASS}"}
     config.budgetlora_pooling = model.pooling
-    config.num_labels = len(names)
-    config.id2label, config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    describe_outputs(config, trained)
     config.save_pretrained(str(tmp))
     save_tensors(untie(model.state_dict()), tmp / MODEL_WEIGHTS, metadata={"format": "pt"})
     shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
 
 
-def _save_auto(model: nn.Module, tmp: Path, names: list[str]) -> None:
-    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+def _save_auto(model: nn.Module, tmp: Path, trained: TrainedModel) -> None:
+    describe_outputs(model.config, trained)
     model.save_pretrained(str(tmp), safe_serialization=True)
 
 
@@ -218,18 +287,38 @@ def run_logits(trained: TrainedModel, batch: dict[str, torch.Tensor]) -> np.ndar
         return model(**batch).logits.float().numpy()
 
 
+def expected_outputs(trained: TrainedModel, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """What the export must output for `batch`: the run's own outputs with its decisions applied
+    as the export's last layer applies them."""
+    assert trained.decisions is not None
+    return trained.decisions.baked_outputs(run_logits(trained, batch))
+
+
+def output_tolerance(trained: TrainedModel) -> float:
+    """RELOAD_TOLERANCE in the export's units (regression outputs are scaled by the targets' std)."""
+    assert trained.decisions is not None
+    return RELOAD_TOLERANCE * max([1.0, *map(abs, trained.decisions.scale)])
+
+
 def _verify(tmp: Path, trained: TrainedModel, pooled: bool) -> float:
-    batch = probe_batch(trained.tokenizer)
-    expected = torch.from_numpy(run_logits(trained, batch))
+    batch = probe_batch(trained.tokenizer, bool(trained.cfg.data.text_pair_columns), trained.segments)
+    expected = torch.from_numpy(expected_outputs(trained, batch)).float()
     with torch.inference_mode():
         got = load_plain(tmp, pooled)(**batch).logits
     diff = float((expected - got).abs().max())
-    if not diff <= RELOAD_TOLERANCE or not torch.equal(expected.argmax(-1), got.argmax(-1)):
+    same_answers = trained.cfg.task != "single_label" or torch.equal(expected.argmax(-1), got.argmax(-1))
+    if not diff <= output_tolerance(trained) or not same_answers:
         raise BudgetLoraError(
             f"the export would not predict like the run when loaded with plain Transformers "
             f"(max logit difference {diff:.3g}); nothing was written"
         )
     return diff
+
+
+def export_space(trained: TrainedModel) -> LabelSpace:
+    """An export's outputs: the run's, with regression scaling already in the last layer."""
+    assert trained.space is not None
+    return LabelSpace(trained.space.task, trained.space.names)
 
 
 def export_meta(trained: TrainedModel, kind: str, **extra: Any) -> dict[str, Any]:
@@ -240,6 +329,8 @@ def export_meta(trained: TrainedModel, kind: str, **extra: Any) -> dict[str, Any
         "source": str(trained.source.resolve()),
         "head": {"type": cfg.head.type, "pooling": cfg.head.pooling},
         "label_names": trained.label_names,
+        "label_space": export_space(trained).to_json(),
+        "decisions": trained.decisions.as_baked().to_json() if trained.decisions is not None else None,
         "config": cfg.to_dict(),
         **extra,
     }
@@ -251,7 +342,7 @@ def export_merged(trained: TrainedModel, out: Path, overwrite: bool = False) -> 
     model = merged_model(trained)
     pooled = trained.cfg.head.type == "linear"
     with atomic.atomic_dir(out, replace=True) as tmp:
-        (_save_pooled if pooled else _save_auto)(model, tmp, trained.label_names)
+        (_save_pooled if pooled else _save_auto)(model, tmp, trained)
         trained.tokenizer.save_pretrained(str(tmp))
         diff = _verify(tmp, trained, pooled)
         write_export_card(tmp, trained, "merged")
@@ -300,7 +391,9 @@ def load_merged(path: Path, device: torch.device) -> TrainedModel:
 
     meta = read_export_meta(path)
     cfg = export_config(meta, path)
-    names = labels_of(meta, path)
+    space = space_of(meta, path)
+    decisions = decisions_of(meta, path, space)
+    names = list(space.names)
     check_export_head(path, meta, cfg)
     check_weights(path, meta, MODEL_WEIGHTS)
     model = load_plain(path, cfg.head.type == "linear")
@@ -309,4 +402,5 @@ def load_merged(path: Path, device: torch.device) -> TrainedModel:
             f"{path}: the head has {model.config.num_labels} outputs but {EXPORT_META} lists {len(names)} classes"
         )
     cfg = dataclasses.replace(cfg, model=str(path))
-    return TrainedModel(cfg, model.to(device).eval(), load_tokenizer(str(path)), names, Path(path), "merged")
+    tokenizer = load_tokenizer(str(path))
+    return TrainedModel(cfg, model.to(device).eval(), tokenizer, names, Path(path), "merged", space, decisions)

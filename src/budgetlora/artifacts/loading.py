@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from budgetlora.artifacts import run_dir as rd
-from budgetlora.artifacts.run_dir import EXPORT_META, export_config, read_export_meta
+from budgetlora.artifacts.export_meta import export_config, read_export_meta
+from budgetlora.artifacts.run_dir import EXPORT_META
 from budgetlora.config import DataConfig
 from budgetlora.errors import BudgetLoraError
 

@@ -59,19 +59,7 @@ def _metadata(cfg: Config, summary: Optional[RunSummary], names: list[str], libr
                     {
                         "task": {"type": "text-classification", "name": "Text Classification"},
                         "dataset": where,
-                        "metrics": [
-                            {
-                                "type": "accuracy",
-                                "value": round(test.accuracy, 4),
-                                "name": f"test accuracy (n={test.n}, 95% CI {test.ci_low:.4f}-{test.ci_high:.4f})",
-                            },
-                            {
-                                "type": "f1",
-                                "value": round(test.macro_f1, 4),
-                                "name": f"test macro-F1 (n={test.n})",
-                                "args": {"average": "macro"},
-                            },
-                        ],
+                        "metrics": _index_metrics(test),
                     }
                 ],
             }
@@ -79,19 +67,67 @@ def _metadata(cfg: Config, summary: Optional[RunSummary], names: list[str], libr
     return meta
 
 
+# model-index metric types (the Hub's evaluate names) of each task's scores
+_INDEX_TYPES = {
+    "macro_f1": ("f1", {"average": "macro"}),
+    "micro_f1": ("f1", {"average": "micro"}),
+    "subset_accuracy": ("accuracy", None),
+    "jaccard": ("jaccard", {"average": "samples"}),
+    "pearson": ("pearsonr", None),
+    "spearman": ("spearmanr", None),
+    "mae": ("mae", None),
+    "rmse": ("rmse", None),
+}
+
+
+def _index_metrics(test: Any) -> list[dict[str, Any]]:
+    """The test split's figures as model-index metrics, each with n and its 95% interval."""
+    if test.task == "single_label":
+        return [
+            {
+                "type": "accuracy",
+                "value": round(test.accuracy, 4),
+                "name": f"test accuracy (n={test.n}, 95% CI {test.ci_low:.4f}-{test.ci_high:.4f})",
+            },
+            {
+                "type": "f1",
+                "value": round(test.macro_f1, 4),
+                "name": f"test macro-F1 (n={test.n})",
+                "args": {"average": "macro"},
+            },
+        ]
+    metrics = []
+    for key, score in test.scores.items():
+        kind, args = _INDEX_TYPES.get(key, (key, None))
+        entry: dict[str, Any] = {
+            "type": kind,
+            "value": round(score.value, 4),
+            "name": f"test {key.replace('_', '-')} (n={test.n}, 95% CI {score.low:.4f}-{score.high:.4f})",
+        }
+        if args:
+            entry["args"] = args
+        metrics.append(entry)
+    return metrics
+
+
 def _results(summary: Optional[RunSummary]) -> list[str]:
     if summary is None:
         return ["- the run this was exported from had not finished: no figures"]
     lines = []
     test = summary.test
-    if test is not None:
+    if test is not None and test.task == "single_label":
         lines.append(
             f"- test accuracy **{100 * test.accuracy:.2f}%** (95% Wilson interval "
             f"{100 * test.ci_low:.2f}-{100 * test.ci_high:.2f}, n = {test.n:,}), macro-F1 "
             f"{100 * test.macro_f1:.2f}"
         )
-    if summary.best_val_acc is not None:
+    elif test is not None:
+        lines.append(f"- test {test.headline()} (95% bootstrap intervals)")
+    if summary.best_val_acc is not None and summary.task == "single_label":
         lines.append(f"- best validation accuracy {100 * summary.best_val_acc:.2f}% at step {summary.best_step}")
+    elif summary.best_val_acc is not None:
+        what = summary.objective_name.replace("_", "-")
+        lines.append(f"- best validation {what} {summary.best_val_acc:.4f} at step {summary.best_step}")
     lines.append(
         f"- trainable parameters **{summary.trainable_params:,}** of {summary.total_params:,}"
         + (f" (budget {summary.budget:,})" if summary.budget else "")

@@ -6,7 +6,9 @@ adapter), so that
     pipeline("text-classification", model=OUT, trust_remote_code=True)
 
 load it without budgetlora. The config is the encoder's own (BertConfig, RobertaConfig, ...) with
-`budgetlora_pooling` ("mean" or "cls") and an `auto_map` entry pointing here.
+`budgetlora_pooling` ("mean" or "cls"), `problem_type`, and an `auto_map` entry pointing here.
+The run's decisions (a temperature, per-label thresholds, the regression targets' scale) are
+already folded into `classifier`'s weights; `budgetlora_decisions` records what was folded in.
 """
 
 import torch
@@ -37,7 +39,8 @@ class BudgetLoraPooledForSequenceClassification(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -46,5 +49,13 @@ class BudgetLoraPooledForSequenceClassification(PreTrainedModel):
         logits = self.classifier(pooled)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+            problem = getattr(self.config, "problem_type", None)
+            if problem == "multi_label_classification":
+                loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+            elif problem == "regression":
+                loss = nn.functional.mse_loss(
+                    logits.view(-1, self.num_labels), labels.float().view(-1, self.num_labels)
+                )
+            else:
+                loss = nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -19,12 +19,14 @@ from budgetlora.config import Config, config_from_dict, config_yaml, flatten, re
 from budgetlora.config.schema import MIN_CLASSES
 from budgetlora.artifacts.summary import PrunedRecord, RunSummary
 from budgetlora.errors import BudgetLoraError
+from budgetlora.task import SINGLE, Decisions, LabelSpace, check_decisions_fit
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"  # written last: a run is finished when it exists
 PREVIOUS_SUMMARY = "summary.previous.json"  # the summary of a finished run while --extend trains it further
 METRICS = "metrics.jsonl"
 LABELS = "labels.json"
+DECISIONS = "decisions.json"  # the temperature / thresholds tuned on validation (task.Decisions)
 PREDICTIONS = "test_predictions.csv"
 VAL_PREDICTIONS = "val_predictions.csv"  # the final model on the validation rows: what choosing between runs pairs
 ADAPTER = "adapter"
@@ -49,6 +51,7 @@ RESERVED = frozenset(
         PREVIOUS_SUMMARY,
         METRICS,
         LABELS,
+        DECISIONS,
         PREDICTIONS,
         ADAPTER,
         FULL_MODEL,
@@ -139,8 +142,31 @@ def config_differences(run_dir: Path, cfg: Config, ignore: Sequence[str] = ()) -
     return sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k) and k not in ignore)
 
 
-def write_labels(run_dir: Path, names: Sequence[str]) -> None:
-    atomic.write_json(Path(run_dir) / LABELS, {"names": list(names)})
+def write_labels(run_dir: Path, space: LabelSpace) -> None:
+    atomic.write_json(Path(run_dir) / LABELS, space.to_json())
+
+
+def read_label_space(run_dir: Path) -> LabelSpace:
+    """labels.json: the task, the output names and the regression targets' scaling."""
+    path = Path(run_dir) / LABELS
+    space = LabelSpace.from_json(_read_json(path, "the run did not finish or its labels file is damaged"), str(path))
+    if space.task == SINGLE and not valid_names(list(space.names)):
+        raise BudgetLoraError(f'{path}: expected {{"names": [two or more distinct class names]}}')
+    return space
+
+
+def write_decisions(run_dir: Path, decisions: Decisions) -> None:
+    atomic.write_json(Path(run_dir) / DECISIONS, decisions.to_json())
+
+
+def read_decisions(run_dir: Path, space: LabelSpace) -> Decisions:
+    """decisions.json (a run of an earlier version has none: the default decisions)."""
+    path = Path(run_dir) / DECISIONS
+    if not path.exists():
+        return Decisions.default(space)
+    decisions = Decisions.from_json(_read_json(path, "the file is damaged"), str(path))
+    check_decisions_fit(decisions, space, str(path))
+    return decisions
 
 
 def valid_names(names: Any) -> bool:
@@ -153,18 +179,24 @@ def valid_names(names: Any) -> bool:
 
 
 def read_labels(run_dir: Path) -> list[str]:
-    data = _read_json(Path(run_dir) / LABELS, "the run did not finish or its labels file is damaged")
-    names = data.get("names") if isinstance(data, dict) else None
-    if not valid_names(names):
-        raise BudgetLoraError(f'{Path(run_dir) / LABELS}: expected {{"names": [two or more distinct class names]}}')
-    return names
+    return list(read_label_space(run_dir).names)
 
 
 def write_summary(run_dir: Path, summary: RunSummary) -> None:
     atomic.write_json(Path(run_dir) / SUMMARY, summary.to_json())
 
 
-METRIC_NUMBERS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "samples_per_s", "epoch")
+METRIC_NUMBERS = (
+    "train_loss",
+    "train_acc",
+    "train_subset_acc",
+    "eval_loss",
+    "eval_acc",
+    "eval_score",
+    "lr",
+    "samples_per_s",
+    "epoch",
+)
 MAX_METRICS_BYTES = 32 * 2**20  # a log line per step for 150,000 steps; more is not a log budgetlora wrote
 
 
@@ -274,7 +306,7 @@ def spreadsheet_safe(value: Any) -> Any:
     if not isinstance(value, str) or not value.startswith(FORMULA_LEADS):
         return value
     try:
-        float(value)
+        [float(part) for part in value.split(" ")]  # a number, or numbers joined by spaces (regression targets)
         return value
     except ValueError:
         return "'" + value
@@ -291,11 +323,15 @@ def csv_text(header: Sequence[str], rows: Iterator[Sequence[Any]]) -> str:
 
 
 def write_test_predictions(
-    run_dir: Path, ids: Sequence[str], labels: Sequence[int], preds: Sequence[int], name: str = PREDICTIONS
+    run_dir: Path, ids: Sequence[str], labels: Sequence[Any], preds: Sequence[Any], name: str = PREDICTIONS
 ) -> None:
     """`ID,label,pred` per row of the test split (or, as `val_predictions.csv`, of the validation
-    split): the per-row outcomes that paired significance tests need."""
-    rows = ((i, int(label), int(pred)) for i, label, pred in zip(ids, labels, preds, strict=True))
+    split): the per-row outcomes that paired significance tests need. Cells are class indices, or
+    (evaluate.scoring.answer_cells) label indices / values joined by spaces."""
+    rows = (
+        (i, label if isinstance(label, str) else int(label), pred if isinstance(pred, str) else int(pred))
+        for i, label, pred in zip(ids, labels, preds, strict=True)
+    )
     atomic.write_text(Path(run_dir) / name, csv_text(["ID", "label", "pred"], rows))
 
 
@@ -305,36 +341,9 @@ def write_predictions_csv(path: Path, ids: Sequence[str], preds: Sequence[int], 
     atomic.write_output(Path(path), csv_text(["ID", "Label"], rows))
 
 
-# ----- exports (a merged Transformers model or an ONNX model, with what budgetlora reads back) -----
-
-
-def read_export_meta(path: Path) -> dict[str, Any]:
-    file = Path(path) / EXPORT_META
-    try:
-        meta = jsonfile.read(file)
-    except OSError as exc:
-        raise BudgetLoraError(f"{file}: unreadable export description ({type(exc).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or meta.get("kind") not in ("merged", "onnx"):
-        raise BudgetLoraError(f"{file}: not a budgetlora export description (format {EXPORT_FORMAT})")
-    return meta
-
-
-def export_config(meta: dict[str, Any], where: Path) -> Config:
-    if not isinstance(meta.get("config"), dict):
-        raise BudgetLoraError(
-            f"{where / EXPORT_META}: the saved config is missing or not a mapping; the export is damaged"
-        )
-    try:
-        return config_from_dict(meta["config"])
-    except (KeyError, TypeError, AttributeError, BudgetLoraError) as exc:
-        raise BudgetLoraError(f"{where / EXPORT_META}: the saved config is not valid ({exc})") from None
-
-
-def labels_of(meta: dict[str, Any], where: Path) -> list[str]:
-    names = meta.get("label_names")
-    if not valid_names(names):
-        raise BudgetLoraError(f"{where / EXPORT_META}: label_names must list two or more distinct class names")
-    return names
+def write_table_csv(path: Path, header: Sequence[str], rows: Iterator[Sequence[Any]]) -> None:
+    """A predictions file of any shape (ID first), as `write_predictions_csv` writes it."""
+    atomic.write_output(Path(path), csv_text(header, rows))
 
 
 # ----- a run directory's state, in one answer ----------------------------------------------------

@@ -3,15 +3,18 @@ evaluated split, validated once when built (from the recipe or from disk), immut
 JSON round trip and a schema version. Every reader and writer of summary.json goes through here
 (artifacts.run_dir.read_summary / write_summary); nothing else reads the file's keys. No torch.
 
-summary.json (schema 2; schema 1, written before the version existed, has the same keys but
-`compile` and `schema_version` and is read as well):
+summary.json (schema 3; schemas 1 and 2, written before tasks existed, are single-label runs
+without `task` and are read as well; schema 1 also lacks `compile` and `schema_version`):
 
-    name, mode, model, budget, trainable_params, total_params, breakdown {module kind: count},
-    steps, total_steps, best_step, best_val_acc, stopped_early, final_train_loss, final_eval_loss,
+    name, task, mode, model, budget, trainable_params, total_params, breakdown {module kind: count},
+    steps, total_steps, best_step, best_val_acc (the best evaluation's validation objective:
+    accuracy, macro-F1 or Spearman), stopped_early, final_train_loss, final_eval_loss,
     train_time_s, samples_per_s, wall_time_s, peak_memory_mb, device, precision, processes,
-    label_names, truncation {split: {rows, truncated, ...}}, compile {widths, graphs, seconds,
-    recompiles, failure} or null, val / test: {n, accuracy, correct, ci_low, ci_high, macro_f1,
-    loss, per_class {class: {precision, recall, f1, support}}, confusion_matrix} or absent
+    label_names (classes, or regression targets), truncation {split: {rows, truncated, ...}},
+    compile {widths, graphs, seconds, recompiles, failure} or null, val / test: {task, n,
+    accuracy, correct, ci_low, ci_high, macro_f1, loss, per_class {class: {precision, recall, f1,
+    support}}, confusion_matrix, scores {name: {value, low, high}}, calibration {temperature,
+    ece_before, ece_after}, per_target {target: {pearson, spearman, mae, rmse}}} or absent
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Optional
 
 from budgetlora.errors import BudgetLoraError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ACCURACY_SLACK = 1e-9  # float round-off between stored figures that must agree
 
 
@@ -90,25 +93,107 @@ class ClassMetrics:
 
 
 @dataclass(frozen=True)
+class Interval:
+    """A figure with its 95% interval."""
+
+    value: float
+    low: float
+    high: float
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, prefix: str) -> "Interval":
+        c = _Checker(data, where, prefix)
+        value = c.number("value", optional=False)
+        low, high = c.number("low", optional=False), c.number("high", optional=False)
+        if not low - ACCURACY_SLACK <= value <= high + ACCURACY_SLACK:
+            raise c.fail("value", "inside its own interval (low..high)")
+        return cls(value, low, high)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The softmax temperature fitted on validation and the expected calibration error (15 bins)
+    of this split's probabilities before and after it."""
+
+    temperature: float
+    ece_before: float
+    ece_after: float
+
+
+OBJECTIVE_OF = {"single_label": "accuracy", "multi_label": "macro_f1", "regression": "spearman"}
+SCORE_NAMES = {
+    "single_label": (),
+    "multi_label": ("macro_f1", "micro_f1", "subset_accuracy", "jaccard"),
+    "regression": ("pearson", "spearman", "mae", "rmse"),
+}
+
+
+@dataclass(frozen=True)
 class SplitMetrics:
-    """Metrics of one labeled split: accuracy with n and its 95% Wilson interval, macro-F1, the
-    mean cross-entropy, per-class precision / recall / F1 and the confusion matrix."""
+    """Metrics of one labeled split.
+
+    single-label: accuracy with n and its 95% Wilson interval, macro-F1, the mean cross-entropy,
+    per-class precision / recall / F1, the confusion matrix, and the calibration of its
+    probabilities. multi-label: `accuracy` is subset accuracy (exact label sets, Wilson interval),
+    `macro_f1` the macro-F1 at the run's thresholds, `scores` each headline with a bootstrap 95%
+    interval, `per_class` per label. regression: `scores` only (accuracy and macro_f1 absent).
+    `objective` is the task's figure with its interval: what runs are chosen and ranked by."""
 
     n: int
-    accuracy: float
-    ci_low: float
-    ci_high: float
-    macro_f1: float
+    accuracy: Optional[float] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    macro_f1: Optional[float] = None
     correct: Optional[int] = None
     loss: Optional[float] = None
     per_class: dict[str, ClassMetrics] = field(default_factory=dict)
     confusion_matrix: Optional[list[list[int]]] = None
+    task: str = "single_label"
+    scores: dict[str, Interval] = field(default_factory=dict)
+    calibration: Optional[Calibration] = None
+    per_target: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def objective_name(self) -> str:
+        return OBJECTIVE_OF[self.task]
+
+    @property
+    def objective(self) -> Interval:
+        if self.task == "single_label":
+            assert self.accuracy is not None and self.ci_low is not None and self.ci_high is not None
+            return Interval(self.accuracy, self.ci_low, self.ci_high)
+        return self.scores[self.objective_name]
+
+    def headline(self) -> str:
+        """One line: the task's figures with their 95% intervals and n."""
+        if self.task == "single_label":
+            assert self.accuracy is not None and self.ci_low is not None and self.macro_f1 is not None
+            return (
+                f"accuracy {100 * self.accuracy:.2f}% (95% CI {100 * self.ci_low:.2f}-{100 * self.ci_high:.2f}, "
+                f"n={self.n:,}); macro-F1 {100 * self.macro_f1:.2f}"
+            )
+
+        def figure(name: str, percent: bool) -> str:
+            score = self.scores[name]
+            k = 100 if percent else 1
+            digits = 2 if percent else 4
+            return (
+                f"{name.replace('_', '-')} {k * score.value:.{digits}f} "
+                f"(95% CI {k * score.low:.{digits}f}-{k * score.high:.{digits}f})"
+            )
+
+        names = SCORE_NAMES[self.task]
+        return ", ".join(figure(name, self.task == "multi_label") for name in names) + f"; n={self.n:,}"
 
     @classmethod
     def from_dict(cls, data: Any, where: str, prefix: str = "") -> "SplitMetrics":
         c = _Checker(data, where, prefix)
+        task = data.get("task", "single_label")
+        if task not in OBJECTIVE_OF:
+            raise c.fail("task", f"one of {', '.join(OBJECTIVE_OF)}")
         n = c.number("n", 0, optional=False, integer=True)
         correct = c.number("correct", 0, n, integer=True)
+        classification = task != "regression"
         per_class = {}
         for name, row in c.mapping("per_class").items():
             r = _Checker(row, where, f"{prefix}per_class.{name}.")
@@ -127,27 +212,58 @@ class SplitMetrics:
             )
         ):
             raise c.fail("confusion_matrix", "a matrix of counts")
+        raw_scores = c.mapping("scores")
+        missing = [k for k in SCORE_NAMES[task] if k not in raw_scores]
+        if missing:
+            raise c.fail("scores", f"a mapping with {', '.join(SCORE_NAMES[task])}")
+        scores = {str(k): Interval.from_dict(v, where, f"{prefix}scores.{k}.") for k, v in raw_scores.items()}
+        raw_calibration = data.get("calibration")
+        calibration = None
+        if raw_calibration is not None:
+            k = _Checker(raw_calibration, where, f"{prefix}calibration.")
+            calibration = Calibration(
+                k.number("temperature", 0, optional=False),
+                k.number("ece_before", 0, 1, optional=False),
+                k.number("ece_after", 0, 1, optional=False),
+            )
+        per_target = {}
+        for name, row in c.mapping("per_target").items():
+            r = _Checker(row, where, f"{prefix}per_target.{name}.")
+            per_target[str(name)] = {key: r.number(key, optional=False) for key in SCORE_NAMES["regression"]}
         split = cls(
             n=n,
-            accuracy=c.number("accuracy", 0, 1, optional=False),
-            ci_low=c.number("ci_low", 0, 1, optional=False),
-            ci_high=c.number("ci_high", 0, 1, optional=False),
-            macro_f1=c.number("macro_f1", 0, 1, optional=False),
+            accuracy=c.number("accuracy", 0, 1, optional=not classification),
+            ci_low=c.number("ci_low", 0, 1, optional=not classification),
+            ci_high=c.number("ci_high", 0, 1, optional=not classification),
+            macro_f1=c.number("macro_f1", 0, 1, optional=not classification),
             correct=correct,
             loss=c.number("loss", 0),
             per_class=per_class,
             confusion_matrix=matrix,
+            task=task,
+            scores=scores,
+            calibration=calibration,
+            per_target=per_target,
         )
-        if correct is not None and n and abs(split.accuracy - correct / n) > ACCURACY_SLACK:
-            raise c.fail("accuracy", f"correct / n ({correct}/{n}), as it must be")
-        if not split.ci_low - ACCURACY_SLACK <= split.accuracy <= split.ci_high + ACCURACY_SLACK:
-            raise c.fail("accuracy", "inside its own confidence interval (ci_low..ci_high)")
+        if classification:
+            assert split.accuracy is not None and split.ci_low is not None and split.ci_high is not None
+            if correct is not None and n and abs(split.accuracy - correct / n) > ACCURACY_SLACK:
+                raise c.fail("accuracy", f"correct / n ({correct}/{n}), as it must be")
+            if not split.ci_low - ACCURACY_SLACK <= split.accuracy <= split.ci_high + ACCURACY_SLACK:
+                raise c.fail("accuracy", "inside its own confidence interval (ci_low..ci_high)")
         if matrix is not None and n and sum(map(sum, matrix)) != n:
             raise c.fail("confusion_matrix", f"a matrix of n = {n} counts")
         return split
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for key in ("accuracy", "ci_low", "ci_high", "macro_f1", "calibration", "confusion_matrix", "correct"):
+            if data[key] is None:
+                del data[key]
+        for key in ("scores", "per_target"):
+            if not data[key]:
+                del data[key]
+        return data
 
 
 @dataclass(frozen=True)
@@ -205,20 +321,29 @@ class RunSummary:
     val: Optional[SplitMetrics] = None
     test: Optional[SplitMetrics] = None
     compile: Optional[CompileRecord] = None
+    task: str = "single_label"
     schema_version: int = SCHEMA_VERSION
 
     @property
+    def objective_name(self) -> str:
+        return OBJECTIVE_OF[self.task]
+
+    @property
     def val_acc(self) -> Optional[float]:
-        """The validation accuracy a sweep optimises: the best evaluation's, else the final one's."""
+        """The validation objective a sweep optimises (accuracy for single-label runs): the best
+        evaluation's, else the final model's."""
         if self.best_val_acc is not None:
             return self.best_val_acc
-        return self.val.accuracy if self.val is not None else None
+        return self.val.objective.value if self.val is not None else None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for key in ("val", "test", "compile"):
-            if data[key] is None and key != "compile":
+        for key in ("val", "test"):
+            split = getattr(self, key)
+            if split is None:
                 del data[key]
+            else:
+                data[key] = split.to_dict()
         return data
 
     @classmethod
@@ -232,10 +357,15 @@ class RunSummary:
         breakdown = c.mapping("breakdown")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in breakdown.values()):
             raise c.fail("breakdown", "a mapping of module kinds to counts")
+        task = data.get("task", "single_label")
+        if task not in OBJECTIVE_OF:
+            raise c.fail("task", f"one of {', '.join(OBJECTIVE_OF)}")
         splits = {}
         for split in ("val", "test"):
             part = data.get(split)
             splits[split] = None if part is None else SplitMetrics.from_dict(part, where, f"{split}.")
+            if splits[split] is not None and splits[split].task != task:
+                raise c.fail(f"{split}.task", f"the run's task ({task})")
         raw_compile = data.get("compile")
         return cls(
             name=c.text("name") or "",
@@ -255,7 +385,7 @@ class RunSummary:
             wall_time_s=c.number("wall_time_s", 0, optional=False),
             peak_memory_mb=c.number("peak_memory_mb", 0) or 0.0,
             processes=c.number("processes", 1, integer=True) or 1,
-            best_val_acc=c.number("best_val_acc", 0, 1),
+            best_val_acc=c.number("best_val_acc", -1, 1),
             stopped_early=c.flag("stopped_early"),
             final_train_loss=c.number("final_train_loss"),
             final_eval_loss=c.number("final_eval_loss"),
@@ -264,6 +394,7 @@ class RunSummary:
             val=splits["val"],
             test=splits["test"],
             compile=None if raw_compile is None else CompileRecord.from_dict(raw_compile, where),
+            task=task,
             schema_version=version,
         )
 

@@ -16,6 +16,7 @@ from budgetlora.artifacts import run_dir as rd
 from budgetlora.artifacts.model_card import base_model_id
 from budgetlora.config import Config
 from budgetlora.errors import BudgetLoraError
+from budgetlora.task import Decisions, LabelSpace
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -27,14 +28,35 @@ POOLED_CLASS = "BudgetLoraPooledForSequenceClassification"
 
 @dataclass
 class TrainedModel:
-    """A trained classifier ready for inference, with what prediction needs besides the weights."""
+    """A trained model ready for inference, with what prediction needs besides the weights: what
+    its outputs mean (`space`) and how they become answers (`decisions`; baked into an export)."""
 
     cfg: Config
     model: nn.Module
     tokenizer: Any
     label_names: list[str]
     source: Path
-    kind: str  # "run" or "export"
+    kind: str  # "run", "merged" or "onnx"
+    space: Optional[LabelSpace] = None
+    decisions: Optional[Decisions] = None
+
+    @property
+    def segments(self) -> bool:
+        """Whether text pairs go in with segment ids: a pair-trained model with segment embeddings
+        (an ONNX graph: one that takes token_type_ids)."""
+        if not self.cfg.data.text_pair_columns:
+            return False
+        if self.kind == "onnx":
+            return "token_type_ids" in {i.name for i in self.model.get_inputs()}
+        from budgetlora.model import takes_segments
+
+        return takes_segments(getattr(self.model, "config", None))
+
+    def __post_init__(self) -> None:
+        if self.space is None:
+            self.space = LabelSpace("single_label", tuple(self.label_names))
+        if self.decisions is None:
+            self.decisions = Decisions.default(self.space)
 
 
 def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -83,6 +105,7 @@ def _pooled_base_files(base: nn.Module, adapter_dir: Path, names: list[str]) -> 
     import shutil
 
     config = copy.deepcopy(base.config)
+    config.problem_type = getattr(base.config, "problem_type", None)
     config.architectures = [POOLED_CLASS]
     config.budgetlora_pooling = base.pooling
     config.num_labels = len(names)
@@ -233,12 +256,19 @@ def load_run_model(run: Path, device: torch.device) -> TrainedModel:
     if not run.is_dir():
         raise BudgetLoraError(f"run directory not found: {run}")
     cfg = rd.read_run_config(run)
-    names = rd.read_labels(run)
+    space = rd.read_label_space(run)
+    if space.task != cfg.task:
+        raise BudgetLoraError(
+            f"{run / rd.CONFIG}: task is {cfg.task!r} but the run was trained as {space.task!r} "
+            f"({run / rd.LABELS}); restore config.yaml"
+        )
+    decisions = rd.read_decisions(run, space)
+    names = list(space.names)
     if cfg.model_init == "random":
         raise BudgetLoraError(
             f"{run} was trained on randomly initialised weights (a benchmark run); it cannot be reloaded"
         )
-    base = build_base_model(cfg, len(names), weights=True)
+    base = build_base_model(cfg, space.width, weights=True)
     if cfg.mode == "lora":
         model = _load_adapter(base, cfg, run)
     else:
@@ -250,4 +280,4 @@ def load_run_model(run: Path, device: torch.device) -> TrainedModel:
     tokenizer_dir = run / rd.TOKENIZER
     tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else cfg.model)
     model.to(device).eval()
-    return TrainedModel(cfg, model, tokenizer, names, run, "run")
+    return TrainedModel(cfg, model, tokenizer, names, run, "run", space, decisions)

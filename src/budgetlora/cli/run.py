@@ -106,6 +106,11 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory or export directory")
     _add_data_options(p)
     p.add_argument("--json", help="where to write the metrics JSON (default RUN/eval-<data>.json)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="multi-label: one threshold for every label instead of the run's tuned ones (e.g. 0.3)",
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -119,13 +124,17 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     _add_data_options(p)
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--names", action="store_true", help="write class names instead of class indices")
+    p.add_argument(
+        "--probabilities", action="store_true", help="add a probability column per class (or label): p:<name>"
+    )
     p.set_defaults(func=cmd_predict)
 
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="classify texts given on the command line")
     p.add_argument("run", help="run directory or export directory")
-    p.add_argument("text", nargs="+", help="one or more texts")
+    p.add_argument("text", nargs="+", help="one or more texts (for a text-pair model: 'first<TAB>second')")
+    p.add_argument("--pair", action="append", help="the second text of each pair, once per text (text-pair models)")
     p.add_argument("--json", action="store_true", help="JSON output (label and every probability)")
     _add_model_options(p)
     p.set_defaults(func=cmd_classify)
@@ -242,7 +251,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         atomic.output_target(json_out)  # a directory or a socket is refused before the model loads
     run = _load(args, data)
     metrics = run.evaluate(
-        data, trust_pickle=args.trust_pickle, format=args.format, text_columns=_columns(args), quiet=args.quiet
+        data,
+        trust_pickle=args.trust_pickle,
+        format=args.format,
+        text_columns=_columns(args),
+        quiet=args.quiet,
+        threshold=args.threshold,
     )
     if not context_from_env().is_main:
         return 0
@@ -270,20 +284,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
         data, trust_pickle=args.trust_pickle, format=args.format, text_columns=_columns(args), quiet=args.quiet
     )
     if context_from_env().is_main:
-        predictions.to_csv(out, names=args.names)
+        predictions.to_csv(
+            out, names=args.names, probabilities=args.probabilities, separator=run.config.data.label_separator
+        )
         print(f"{len(predictions):,} predictions written to {out}")
     return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    texts: list = list(args.text)
+    if args.pair:
+        if len(args.pair) != len(texts):
+            raise BudgetLoraError(f"{len(texts)} text(s) but {len(args.pair)} --pair: give one --pair per text")
+        texts = list(zip(texts, args.pair, strict=True))
     run = _load(args)
-    records = run.predict(list(args.text)).records()
+    records = run.predict(texts).records()
     if args.json:
         print(json.dumps(records if len(records) > 1 else records[0], indent=2, ensure_ascii=False))
         return 0
     for record in records:
+        if "values" in record:
+            answer = "  ".join(f"{n}={v:.4g}" for n, v in record["values"].items())
+            print(f"{answer}\t{record['text']}")
+            continue
         ranked = sorted(record["probabilities"].items(), key=lambda kv: -kv[1])
-        print(f"{record['label']}\t" + "  ".join(f"{n}={v:.3f}" for n, v in ranked) + f"\t{record['text']}")
+        answer = record["label"] if "label" in record else ",".join(record["labels"]) or "(none)"
+        print(f"{answer}\t" + "  ".join(f"{n}={v:.3f}" for n, v in ranked) + f"\t{record['text']}")
     return 0
 
 

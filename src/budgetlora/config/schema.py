@@ -14,6 +14,8 @@ MAX_CLASS_NAME = 200  # characters of a class name
 TARGET_NAMES = ("q", "k", "v", "qkv", "o", "ffn_in", "ffn_out", "head")
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 REPORT_TO = ("tensorboard", "mlflow")
+TASKS = ("single_label", "multi_label", "regression")
+MAX_TARGETS = 1000  # regression targets (output columns) of one model
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
 
 
@@ -79,11 +81,32 @@ class DataConfig:
         "description), CSV, TSV, JSONL, parquet, pickle (with `--trust-pickle`)",
     )
     test_file: Optional[str] = opt(None, "local test file, same formats")
+    val_file: Optional[str] = opt(
+        None, "local validation file (instead of `val_size` rows split off the training rows), same formats"
+    )
     format: Literal["auto", "agnews", "csv", "tsv", "jsonl", "parquet", "pickle"] = opt(
         "auto", "file format; auto: from the suffix (a headerless 3-field CSV with classes 1-4 is AG News)"
     )
     text_columns: list[str] = opt(help="text columns, joined with a space", factory=lambda: ["text"])
-    label_column: str = opt("label", "label column: class indices 0..C-1 or class names")
+    text_pair_columns: Optional[list[str]] = opt(
+        None,
+        "two columns `[a, b]` encoded as the tokenizer's text pair (separator, segment ids where the model "
+        "has them; the longer side is cut first), instead of `text_columns`",
+    )
+    label_column: str = opt(
+        "label",
+        "label column: class indices 0..C-1 or class names; multi-label: names or ids joined by "
+        "`label_separator` (or a JSON list); regression: a number",
+    )
+    label_columns: list[str] = opt(
+        help="several label columns instead of `label_column`: multi-label 0/1 columns (one per class, "
+        "named by the column) or regression targets",
+        factory=list,
+    )
+    label_separator: str = opt(",", "multi-label: what joins several labels in one `label_column` cell")
+    standardize_targets: bool = opt(
+        True, "regression: train on standardised targets (predictions come back in the original units)"
+    )
     label_names: Optional[list[str]] = opt(
         None, "class names in index order (else from `classes_file`, the data or the hub features)"
     )
@@ -181,6 +204,23 @@ class TrainConfig:
     num_cycles: int = opt(1, "cycles of `cosine_with_restarts`", range=Range(1, 1000))
     grad_clip: Optional[float] = opt(1.0, "clip the gradient norm to this (`null`: no clipping)", range=POSITIVE)
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", range=PROBABILITY)
+    loss: Literal["auto", "cross_entropy", "focal", "mse", "huber"] = opt(
+        "auto",
+        "auto: cross-entropy (single-label), per-label binary cross-entropy (multi-label), mse "
+        "(regression); `focal` for imbalanced classes; `huber` for regression with outliers",
+    )
+    focal_gamma: float = opt(2.0, "`loss: focal`: the focusing exponent (0 is cross-entropy)", range=Range(0, 10))
+    class_weights: Union[Literal["none", "balanced"], dict[str, float]] = opt(
+        "none",
+        "`balanced` (inverse class frequency; multi-label: positives weighted by negatives/positives), or "
+        "`{class: weight}` (classes left out weigh 1)",
+        range=Range(0, 1e6, low_open=True),
+    )
+    calibrate: bool = opt(
+        True,
+        "after training, on the validation split: a temperature for single-label probabilities, per-label "
+        "decision thresholds for multi-label (stored in the run and its exports)",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "bf16 on CUDA when supported, else fp32")
     device: str = opt("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`, `mps`")
     seed: int = opt(42, "seed of initialisation, data order, dropout and splits", range=Range(0, 2**32 - 1))
@@ -220,6 +260,11 @@ class Config:
     )
     model_init: Literal["pretrained", "random"] = opt(
         "pretrained", "`random`: same architecture, random weights (benchmarks)"
+    )
+    task: Literal["single_label", "multi_label", "regression"] = opt(
+        "single_label",
+        "`single_label` (one class per text), `multi_label` (any number of classes per text), `regression` "
+        "(one or more numbers per text)",
     )
     mode: Literal["lora", "full"] = opt(
         "lora", "`full`: train every parameter with the same loop (the baseline; budget not enforced)"

@@ -23,7 +23,9 @@ from budgetlora.data.sources import (
     read_rows,
     refuse_untrusted_pickle,
 )
+from budgetlora.data.labels import check_multi_label_training, multi_label_matrix, regression_targets, wrong_task_hint
 from budgetlora.errors import BudgetLoraError
+from budgetlora.task import MULTI, REGRESSION, SINGLE
 
 ID_COLUMNS = ("ID", "id", "Id")
 AGNEWS_NAMES = ("World", "Sports", "Business", "Sci/Tech")
@@ -37,8 +39,11 @@ MAX_NUMBER_CHARS = 40
 @dataclass
 class TextSet:
     texts: list[str]
-    labels: Optional[np.ndarray]  # int64 class indices; None for unlabeled data
+    # int64 class indices (single-label), float32 rows x classes 0/1 (multi-label) or rows x
+    # targets (regression); None for unlabeled data
+    labels: Optional[np.ndarray]
     ids: list[str] = field(default_factory=list)  # row ids for prediction files
+    pairs: Optional[list[str]] = None  # the second text of each row (data.text_pair_columns)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -48,6 +53,7 @@ class TextSet:
             [self.texts[i] for i in index],
             None if self.labels is None else self.labels[index],
             [self.ids[i] for i in index],
+            None if self.pairs is None else [self.pairs[i] for i in index],
         )
 
 
@@ -88,7 +94,7 @@ def read_classes_file(path: str) -> list[str]:
     return names
 
 
-def _text_of(row: Row, columns: Sequence[str], clean: bool) -> str:
+def _text_of(row: Row, columns: Sequence[str], clean: bool, pair_side: bool = False) -> str:
     parts = []
     for column in columns:
         if column not in row.fields:
@@ -103,7 +109,8 @@ def _text_of(row: Row, columns: Sequence[str], clean: bool) -> str:
     if clean:
         text = clean_text(text)
     if not text:
-        raise BudgetLoraError(f"{row.where}: empty text; remove the row or fill in '{'/'.join(columns)}'")
+        side = " (one side of a text pair)" if len(columns) == 1 and pair_side else ""
+        raise BudgetLoraError(f"{row.where}: empty text{side}; remove the row or fill in '{'/'.join(columns)}'")
     return text
 
 
@@ -126,7 +133,10 @@ def _raw_label(row: Row, column: str) -> Any:
             number = float(value)
             if number.is_integer() and abs(number) < 10**18:
                 return int(number)
-            raise BudgetLoraError(f"{row.where}: label {brief(value)} is not a class index or class name")
+            raise BudgetLoraError(
+                f"{row.where}: label {brief(value)} is not a class index or class name (a numeric target? "
+                "set task: regression)"
+            )
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if value is None or value == "" or isinstance(value, (bool, float)) or not isinstance(value, (int, str)):
@@ -165,6 +175,9 @@ def map_labels(
                 )
             names = [str(i) for i in range(max(ints) + 1)]
         else:
+            hint = wrong_task_hint(raw)
+            if hint:
+                raise BudgetLoraError(f"{rows[0].where if rows else column}: labels of a single-label task{hint}")
             names = sorted(set(raw))
         if len(names) < MIN_CLASSES:
             raise BudgetLoraError(
@@ -191,7 +204,10 @@ def map_labels(
         elif value in index:
             labels[i] = index[value]
         else:
-            raise BudgetLoraError(f"{rows[i].where}: unknown label {brief(value)}; known: {brief_names(names)}")
+            raise BudgetLoraError(
+                f"{rows[i].where}: unknown label {brief(value)}; known: {brief_names(names)}"
+                + wrong_task_hint([value, *names])
+            )
     return labels, names
 
 
@@ -221,6 +237,31 @@ def check_trust(path: str, cfg: DataConfig, trust_pickle: bool) -> None:
         refuse_untrusted_pickle(Path(path), trust_pickle)
 
 
+def _read_texts(rows: list[Row], columns: list[str], cfg: DataConfig) -> tuple[list[str], Optional[list[str]]]:
+    if cfg.text_pair_columns:
+        first, second = cfg.text_pair_columns
+        texts = [_text_of(row, [first], cfg.clean_text, pair_side=True) for row in rows]
+        return texts, [_text_of(row, [second], cfg.clean_text, pair_side=True) for row in rows]
+    return [_text_of(row, columns, cfg.clean_text) for row in rows], None
+
+
+def _has_labels(row: Row, cfg: DataConfig, fmt: str) -> bool:
+    if fmt == "agnews":
+        return True
+    return all(c in row.fields for c in cfg.label_columns) if cfg.label_columns else cfg.label_column in row.fields
+
+
+def read_labels(
+    rows: list[Row], cfg: DataConfig, task: str, names: Optional[list[str]], indices_ok: bool, fmt: str = ""
+) -> tuple[np.ndarray, list[str]]:
+    """The labels of `rows` for `task` and the output names (inferred when `names` is None)."""
+    if task == MULTI:
+        return multi_label_matrix(rows, cfg, names, indices_ok)
+    if task == REGRESSION:
+        return regression_targets(rows, cfg)
+    return map_labels(rows, "label" if fmt == "agnews" else cfg.label_column, names, indices_ok or fmt == "agnews")
+
+
 def load_text_set(
     path: str,
     cfg: DataConfig,
@@ -229,6 +270,7 @@ def load_text_set(
     trust_pickle: bool = False,
     limit: Optional[int] = None,
     indices_ok: bool = True,
+    task: str = SINGLE,
 ) -> tuple[TextSet, list[str]]:
     """Read one local file; returns the set and the label names (inferred if not given)."""
     fmt, rows = read_rows(Path(path), cfg.format, trust_pickle)
@@ -236,17 +278,15 @@ def load_text_set(
         rows = rows[:limit]
     if not rows:
         raise BudgetLoraError(f"{path}: no data rows")
-    columns = text_columns_for(fmt, cfg)
+    if fmt == "agnews" and task != SINGLE:
+        raise BudgetLoraError(f"{path}: the original AG News CSV has one class per row; use task: single_label")
     if fmt == "agnews" and names is None:
         names = list(AGNEWS_NAMES)
-    texts = [_text_of(row, columns, cfg.clean_text) for row in rows]
+    texts, pairs = _read_texts(rows, text_columns_for(fmt, cfg), cfg)
     labels = None
-    has_label = cfg.label_column in rows[0].fields or fmt == "agnews"
-    if labeled or has_label:
-        labels, names = map_labels(
-            rows, "label" if fmt == "agnews" else cfg.label_column, names, indices_ok or fmt == "agnews"
-        )
-    return TextSet(texts, labels, _ids(rows)), names or []
+    if labeled or _has_labels(rows[0], cfg, fmt):
+        labels, names = read_labels(rows, cfg, task, names, indices_ok, fmt)
+    return TextSet(texts, labels, _ids(rows), pairs), names or []
 
 
 def label_names_from_config(cfg: DataConfig) -> Optional[list[str]]:
@@ -258,16 +298,16 @@ def label_names_from_config(cfg: DataConfig) -> Optional[list[str]]:
 
 
 def _hub_set(
-    cfg: DataConfig, split: str, names: Optional[list[str]], limit: Optional[int]
+    cfg: DataConfig, split: str, names: Optional[list[str]], limit: Optional[int], task: str = SINGLE
 ) -> tuple[TextSet, list[str]]:
     rows, hub_names = read_hub(cfg.dataset, cfg.dataset_config, split)
     rows = rows[:limit] if limit is not None else rows
     if not rows:
         raise BudgetLoraError(f"hub dataset '{cfg.dataset}' split '{split}' has no rows")
-    names = names or hub_names
-    texts = [_text_of(row, cfg.text_columns, cfg.clean_text) for row in rows]
-    labels, names = map_labels(rows, cfg.label_column, names)
-    return TextSet(texts, labels, [str(i) for i in range(len(rows))]), names
+    names = names or (hub_names if task == SINGLE else None)
+    texts, pairs = _read_texts(rows, list(cfg.text_columns), cfg)
+    labels, names = read_labels(rows, cfg, task, names, True)
+    return TextSet(texts, labels, [str(i) for i in range(len(rows))], pairs), names
 
 
 ROWS_KEY_HEX = 16
@@ -279,8 +319,11 @@ def rows_key(rows: Optional[TextSet]) -> str:
 
     digest = hashlib.sha256()
     if rows is not None:
-        for row_id, text in zip(rows.ids, rows.texts, strict=False):
+        pairs = rows.pairs if rows.pairs is not None else [None] * len(rows)
+        for row_id, text, pair in zip(rows.ids, rows.texts, pairs, strict=False):
             digest.update(f"{row_id}\x00{text}\x00".encode("utf-8", "surrogatepass"))
+            if pair is not None:
+                digest.update(f"{pair}\x01".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()[:ROWS_KEY_HEX]
 
 
@@ -334,36 +377,58 @@ class Splits:
     val: Optional[TextSet]
     test: Optional[TextSet]
     label_names: list[str]
+    task: str = SINGLE
 
 
-def load_splits(cfg: DataConfig, seed: int, trust_pickle: bool = False) -> Splits:
+def strata(labels: np.ndarray, task: str) -> np.ndarray:
+    """What a split keeps the proportions of: the class (single-label); nothing otherwise."""
+    return labels if task == SINGLE else np.zeros(len(labels), dtype=np.int64)
+
+
+def check_training_labels(labels: np.ndarray, names: list[str], task: str, where: str) -> None:
+    if task == SINGLE:
+        require_every_class(labels, names, where)
+    elif task == MULTI:
+        check_multi_label_training(labels, names, where)
+    elif len(labels) > 1 and (labels.std(0) == 0).any():
+        constant = [names[i] for i in np.flatnonzero(labels.std(0) == 0)]
+        raise BudgetLoraError(f"{where}: the regression target(s) {brief_names(constant)} never vary")
+
+
+def load_splits(cfg: DataConfig, seed: int, trust_pickle: bool = False, task: str = SINGLE) -> Splits:
     """Train / validation / test sets with one consistent list of label names."""
     names = label_names_from_config(cfg)
     if cfg.train_file:
-        train, names = load_text_set(cfg.train_file, cfg, names, True, trust_pickle, cfg.max_train_rows)
+        train, names = load_text_set(cfg.train_file, cfg, names, True, trust_pickle, cfg.max_train_rows, task=task)
         source = cfg.train_file
     else:
-        train, names = _hub_set(cfg, cfg.train_split, names, cfg.max_train_rows)
+        train, names = _hub_set(cfg, cfg.train_split, names, cfg.max_train_rows, task)
         source = f"hub dataset '{cfg.dataset}' split '{cfg.train_split}'"
     assert train.labels is not None
-    require_every_class(train.labels, names, source)
+    check_training_labels(train.labels, names, task, source)
     explicit = cfg.label_names is not None or cfg.classes_file is not None
+    indices_ok = indices_mean_names(names, explicit)
+
+    def other_file(path: str, limit: Optional[int]) -> TextSet:
+        return load_text_set(path, cfg, names, True, trust_pickle, limit, indices_ok, task)[0]
+
     test = None
     if cfg.test_file:
-        test, _ = load_text_set(
-            cfg.test_file, cfg, names, True, trust_pickle, cfg.max_test_rows, indices_mean_names(names, explicit)
-        )
+        test = other_file(cfg.test_file, cfg.max_test_rows)
     elif cfg.dataset and cfg.test_split:
-        test, _ = _hub_set(cfg, cfg.test_split, names, cfg.max_test_rows)
+        test, _ = _hub_set(cfg, cfg.test_split, names, cfg.max_test_rows, task)
     elif cfg.test_size:
-        keep, test_idx = stratified_split(train.labels, cfg.test_size, [seed, 7357], "data.test_size")
+        keep, test_idx = stratified_split(strata(train.labels, task), cfg.test_size, [seed, 7357], "data.test_size")
         train, test = train.subset(keep), train.subset(test_idx)
         if cfg.max_test_rows is not None:
             test = test.subset(np.arange(min(cfg.max_test_rows, len(test))))
     assert train.labels is not None
-    train_idx, val_idx = stratified_split(train.labels, cfg.val_size, seed)
-    val = train.subset(val_idx) if len(val_idx) else None
-    train = train.subset(train_idx)
+    if cfg.val_file:
+        val: Optional[TextSet] = other_file(cfg.val_file, None)
+    else:
+        train_idx, val_idx = stratified_split(strata(train.labels, task), cfg.val_size, seed)
+        val = train.subset(val_idx) if len(val_idx) else None
+        train = train.subset(train_idx)
     assert train.labels is not None
-    require_every_class(train.labels, names, f"{source} after the validation/test splits")
-    return Splits(train, val, test, names)
+    check_training_labels(train.labels, names, task, f"{source} after the validation/test splits")
+    return Splits(train, val, test, names, task)

@@ -30,8 +30,9 @@ class TokenizedSet:
 
     ids: np.ndarray  # int32
     offsets: np.ndarray  # int64, len n+1
-    labels: Optional[np.ndarray]  # int64 or None
+    labels: Optional[np.ndarray]  # int64 classes, float32 rows x outputs (multi-label, regression), or None
     full_lengths: Optional[np.ndarray] = None  # int64 token counts before truncation, when known
+    segments: Optional[np.ndarray] = None  # int8 segment id per token (text pairs, models that have them)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -49,6 +50,7 @@ class TokenizedSet:
             self.offsets[: n + 1],
             None if self.labels is None else self.labels[:n],
             None if self.full_lengths is None else self.full_lengths[:n],
+            None if self.segments is None else self.segments[:end],
         )
 
     def truncation(self, max_length: int) -> dict:
@@ -78,13 +80,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _cache_key(tokenizer, texts: list[str], max_length: int) -> str:
+def uses_segments(tokenizer) -> bool:
+    """Whether the tokenizer marks a pair's second text with segment id 1 (BERT-style pairs;
+    RoBERTa-style tokenizers separate the texts with tokens only). The model must have segment
+    embeddings too: `model.takes_segments`."""
+    try:
+        ids = tokenizer("a", "b", return_token_type_ids=True).get("token_type_ids") or []
+    except Exception:  # noqa: BLE001 - a tokenizer without pair support: no segments
+        return False
+    return max(ids, default=0) == 1
+
+
+def _cache_key(tokenizer, texts: list[str], max_length: int, pairs: Optional[list[str]] = None) -> str:
     digest = hashlib.sha256()
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(str(max_length).encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass"))
         digest.update(b"\x00")
+    if pairs is not None:
+        digest.update(b"pairs\x00")
+        for text in pairs:
+            digest.update(text.encode("utf-8", "surrogatepass"))
+            digest.update(b"\x00")
     return digest.hexdigest()[:32]
 
 
@@ -95,35 +113,57 @@ CHARS_PER_TOKEN = 100
 UNTRUNCATED_CHARS = 200_000  # the length report of a cut row counts at most this many characters
 
 
-def _encode(tokenizer, texts: list[str], max_length: Optional[int]) -> list[list[int]]:
+def _encode(
+    tokenizer, texts: list[str], max_length: Optional[int], pairs: Optional[list[str]] = None, segments: bool = False
+) -> tuple[list[list[int]], Optional[list[list[int]]]]:
+    """Token ids (and, with `segments`, a pair's segment ids); a pair is cut longest side first."""
     limit = max_length * CHARS_PER_TOKEN + CHARS_PER_TOKEN if max_length is not None else UNTRUNCATED_CHARS
     texts = [t if len(t) <= limit else t[:limit] for t in texts]
-    return tokenizer(
+    segments = pairs is not None and segments
+    if pairs is not None:
+        pairs = [t if len(t) <= limit else t[:limit] for t in pairs]
+    encoded = tokenizer(
         texts,
-        truncation=max_length is not None,
+        pairs,
+        truncation="longest_first" if max_length is not None else False,
         max_length=max_length,
         add_special_tokens=True,
         return_attention_mask=False,
-        return_token_type_ids=False,
-    )["input_ids"]
+        return_token_type_ids=segments,
+    )
+    return encoded["input_ids"], encoded["token_type_ids"] if segments else None
 
 
 def _tokenize(
-    tokenizer, texts: list[str], max_length: int, chunk: int = 2048, progress=None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    pieces, lengths, full = [], [], []
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    chunk: int = 2048,
+    progress=None,
+    pairs: Optional[list[str]] = None,
+    segments: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    pieces, segment_pieces, lengths, full = [], [], [], []
     for start in range(0, len(texts), chunk):
         batch = texts[start : start + chunk]
-        encoded = _encode(tokenizer, batch, max_length)
+        batch_pairs = pairs[start : start + chunk] if pairs is not None else None
+        encoded, types = _encode(tokenizer, batch, max_length, batch_pairs, segments)
         # rows that reach the limit may have been cut: their untruncated length, for the report
         at_limit = [i for i, row in enumerate(encoded) if len(row) >= max_length]
-        untruncated = (
-            dict(zip(at_limit, map(len, _encode(tokenizer, [batch[i] for i in at_limit], None)), strict=False))
-            if at_limit
-            else {}
-        )
+        untruncated = {}
+        if at_limit:
+            whole, _ = _encode(
+                tokenizer,
+                [batch[i] for i in at_limit],
+                None,
+                [batch_pairs[i] for i in at_limit] if batch_pairs is not None else None,
+                segments,
+            )
+            untruncated = dict(zip(at_limit, map(len, whole), strict=False))
         for i, row in enumerate(encoded):
             pieces.append(np.asarray(row, dtype=np.int32))
+            if types is not None:
+                segment_pieces.append(np.asarray(types[i], dtype=np.int8))
             lengths.append(len(row))
             full.append(untruncated.get(i, len(row)))
         if progress is not None:
@@ -131,18 +171,28 @@ def _tokenize(
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    return ids, offsets, np.asarray(full, dtype=np.int64)
+    segment_ids = None
+    if pairs is not None and segments:
+        segment_ids = np.concatenate(segment_pieces) if segment_pieces else np.zeros(0, dtype=np.int8)
+    return ids, offsets, np.asarray(full, dtype=np.int64), segment_ids
 
 
 def _load_cached(
-    path: Path, rows: int, max_length: int, vocab_size: int
-) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    path: Path, rows: int, max_length: int, vocab_size: int, with_segments: bool = False
+) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]]:
     """The cached arrays if the entry is whole and consistent; None means rebuild it (a truncated or
     garbled file must cost one re-tokenization, never a failed run)."""
     try:
         with np.load(path, allow_pickle=False) as cached:
             ids, offsets, full = cached["ids"], cached["offsets"], cached["full_lengths"]
+            segments = cached["segments"] if with_segments else None
     except Exception:  # noqa: BLE001 - BadZipFile, EOFError, ValueError, KeyError, OSError: all mean "not usable"
+        return None
+    if segments is not None and (
+        segments.shape != ids.shape
+        or segments.dtype != np.int8
+        or (len(segments) and not set(np.unique(segments)) <= {0, 1})
+    ):
         return None
     lengths = np.diff(offsets) if offsets.ndim == 1 and len(offsets) == rows + 1 else None
     if (
@@ -157,47 +207,82 @@ def _load_cached(
         or (len(ids) and (ids.min() < 0 or ids.max() >= vocab_size))
     ):
         return None
-    return ids, offsets, full
+    return ids, offsets, full, segments
 
 
 SPOT_CHECK_ROWS = 64
 
 
-def _agrees(tokenizer, texts: list[str], cached: tuple[np.ndarray, np.ndarray, np.ndarray], max_length: int) -> bool:
+def _agrees(
+    tokenizer,
+    texts: list[str],
+    cached: tuple,
+    max_length: int,
+    pairs: Optional[list[str]] = None,
+    with_segments: bool = False,
+) -> bool:
     """Whether a cache entry holds these texts' tokens, checked on up to 64 rows spread over the
     set (the first, the last, and a fixed sample between): a damaged or planted entry whose shapes
     pass `_load_cached` is rebuilt instead of trusted. The check costs a few milliseconds."""
-    ids, offsets, _ = cached
+    ids, offsets, _, segments = cached
     n = len(texts)
     if n == 0:
         return True
     rows = np.unique(np.concatenate([[0, n - 1], np.random.default_rng(n).integers(0, n, SPOT_CHECK_ROWS - 2)]))
-    encoded = _encode(tokenizer, [texts[i] for i in rows], max_length)
-    return all(
-        np.array_equal(ids[offsets[i] : offsets[i + 1]], np.asarray(row, dtype=np.int32))
-        for i, row in zip(rows, encoded, strict=False)
+    encoded, encoded_segments = _encode(
+        tokenizer,
+        [texts[i] for i in rows],
+        max_length,
+        [pairs[i] for i in rows] if pairs is not None else None,
+        with_segments,
     )
+    for k, (i, row) in enumerate(zip(rows, encoded, strict=False)):
+        span = slice(offsets[i], offsets[i + 1])
+        if not np.array_equal(ids[span], np.asarray(row, dtype=np.int32)):
+            return False
+        if encoded_segments is not None and (
+            segments is None or not np.array_equal(segments[span], np.asarray(encoded_segments[k], dtype=np.int8))
+        ):
+            return False
+    return True
 
 
 def tokenize(
-    tokenizer, texts: list[str], labels: Optional[np.ndarray], max_length: int, use_cache: bool = True, progress=None
+    tokenizer,
+    texts: list[str],
+    labels: Optional[np.ndarray],
+    max_length: int,
+    use_cache: bool = True,
+    progress=None,
+    pairs: Optional[list[str]] = None,
+    segments: bool = False,
 ) -> TokenizedSet:
-    """Token ids for `texts`, from the disk cache when the same tokenizer saw the same texts.
-    `progress(n)` is called as rows are tokenized (not for a cache hit)."""
-    path = cache_dir() / f"{_cache_key(tokenizer, texts, max_length)}.npz"
+    """Token ids for `texts` (with `pairs`: each row the tokenizer's text pair, with its segment
+    ids when `segments` and the tokenizer has them), from the disk cache when the same tokenizer saw
+    the same texts. `progress(n)` is called as rows are tokenized (not for a cache hit)."""
+    with_segments = pairs is not None and segments and uses_segments(tokenizer)
+    key = _cache_key(tokenizer, texts, max_length, pairs) + ("s" if with_segments else "")
+    path = cache_dir() / f"{key}.npz"
     vocab_size = len(tokenizer)
-    cached = _load_cached(path, len(texts), max_length, vocab_size) if use_cache and path.is_file() else None
-    if cached is not None and _agrees(tokenizer, texts, cached, max_length):
-        return TokenizedSet(cached[0], cached[1], labels, cached[2])
-    ids, offsets, full = _tokenize(tokenizer, texts, max_length, progress=progress)
+    cached = (
+        _load_cached(path, len(texts), max_length, vocab_size, with_segments) if use_cache and path.is_file() else None
+    )
+    if cached is not None and _agrees(tokenizer, texts, cached, max_length, pairs, with_segments):
+        return TokenizedSet(cached[0], cached[1], labels, cached[2], cached[3])
+    ids, offsets, full, types = _tokenize(
+        tokenizer, texts, max_length, progress=progress, pairs=pairs, segments=with_segments
+    )
     if use_cache:
+        arrays = {"ids": ids, "offsets": offsets, "full_lengths": full}
+        if types is not None:
+            arrays["segments"] = types
         try:
             with atomic.atomic_path(path) as tmp:
                 with open(tmp, "wb") as handle:
-                    np.savez(handle, ids=ids, offsets=offsets, full_lengths=full)
+                    np.savez(handle, **arrays)
         except WriteError:
             pass  # the cache is an optimisation; an unwritable home must not fail the run
-    return TokenizedSet(ids, offsets, labels, full)
+    return TokenizedSet(ids, offsets, labels, full, types)
 
 
 FINGERPRINT_HEX = 32
@@ -213,6 +298,8 @@ def tokens_fingerprint(*parts: Optional[TokenizedSet]) -> str:
             continue
         for array in (part.ids, part.offsets, part.labels):
             digest.update(b"|" if array is None else np.ascontiguousarray(array).tobytes())
+        if part.segments is not None:  # absent for single texts: fingerprints of earlier runs still match
+            digest.update(b"segments" + np.ascontiguousarray(part.segments).tobytes())
     return digest.hexdigest()[:FINGERPRINT_HEX]
 
 
@@ -264,11 +351,16 @@ def collate(
     width = min(fitting) if fitting else -(-width // pad_multiple) * pad_multiple
     input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(index), width), dtype=np.int64)
+    segments = np.zeros((len(index), width), dtype=np.int64) if data.segments is not None else None
     for row, (i, n) in enumerate(zip(index, lengths, strict=False)):
         start = data.offsets[i]
         input_ids[row, :n] = data.ids[start : start + n]
         mask[row, :n] = 1
+        if segments is not None:
+            segments[row, :n] = data.segments[start : start + n]
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+    if segments is not None:
+        batch["token_type_ids"] = torch.from_numpy(segments)
     if data.labels is not None:
         batch["labels"] = torch.from_numpy(data.labels[index])
     return batch

@@ -63,8 +63,35 @@ def classification_metrics(
     return metrics
 
 
+def _format_scores(metrics: dict) -> str:
+    percent = metrics.get("task") == "multi_label"
+    k, digits = (100, 2) if percent else (1, 4)
+    return (
+        "  ".join(
+            f"{name.replace('_', '-')} {k * s['value']:.{digits}f} (95% CI {k * s['low']:.{digits}f}-{k * s['high']:.{digits}f})"
+            for name, s in metrics["scores"].items()
+        )
+        + f"  n={metrics['n']:,}"
+    )
+
+
 def format_metrics(metrics: dict, names: Sequence[str]) -> str:
-    """The human-readable report: headline, per-class table, confusion matrix."""
+    """The human-readable report: headline, per-class (per-label, per-target) table, and for
+    single-label the confusion matrix."""
+    if metrics.get("task") == "regression":
+        lines = [_format_scores(metrics)]
+        for target, row in metrics.get("per_target", {}).items():
+            lines.append(f"{target}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        return "\n".join(lines)
+    if metrics.get("task") == "multi_label":
+        width = max(len(n) for n in names)
+        lines = [_format_scores(metrics), f"{'label':<{width}}  precision  recall     f1  support"]
+        for name in names:
+            row = metrics["per_class"][name]
+            lines.append(
+                f"{name:<{width}}  {row['precision']:>9.4f}  {row['recall']:>6.4f}  {row['f1']:>5.4f}  {row['support']:>7,}"
+            )
+        return "\n".join(lines)
     acc, low, high = metrics["accuracy"], metrics["ci_low"], metrics["ci_high"]
     lines = [
         f"accuracy {100 * acc:.2f}% (95% CI {100 * low:.2f}-{100 * high:.2f}, "
@@ -82,4 +109,10 @@ def format_metrics(metrics: dict, names: Sequence[str]) -> str:
     lines.append(" " * (width + 2) + " ".join(f"{n:>{cell}}" for n in names))
     for name, row in zip(names, metrics["confusion_matrix"], strict=False):
         lines.append(f"{name:<{width}}  " + " ".join(f"{v:>{cell},}" for v in row))
+    calibration = metrics.get("calibration")
+    if calibration:
+        lines.append(
+            f"calibration: temperature {calibration['temperature']:.3f}, expected calibration error "
+            f"{100 * calibration['ece_before']:.2f}% before, {100 * calibration['ece_after']:.2f}% after"
+        )
     return "\n".join(lines)

@@ -12,10 +12,11 @@ from torch import nn
 from budgetlora.config import PredictionBatch
 from budgetlora.data.tokens import TokenizedSet, collate, pad_multiple_for, sorted_batches
 from budgetlora.distributed import gather_rows
-from budgetlora.evaluate.metrics import classification_metrics
+from budgetlora.evaluate.scoring import score_split
 from budgetlora.model import forward_logits
 from budgetlora.runtime import Runtime, autocast
 from budgetlora.speedups import inference_dtype, keep_freed_memory, merged_copy
+from budgetlora.task import Decisions, LabelSpace
 
 # a few thousand tokens already keep CPU matmuls efficient; bigger sorted batches only add padding
 # and fall out of cache (docs/speed.md)
@@ -69,15 +70,15 @@ def predict_logits(
 def evaluate_split(
     model: nn.Module,
     data: Optional[TokenizedSet],
-    names: list[str],
+    space: LabelSpace,
+    decisions: Decisions,
     rt: Runtime,
     pad_id: int,
     batch: PredictionBatch,
     progress: Optional[Callable[[int], None]] = None,
 ) -> tuple[Optional[dict], Optional[np.ndarray]]:
-    """Metrics and predicted classes of a labeled split (None, None without one)."""
+    """Metrics and answers of a labeled split under `decisions` (None, None without one)."""
     if data is None or len(data) == 0 or data.labels is None:
         return None, None
     logits = predict_logits(model, data, rt, pad_id, batch, progress=progress)
-    preds = logits.argmax(1)
-    return classification_metrics(data.labels, preds, names, logits), preds
+    return score_split(space, decisions, logits, data.labels)

@@ -23,6 +23,7 @@ from budgetlora.model.build import (
     load_tokenizer,
     pad_token_id,
     resolve_model_path,
+    takes_segments,
     target_module_paths,
     wrap_with_lora,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "pad_token_id",
     "precheck_budget",
     "resolve_model_path",
+    "takes_segments",
     "target_module_paths",
     "wrap_with_lora",
 ]

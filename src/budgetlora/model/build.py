@@ -192,8 +192,15 @@ class PooledClassifier(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> ClassifierOutput:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+        **_: object,
+    ) -> ClassifierOutput:
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
         pooled = mean_pool(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
         return ClassifierOutput(self.classifier(pooled))
 
@@ -202,7 +209,10 @@ def build_base_model(cfg: Config, num_labels: int, weights: bool) -> nn.Module:
     """The backbone + head; `weights=False` builds the architecture only (for counting)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
+    from budgetlora.task import PROBLEM_TYPES
+
     config = load_model_config(cfg.model, num_labels, cfg.data.max_length)
+    config.problem_type = PROBLEM_TYPES[cfg.task]
     auto = AutoModelForSequenceClassification if cfg.head.type == "auto" else AutoModel
     if weights and cfg.model_init == "pretrained":
         # fp32 master weights whatever the checkpoint's dtype: Transformers 5 would keep an fp16 or bf16
@@ -406,6 +416,11 @@ def build_meta_model(cfg: Config, num_labels: int) -> nn.Module:
         return build_model(cfg, num_labels, weights=False)
 
 
+def takes_segments(config: Any) -> bool:
+    """Whether an encoder has segment (token type) embeddings for the two sides of a text pair."""
+    return (getattr(config, "type_vocab_size", 0) or 0) >= 2  # noqa: PLR2004 - two segments, a pair's sides
+
+
 def pad_token_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
@@ -413,4 +428,5 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits

@@ -86,6 +86,15 @@ class RunRecord:
         """Per-row correctness indexed by test ID, or None when no usable predictions file."""
         return _read_outcomes(self.path / rd.PREDICTIONS)
 
+    @cached_property
+    def val_cells(self) -> pd.DataFrame | None:
+        """The validation predictions file's label and pred cells indexed by ID (None when not saved)."""
+        return _read_cells(self.path / rd.VAL_PREDICTIONS)
+
+    @cached_property
+    def test_cells(self) -> pd.DataFrame | None:
+        return _read_cells(self.path / rd.PREDICTIONS)
+
 
 def _read_config(run: Path) -> dict[str, Any]:
     # A run without a readable config is still worth listing; it just has no config columns.
@@ -97,7 +106,7 @@ def _read_config(run: Path) -> dict[str, Any]:
         return {}
 
 
-def _read_outcomes(path: Path) -> pd.Series | None:
+def _read_cells(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
@@ -107,7 +116,14 @@ def _read_outcomes(path: Path) -> pd.Series | None:
         return None
     if not {"ID", "label", "pred"} <= set(frame.columns) or frame["ID"].duplicated().any():
         return None
-    return pd.Series((frame["label"] == frame["pred"]).to_numpy(), index=frame["ID"].to_numpy())
+    return frame.set_index("ID")[["label", "pred"]]
+
+
+def _read_outcomes(path: Path) -> pd.Series | None:
+    frame = _read_cells(path)
+    if frame is None:
+        return None
+    return pd.Series((frame["label"] == frame["pred"]).to_numpy(), index=frame.index.to_numpy())
 
 
 def read_run(path: str | Path, label: str | None = None) -> RunRecord:

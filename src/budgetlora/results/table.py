@@ -86,19 +86,26 @@ def _seed_of(run: RunRecord) -> Any:
 
 @dataclass(frozen=True)
 class Accuracy:
+    """A split's objective with its 95% interval: accuracy (single-label, with its count of right
+    rows), macro-F1 (multi-label) or Spearman (regression)."""
+
     accuracy: float
     correct: int
     n: int
     ci_low: float
     ci_high: float
+    task: str = "single_label"
 
 
 def accuracy_of(split: SplitMetrics | None) -> Accuracy | None:
-    """Accuracy with its Wilson interval from a summary's `test`/`val` metrics (None if absent)."""
+    """The objective with its interval from a summary's `test`/`val` metrics (None if absent)."""
     if split is None or not split.n:
         return None
-    correct = split.correct if split.correct is not None else round(split.accuracy * split.n)
-    return Accuracy(split.accuracy, correct, split.n, split.ci_low, split.ci_high)
+    score = split.objective
+    if split.task != "single_label":
+        return Accuracy(score.value, 0, split.n, score.low, score.high, split.task)
+    correct = split.correct if split.correct is not None else round(score.value * split.n)
+    return Accuracy(score.value, correct, split.n, score.low, score.high)
 
 
 def format_acc_ci(acc: Accuracy | None) -> str:
@@ -121,6 +128,9 @@ def paired_pvalue(a: RunRecord, b: RunRecord, split: str = SELECTION_SPLIT) -> t
     McNemar when both runs scored exactly the same rows of the split (paired and more powerful;
     val_predictions.csv / test_predictions.csv), otherwise the two-proportion z-test on the counts.
     """
+    task = a.summary.task if a.summary is not None else "single_label"
+    if task != "single_label":
+        return paired_objective_pvalue(a, b, split, task)
     out_a, out_b = (a.val_outcomes, b.val_outcomes) if split == "val" else (a.test_outcomes, b.test_outcomes)
     if out_a is not None and out_b is not None and len(out_a) and set(out_a.index) == set(out_b.index):
         aligned_b = out_b.reindex(out_a.index)
@@ -131,25 +141,57 @@ def paired_pvalue(a: RunRecord, b: RunRecord, split: str = SELECTION_SPLIT) -> t
     return two_proportion_pvalue(acc_a.correct, acc_a.n, acc_b.correct, acc_b.n), "z-test"
 
 
+def paired_objective_pvalue(a: RunRecord, b: RunRecord, split: str, task: str) -> tuple[float, str]:
+    """Two-sided paired bootstrap of the objective (macro-F1, Spearman) on the rows both runs
+    scored; NaN (no test) when either run's predictions file is missing or holds other rows."""
+    from budgetlora.evaluate.task_metrics import paired_bootstrap_pvalue
+
+    cells_a, cells_b = (a.val_cells, b.val_cells) if split == "val" else (a.test_cells, b.test_cells)
+    if cells_a is None or cells_b is None or not len(cells_a) or set(cells_a.index) != set(cells_b.index):
+        return math.nan, ""
+    cells_b = cells_b.reindex(cells_a.index)
+    width = len(a.label_names)
+    try:
+        truth = parse_cells(cells_a["label"], task, width)
+        pred_a, pred_b = parse_cells(cells_a["pred"], task, width), parse_cells(cells_b["pred"], task, width)
+    except ValueError:
+        return math.nan, ""
+    return paired_bootstrap_pvalue(truth, pred_a, pred_b, task), "bootstrap"
+
+
+def parse_cells(cells: Any, task: str, width: int) -> np.ndarray:
+    """A predictions file's column as arrays: label indices joined by spaces as a rows x labels
+    boolean matrix (multi-label), numbers joined by spaces as rows x targets (regression)."""
+    if task == "multi_label":
+        out = np.zeros((len(cells), width), dtype=bool)
+        for row, cell in enumerate(cells):
+            for index in str(cell).split():
+                out[row, int(index)] = True
+        return out
+    return np.array([[float(v) for v in str(cell).split()] for cell in cells], dtype=float)
+
+
 def mark_ties(
     runs: Sequence[RunRecord], alpha: float = ALPHA, split: str = SELECTION_SPLIT
 ) -> dict[str, tuple[str, float, str]]:
     """label → (mark, p-value vs the best run, test used) for runs scored on `split`.
 
-    The best accuracy on the validation split (the final model's) is "best": it is the split that
+    The best objective on the validation split (the final model's: accuracy, macro-F1 or
+    Spearman; runs of different tasks are marked separately) is "best": it is the split that
     chooses, so the test figure beside it stays an honest estimate. A run is a "tie" when the
     paired test on the same validation rows cannot tell it apart from the best at level alpha.
     """
     scored = [r for r in runs if accuracy_of(split_of(r, split)) is not None and r.pruned is None]
-    if not scored:
-        return {}
-    best = max(scored, key=lambda r: accuracy_of(split_of(r, split)).accuracy)  # type: ignore[union-attr]
-    marks: dict[str, tuple[str, float, str]] = {best.label: ("best", math.nan, "")}
-    for run in scored:
-        if run is best:
-            continue
-        p, method = paired_pvalue(best, run, split)
-        marks[run.label] = ("tie" if p >= alpha else "", p, method)
+    marks: dict[str, tuple[str, float, str]] = {}
+    for task in sorted({r.summary.task for r in scored if r.summary is not None}):
+        group = [r for r in scored if r.summary is not None and r.summary.task == task]
+        best = max(group, key=lambda r: accuracy_of(split_of(r, split)).accuracy)  # type: ignore[union-attr]
+        marks[best.label] = ("best", math.nan, "")
+        for run in group:
+            if run is best:
+                continue
+            p, method = paired_pvalue(best, run, split)
+            marks[run.label] = ("tie" if p >= alpha else "", p, method)
     return marks
 
 

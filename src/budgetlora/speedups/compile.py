@@ -191,10 +191,11 @@ class CompiledStep:
 
 
 def warm_up_batches(
-    widths: Sequence[int], rows: int, token_ids: torch.Tensor, labels: torch.Tensor, pad_id: int
+    widths: Sequence[int], rows: int, token_ids: torch.Tensor, labels: torch.Tensor, pad_id: int, segments: bool = False
 ) -> list[dict[str, torch.Tensor]]:
     """A batch per width, shaped as training batches are: `rows` rows of real token ids (the last
-    row half padding) and real labels, so dtypes and shapes match the steps to come."""
+    row half padding), real labels and, for text pairs, segment ids, so dtypes and shapes match the
+    steps to come."""
     generator = torch.Generator().manual_seed(0)
     batches = []
     for width in widths:
@@ -203,5 +204,10 @@ def warm_up_batches(
         mask = torch.ones(rows, width, dtype=torch.long)
         mask[-1, max(1, width // 2) :] = 0
         ids[-1, max(1, width // 2) :] = pad_id
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels[:rows].clone()})
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels[:rows].clone()}
+        if segments:
+            types = torch.zeros(rows, width, dtype=torch.long)
+            types[:, width // 2 :] = 1
+            batch["token_type_ids"] = types * mask
+        batches.append(batch)
     return batches

@@ -403,13 +403,22 @@ def load_study(path: str | Path, overrides: Sequence[str] | None = None, seeds: 
             f"study key 'name': the file name {path.name!r} is not a plain word; give "
             "'name: ...' (letters, digits, . _ + -; it names the sweep folder)",
         )
-    from budgetlora.sweeps.prune import parse_confirm, parse_prune
+    from budgetlora.sweeps.prune import STATISTICAL, parse_confirm, parse_prune
 
+    prune = parse_prune(path, raw.get("prune"))
+    fixed = {**_dotted(raw.get("set"), path, "set", study_dir), **cli}
+    task = fixed.get("task", base_raw.get("task", "single_label"))
+    if prune is not None and prune.test in STATISTICAL and task != "single_label":
+        raise _study_error(
+            path,
+            f"study key 'prune.test': {prune.test} compares per-row right/wrong answers of single-label runs; "
+            f"for a {task} study use an Optuna pruner (median, successive_halving, hyperband) or no pruning",
+        )
     return StudySpec(
         path=path,
         name=name,
         base_raw=base_raw,
-        fixed={**_dotted(raw.get("set"), path, "set", study_dir), **cli},
+        fixed=fixed,
         points=points,
         search=search,
         sampler=({"optuna": "tpe", "random": "random"}[searches[0]] if searches else None),
@@ -417,6 +426,6 @@ def load_study(path: str | Path, overrides: Sequence[str] | None = None, seeds: 
         n_trials=n_trials,
         objectives=list(options.objectives),
         sampler_seed=options.sampler_seed,
-        prune=parse_prune(path, raw.get("prune")),
+        prune=prune,
         confirm=parse_confirm(path, raw.get("confirm")),
     )

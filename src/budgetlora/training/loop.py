@@ -20,11 +20,13 @@ from budgetlora.config import PredictionBatch, TrainConfig
 from budgetlora.data.tokens import TokenizedSet, bucketed_batches, collate, pad_multiple_for
 from budgetlora.distributed import all_reduce_sum, local_slice, wrap_model
 from budgetlora.errors import BudgetLoraError, RunDiverged
-from budgetlora.evaluate.metrics import cross_entropy
 from budgetlora.evaluate.predict import DEFAULT_BATCH, predict_logits
+from budgetlora.evaluate.task_metrics import ValidationScore, validation_score
 from budgetlora.runtime import Runtime, autocast
+from budgetlora.task import MULTI, REGRESSION, SINGLE
+from budgetlora.training.losses import loss_function, train_hits
 from budgetlora.training.optim import build_optimizer, build_scheduler
-from budgetlora.training.step import StepRunner, TrainStep, loss_function
+from budgetlora.training.step import StepRunner, TrainStep
 
 
 @dataclass
@@ -130,8 +132,8 @@ class _Window:
     """Loss / accuracy sums since the last log line, and the first step with a non-finite loss,
     kept on the device."""
 
-    def __init__(self, state: LoopState, rt: Runtime):
-        self.rt = rt
+    def __init__(self, state: LoopState, rt: Runtime, task: str = SINGLE):
+        self.rt, self.task = rt, task
         carried = rt.dist.is_main  # a restored window holds global sums: one rank carries them on
         device = rt.device
         self.loss = torch.full((), state.window_loss if carried else 0.0, device=device, dtype=torch.float32)
@@ -144,7 +146,7 @@ class _Window:
         loss = loss.detach()
         self.nonfinite_at = torch.where(torch.isfinite(loss) | (self.nonfinite_at >= 0), self.nonfinite_at, step)
         self.loss += loss * len(labels)
-        self.correct += (logits.detach().argmax(-1) == labels).sum()
+        self.correct += train_hits(self.task, logits.detach(), labels)
         self.rows += len(labels)
 
     def check_finite(self, lr: float) -> None:
@@ -185,6 +187,10 @@ def _log_window(window: _Window, progress: Resumable, stream: BatchStream, log: 
         "lr": progress.optimizer.param_groups[0]["lr"],
         "samples_per_s": rows / max(elapsed, 1e-9),
     }
+    if window.task == MULTI:  # every label right at 0.5: subset accuracy
+        record["train_subset_acc"] = record.pop("train_acc")
+    elif window.task == REGRESSION:
+        del record["train_acc"]
     state.last_train_loss = record["train_loss"]
     progress.history.append(record)
     log(record)
@@ -199,20 +205,19 @@ def _evaluate(
     progress: Resumable,
     log: Sink,
     batch: PredictionBatch,
+    score: ValidationScore,
 ) -> np.ndarray:
     """Validation metrics into the log and the best-so-far tracking; returns per-row correctness."""
     state = progress.state
     logits = predict_logits(model, val_data, rt, pad_id, batch)
-    correct = logits.argmax(1) == val_data.labels
-    acc = float(correct.mean())
-    state.last_eval_loss = cross_entropy(logits, val_data.labels)
+    acc, state.last_eval_loss, correct = score(logits, val_data.labels)
     if not math.isfinite(state.last_eval_loss):  # the model's outputs overflowed: its accuracy means nothing
         raise RunDiverged(
             f"the validation loss became NaN or infinite at step {state.step} (lr "
             f"{progress.optimizer.param_groups[0]['lr']:.3g}); the run is removed: lower train.lr, "
             "keep train.grad_clip on, or use bf16/fp32 instead of fp16"
         )
-    record = {"step": state.step, "eval_loss": state.last_eval_loss, "eval_acc": acc}
+    record = {"step": state.step, "eval_loss": state.last_eval_loss, score.key: acc}
     progress.history.append(record)
     log(record)
     if acc > state.best_acc:
@@ -279,6 +284,7 @@ def train_loop(
     runner: Optional[StepRunner] = None,
     on_eval: Optional[EvalHook] = None,
     eval_batch: PredictionBatch = DEFAULT_BATCH,
+    score: Optional[ValidationScore] = None,
 ) -> Resumable:
     """Train until the last step (or early stopping); evaluate on `val_data` every `eval_every` steps.
 
@@ -286,15 +292,16 @@ def train_loop(
     true (a signal); the loop then returns. `on_eval(step, correct)` sees each evaluation's per-row
     outcomes after its checkpoint (a pruner may raise there). `resume` continues a checkpointed run
     exactly. `runner` runs the step (`training.step.step_runner`: compiled for fixed widths, or
-    eagerly, the default); validation predicts in `eval_batch`es (Config.prediction_batch). Under
-    `rt.dist`, every rank draws the same global batches and trains on its slice of each; logged
+    eagerly, the default); validation predicts in `eval_batch`es (Config.prediction_batch) and is
+    scored by `score` (the task's objective and training log; default single-label). Under `rt.dist`, every rank draws the same global batches and trains on its slice of each; logged
     metrics and checkpointed sums are global, so a checkpoint resumes on any number of processes."""
     progress = resume or fresh_resumable(model, train_data, cfg, rt)
     state, total, dist = progress.state, progress.total_steps, rt.dist
     stream = BatchStream(train_data, cfg.batch_size, cfg.seed, state.epoch, state.position)
     runner = runner or StepRunner(TrainStep(model, loss_function(cfg)))
+    score = score or validation_score()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    window = _Window(state, rt)
+    window = _Window(state, rt, score.task)
     checkpointing = on_checkpoint is not None or dist.enabled  # non-main ranks join the collectives
 
     def checkpoint(reason: str) -> None:
@@ -328,7 +335,7 @@ def train_loop(
         evaluating = _evaluation_due(cfg, state.step, total, val_data)
         if evaluating:
             window.check_finite(optimizer.param_groups[0]["lr"])
-            correct = _evaluate(model, val_data, rt, pad_id, progress, log, eval_batch)
+            correct = _evaluate(model, val_data, rt, pad_id, progress, log, eval_batch, score)
             window.start = time.perf_counter()  # evaluation time is not training throughput
         if checkpointing and (evaluating or (cfg.save_every and state.step % cfg.save_every == 0)):
             checkpoint("eval" if evaluating else "periodic")

@@ -14,11 +14,13 @@ from budgetlora.data.tokens import TokenizedSet, bucketed_batches
 from budgetlora.distributed import local_slice
 from budgetlora.runtime import Runtime
 from budgetlora.speedups.compile import CompiledStep, CompileReport, warm_up_batches
+from budgetlora.training.losses import loss_function
 
 
 class TrainStep(nn.Module):
-    """`(input_ids, attention_mask, labels) -> (loss, logits)`. Holding the model as a child keeps
-    every parameter name as it was (checkpoints and adapter files never see this wrapper)."""
+    """`(input_ids, attention_mask, labels[, token_type_ids]) -> (loss, logits)`. Holding the model
+    as a child keeps every parameter name as it was (checkpoints and adapter files never see this
+    wrapper)."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module):
         super().__init__()
@@ -26,14 +28,15 @@ class TrainStep(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits
         return self.loss_fn(logits.float(), labels), logits
-
-
-def loss_function(cfg: TrainConfig) -> nn.Module:
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
 class StepRunner:
@@ -52,6 +55,8 @@ class StepRunner:
 
     def __call__(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+        if "token_type_ids" in batch:
+            inputs["token_type_ids"] = batch["token_type_ids"]
         if self.compiled is not None:
             return self.compiled(module, **inputs)
         return module(**inputs)
@@ -71,15 +76,19 @@ def step_runner(
     pad_id: int,
     widths: Optional[Sequence[int]] = None,
     backend: Optional[str] = None,
+    loss_fn: Optional[nn.Module] = None,
 ) -> StepRunner:
-    """The step for `model`; with `widths`, compiled and warmed up for each of them here (the
-    report says how many graphs and how long, or why it runs eagerly)."""
-    step = TrainStep(model, loss_function(cfg))
+    """The step for `model` with `loss_fn` (default: the single-label loss of `cfg`); with `widths`,
+    compiled and warmed up for each of them here (the report says how many graphs and how long, or
+    why it runs eagerly)."""
+    step = TrainStep(model, loss_fn if loss_fn is not None else loss_function(cfg))
     if not widths:
         return StepRunner(step)
     compiled = CompiledStep(step, widths, backend)
     rows = micro_batch_rows(train, cfg, rt)
     labels = torch.from_numpy(np.asarray(train.labels[:rows]))
-    batches = warm_up_batches(widths, rows, torch.from_numpy(train.ids), labels, pad_id)
+    batches = warm_up_batches(
+        widths, rows, torch.from_numpy(train.ids), labels, pad_id, segments=train.segments is not None
+    )
     compiled.warm_up(batches, rt.device, rt.precision)
     return StepRunner(step, compiled)
