@@ -27,7 +27,7 @@ from budgetlora.cli import main as cli_main
 from budgetlora.config import load_config
 from budgetlora.errors import BudgetLoraError, RunInterrupted
 from budgetlora.recipe import train_run
-from budgetlora.resume import resume_run
+from budgetlora.resuming import resume_run
 from helpers import MAX_STEPS, adapter, assert_same_run, interrupt_at, metrics  # noqa: F401  (shared resume harness)
 
 pytestmark = pytest.mark.usefixtures("_restore_threads")

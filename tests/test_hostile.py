@@ -1054,7 +1054,7 @@ def _unfinished_copy(sandbox: Path, name: str) -> Path:
 
 
 def test_a_sweep_keeps_the_checkpoints_of_a_trial_that_fails_for_a_passing_reason(sandbox, monkeypatch):
-    from budgetlora import recipe, resume
+    from budgetlora import recipe, resuming
     from budgetlora.errors import NotResumable, WriteError
     from budgetlora.artifacts.run_dir import read_run_config
     from budgetlora.sweeps.worker import SweepOptions, train_or_reuse
@@ -1066,7 +1066,7 @@ def test_a_sweep_keeps_the_checkpoints_of_a_trial_that_fails_for_a_passing_reaso
     def disk_full(*args, **kwargs):
         raise WriteError("cannot write: no space left on device")
 
-    monkeypatch.setattr(resume, "resume_run", disk_full)
+    monkeypatch.setattr(resuming, "resume_run", disk_full)
     with pytest.raises(WriteError, match="no space left"):
         train_or_reuse(cfg, run, opts)
     assert (run / "checkpoints").is_dir()  # a full disk is no reason to throw away the trial's progress
@@ -1075,7 +1075,7 @@ def test_a_sweep_keeps_the_checkpoints_of_a_trial_that_fails_for_a_passing_reaso
         raise NotResumable("none of its 2 checkpoint(s) loads")
 
     trained = []
-    monkeypatch.setattr(resume, "resume_run", not_resumable)
+    monkeypatch.setattr(resuming, "resume_run", not_resumable)
     monkeypatch.setattr(
         recipe,
         "train_run",

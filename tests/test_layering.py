@@ -24,7 +24,7 @@ STAGES = (
     "budgetlora.evaluate",
     "budgetlora.artifacts",
     "budgetlora.recipe",
-    "budgetlora.resume",
+    "budgetlora.resuming",
     "budgetlora.jsonfile",
     "budgetlora.launch",
     "budgetlora.stores",
@@ -168,3 +168,12 @@ def test_library_modules_know_nothing_of_argparse():
         if not in_package(name, ("budgetlora.cli",)) and "argparse" in MODULES[name].read_text(encoding="utf-8")
     ]
     assert not users
+
+
+def test_no_submodule_shadows_a_public_name():
+    """Importing `budgetlora.X` binds X on the package, so a module named like an API function
+    (`budgetlora.resume`) would replace that function once anything imported the module."""
+    import budgetlora
+
+    submodules = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
+    assert submodules.isdisjoint(budgetlora.__all__), submodules & set(budgetlora.__all__)

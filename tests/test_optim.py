@@ -14,7 +14,7 @@ from budgetlora.errors import RunInterrupted
 from budgetlora.model import build_model
 from budgetlora.training.optim import MuonWithAdamW, build_optimizer, build_scheduler
 from budgetlora.recipe import train_run
-from budgetlora.resume import resume_run
+from budgetlora.resuming import resume_run
 from helpers import assert_same_run, interrupt_at
 
 # the resume harness: its config fixture (dropout on, a checkpoint every 5 steps, one thread) and

@@ -125,7 +125,7 @@ def _trials(out: Path) -> dict:
 @pytest.mark.slow
 def test_a_pruned_sweep_stops_the_hopeless_trial_resumes_without_redoing_it_and_names_a_winner(study, tmp_path):
     from budgetlora import load
-    from budgetlora.resume import resume_run
+    from budgetlora.resuming import resume_run
 
     out = tmp_path / "out"
     outcome = _sweep(study({"prune": {"rungs": [25]}}), out)

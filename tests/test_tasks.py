@@ -324,3 +324,29 @@ def test_merged_and_onnx_exports_reproduce_the_runs_decisions_in_plain_processes
             assert (again.answers == ours.answers).all()
         else:
             assert np.abs(again.answers - ours.answers).max() < 1e-3
+
+
+def test_temperature_and_ranks_match_scipy_without_needing_it():
+    """Core commands run where SciPy is absent, so calibration and Spearman ranks are numpy; they
+    must agree with SciPy's bounded minimiser and rankdata."""
+    from scipy.optimize import minimize_scalar
+    from scipy.stats import rankdata
+
+    from budgetlora.evaluate.calibration import TEMPERATURE_BOUNDS, _nll, fit_temperature
+    from budgetlora.evaluate.task_metrics import _ranks
+
+    rng = np.random.default_rng(3)
+    for scale in (0.5, 2.0, 6.0):
+        labels = rng.integers(0, 4, 400)
+        logits = rng.normal(size=(400, 4)) * scale
+        logits[np.arange(400), labels] += 2.0
+        reference = minimize_scalar(
+            lambda log_t, z=logits, y=labels: _nll(z, y, math.exp(log_t)),
+            bounds=tuple(math.log(b) for b in TEMPERATURE_BOUNDS),
+            method="bounded",
+            options={"xatol": 1e-8},
+        )
+        assert fit_temperature(logits, labels) == pytest.approx(math.exp(reference.x), rel=1e-4)
+    ties = rng.integers(0, 5, (60, 3)).astype(float)
+    assert np.array_equal(_ranks(ties), rankdata(ties, axis=0))
+    assert np.array_equal(_ranks(ties[:, 0]), rankdata(ties[:, 0]))

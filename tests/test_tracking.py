@@ -11,7 +11,7 @@ import pytest
 from budgetlora.config import config_from_dict
 from budgetlora.errors import BudgetLoraError
 from budgetlora.recipe import train_run
-from budgetlora.resume import resume_run
+from budgetlora.resuming import resume_run
 
 pytest.importorskip("tensorboard")  # a dev dependency: installed by scripts/setup
 

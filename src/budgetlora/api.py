@@ -286,7 +286,7 @@ def resume(
 ) -> Run:
     """Continue an interrupted run from its newest checkpoint (`extend` with a new
     `train.max_steps` trains a finished run further)."""
-    from budgetlora.resume import resume_run
+    from budgetlora.resuming import resume_run
 
     path = run.path if isinstance(run, Run) else as_path(run, "the run to resume")
     items = [f"{k}={v}" for k, v in dotted_overrides(overrides).items()]

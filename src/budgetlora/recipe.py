@@ -1,7 +1,7 @@
 """The training recipe: config in, finished run directory out; train and resume share one setup.
 
 Phases, as in torchtune's recipes: `setup_session` (data, model, budget; from a checkpoint when
-resuming, see resume.py), `train_session` (the loop with its sinks and checkpoints, then the
+resuming, see resuming.py), `train_session` (the loop with its sinks and checkpoints, then the
 artifacts), and the
 run directory's placement, committed only when the run finished. Everything that can be
 refused (config, budget, data) is refused before weights load or any directory is written.

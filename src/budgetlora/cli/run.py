@@ -159,7 +159,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from budgetlora.config import load_config
     from budgetlora.recipe import train_run
-    from budgetlora.resume import resume_run
+    from budgetlora.resuming import resume_run
 
     if args.resume:
         if args.config:

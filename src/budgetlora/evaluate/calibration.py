@@ -19,6 +19,7 @@ LISTED = 8  # rare labels named in the note
 MIN_POSITIVES = 5  # a label with fewer validation positives cannot have its own threshold tuned
 THRESHOLD_GRID = np.round(np.arange(THRESHOLD_RANGE[0], THRESHOLD_RANGE[1] + 1e-9, 0.01), 2)
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+LOG_TEMPERATURE_TOLERANCE = 1e-6
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -43,16 +44,25 @@ def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature that minimises the validation negative log-likelihood."""
-    from scipy.optimize import minimize_scalar
+    """The temperature that minimises the validation negative log-likelihood.
 
+    A golden-section search on log T: the NLL is convex in 1/T, so it has one minimum on the
+    bounded interval, and the search needs no SciPy (core commands run without it)."""
     logits = np.asarray(logits, dtype=np.float64)
-    result = minimize_scalar(
-        lambda log_t: _nll(logits, labels, math.exp(log_t)),
-        bounds=tuple(math.log(b) for b in TEMPERATURE_BOUNDS),
-        method="bounded",
-    )
-    return float(math.exp(result.x))
+    low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    nll_a, nll_b = _nll(logits, labels, math.exp(a)), _nll(logits, labels, math.exp(b))
+    while high - low > LOG_TEMPERATURE_TOLERANCE:
+        if nll_a <= nll_b:
+            high, b, nll_b = b, a, nll_a
+            a = high - ratio * (high - low)
+            nll_a = _nll(logits, labels, math.exp(a))
+        else:
+            low, a, nll_a = a, b, nll_b
+            b = low + ratio * (high - low)
+            nll_b = _nll(logits, labels, math.exp(b))
+    return float(math.exp((low + high) / 2))
 
 
 def _best_threshold(f1: np.ndarray) -> float:

@@ -103,10 +103,19 @@ def multilabel_metrics(truth: np.ndarray, pred: np.ndarray, names: Sequence[str]
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
-    """Average ranks along axis 0 (ties share their mean rank), like scipy's rankdata."""
-    from scipy.stats import rankdata
-
-    return rankdata(values, axis=0)
+    """Average ranks along axis 0 (ties share their mean rank), like scipy's rankdata, which core
+    commands do without."""
+    values = np.asarray(values, dtype=np.float64)
+    columns = values.reshape(len(values), -1)
+    ranks = np.empty_like(columns)
+    for column in range(columns.shape[1]):
+        v = columns[:, column]
+        order = np.argsort(v, kind="mergesort")
+        sorted_v = v[order]
+        starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])
+        ends = np.r_[starts[1:], len(v)]
+        ranks[order, column] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean 1-based position
+    return ranks.reshape(values.shape)
 
 
 def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -54,7 +54,7 @@ def summary_values(spec: StudySpec, outcomes: list[RunOutcome]) -> list[float]:
 def _free_overrides(run_dir: Path, cfg: Config) -> list[str]:
     """--set items that move a stored run's free keys (device, threads, ...) to this sweep's values."""
     from budgetlora.config import flatten
-    from budgetlora.resume import RESUME_FREE_KEYS
+    from budgetlora.resuming import RESUME_FREE_KEYS
 
     stored, wanted = flatten(rd.read_run_config(run_dir).to_dict()), flatten(cfg.to_dict())
     return [f"{k}={json.dumps(wanted[k])}" for k in RESUME_FREE_KEYS if k in wanted and stored.get(k) != wanted[k]]
@@ -75,7 +75,7 @@ def _discard(run_dir: Path) -> None:
 def train_or_reuse(cfg: Config, run_dir: Path, opts: SweepOptions, on_eval: Any = None) -> RunOutcome:
     """The run's outcome, training it unless `run_dir` already holds the finished run of this
     config (or, at a synchronous rung, the run paused there): one decision on the run's status."""
-    from budgetlora.resume import RESUME_FREE_KEYS
+    from budgetlora.resuming import RESUME_FREE_KEYS
     from budgetlora.sweeps.prune import RungPause
 
     judging = on_eval is not None or opts.pause_at is not None
@@ -109,7 +109,7 @@ def _train_run(
 ) -> RunOutcome:
     """Resume the run (when it can), else start it again (a leftover is discarded first)."""
     from budgetlora.recipe import train_run
-    from budgetlora.resume import resume_run
+    from budgetlora.resuming import resume_run
 
     if resumable:
         try:
