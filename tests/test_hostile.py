@@ -2151,6 +2151,18 @@ def test_task_data_that_cannot_train(sandbox, capsys, name):
     expect_refusal(sandbox, capsys, argv, message)
 
 
+@pytest.mark.parametrize("split", ["data.test_file", "data.val_file"])
+def test_a_regression_split_whose_targets_never_vary_is_refused_before_training(sandbox, capsys, split):
+    """Pearson and Spearman are undefined there: refused before any training, naming the file."""
+    train = sandbox / "data" / "rg_train.csv"
+    train.write_text("text,label\nmatch,1.5\ngoal,2.5\nteam,0.5\nscore,3\n")
+    flat = sandbox / "data" / "rg_flat.csv"
+    flat.write_text("text,label\nmatch,2\ngoal,2\n")
+    argv = TRAIN + ["--set", "task=regression", "--set", f"data.train_file={train}", "--set", "data.val_size=0"]
+    argv += ["--set", "data.test_file=null", "--set", f"{split}={flat}"]
+    expect_refusal(sandbox, capsys, argv, "rg_flat.csv: the regression target(s) label have one value in every row")
+
+
 DECISIONS_DAMAGE = {
     "not_json": ("{", "decisions.json"),
     "width": ('{"task": "single_label", "width": 9, "temperature": 1.0}', "decisions for a single_label model with 9"),

@@ -279,6 +279,8 @@ def test_multi_label_and_regression_metrics_match_hand_counts():
     assert m["scores"]["jaccard"]["value"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     r = regression_metrics(np.array([1.0, 2, 3, 4]), np.array([1.0, 2, 3, 5]), ["y"])
     assert r["scores"]["spearman"]["value"] == pytest.approx(1.0)
+    flat = regression_metrics(np.array([1.0, 2, 3, 4]), np.full(4, 2.5), ["y"])  # a collapsed model
+    assert flat["scores"]["pearson"]["value"] == flat["scores"]["spearman"]["value"] == 0.0
     assert r["scores"]["mae"]["value"] == pytest.approx(0.25)
     assert r["scores"]["rmse"]["value"] == pytest.approx(0.5)
 

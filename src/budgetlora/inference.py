@@ -14,7 +14,7 @@ import numpy as np
 
 from budgetlora.errors import BudgetLoraError
 from budgetlora.progress import QUIET, Console
-from budgetlora.task import PAIR, Decisions, LabelSpace
+from budgetlora.task import PAIR, REGRESSION, Decisions, LabelSpace
 
 
 @dataclass
@@ -155,6 +155,7 @@ def _texts(
     """The rows to predict (a TextSet), and whether they came from a file (cacheable tokens)."""
     from budgetlora.data import TextSet, clean_text, load_text_set
     from budgetlora.data.dataset import indices_mean_names
+    from budgetlora.data.labels import check_scored_targets
     from budgetlora.data.sources import SUFFIX_FORMATS
 
     if isinstance(data, str) and not os.path.isfile(data):
@@ -179,6 +180,8 @@ def _texts(
             indices_ok=indices_mean_names(trained.label_names, explicit),
             task=trained.space.task,
         )
+        if labeled and texts.labels is not None and trained.space.task == REGRESSION:
+            check_scored_targets(texts.labels, trained.label_names, str(data))
         return texts, True
     if labeled:
         raise BudgetLoraError("evaluation needs a labeled data file")

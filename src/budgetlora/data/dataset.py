@@ -23,7 +23,13 @@ from budgetlora.data.sources import (
     read_rows,
     refuse_untrusted_pickle,
 )
-from budgetlora.data.labels import check_multi_label_training, multi_label_matrix, regression_targets, wrong_task_hint
+from budgetlora.data.labels import (
+    check_multi_label_training,
+    check_scored_targets,
+    multi_label_matrix,
+    regression_targets,
+    wrong_task_hint,
+)
 from budgetlora.errors import BudgetLoraError
 from budgetlora.task import MULTI, REGRESSION, SINGLE
 
@@ -289,6 +295,11 @@ def load_text_set(
     return TextSet(texts, labels, _ids(rows), pairs), names or []
 
 
+def _split_source(cfg: DataConfig, kind: str) -> str:
+    file = cfg.val_file if kind == "validation" else cfg.test_file
+    return file or f"the {kind} split"
+
+
 def label_names_from_config(cfg: DataConfig) -> Optional[list[str]]:
     if cfg.label_names:
         return [unicodedata.normalize("NFC", n) for n in cfg.label_names]
@@ -431,4 +442,8 @@ def load_splits(cfg: DataConfig, seed: int, trust_pickle: bool = False, task: st
         train = train.subset(train_idx)
     assert train.labels is not None
     check_training_labels(train.labels, names, task, f"{source} after the validation/test splits")
+    if task == REGRESSION:
+        for part, kind in ((val, "validation"), (test, "test")):
+            if part is not None and part.labels is not None:
+                check_scored_targets(part.labels, names, _split_source(cfg, kind))
     return Splits(train, val, test, names, task)

@@ -153,6 +153,17 @@ def regression_targets(rows: Sequence[Row], cfg: DataConfig) -> tuple[np.ndarray
     return values.astype(np.float32), columns
 
 
+def check_scored_targets(labels: np.ndarray, names: list[str], where: str) -> None:
+    """Pearson and Spearman (the regression objective) are undefined on targets that never vary."""
+    columns = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
+    constant = [names[i] if i < len(names) else str(i) for i in np.flatnonzero(columns.std(0) == 0)]
+    if constant:
+        raise BudgetLoraError(
+            f"{where}: the regression target(s) {brief_names(constant)} have one value in every row "
+            f"({len(columns):,} row(s)): correlation with it is undefined; score on rows whose targets vary"
+        )
+
+
 def check_multi_label_training(matrix: np.ndarray, names: Sequence[str], where: str) -> None:
     """Every label needs positive training rows; data with exactly one label per row is single-label."""
     missing = [names[i] for i in np.flatnonzero(matrix.sum(0) == 0)]

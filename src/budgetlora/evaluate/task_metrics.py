@@ -119,11 +119,14 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-column correlation; 0 where a column never varies. Scored targets always vary (the data
+    checks refuse a split whose targets do not), so a zero variance is a constant prediction, which
+    ranks nothing; NaN there would make the objective and the summary unusable."""
     a = a - a.mean(0)
     b = b - b.mean(0)
     denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (a * b).sum(0) / np.maximum(denom, 1e-300), np.nan)
+        return np.where(denom > 0, (a * b).sum(0) / np.maximum(denom, 1e-300), 0.0)
 
 
 def regression_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -131,8 +134,8 @@ def regression_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     truth, pred = np.asarray(truth, float).reshape(len(truth), -1), np.asarray(pred, float).reshape(len(pred), -1)
     error = pred - truth
     return {
-        "pearson": float(np.nanmean(_pearson_columns(truth, pred))),
-        "spearman": float(np.nanmean(_pearson_columns(_ranks(truth), _ranks(pred)))),
+        "pearson": float(_pearson_columns(truth, pred).mean()),
+        "spearman": float(_pearson_columns(_ranks(truth), _ranks(pred)).mean()),
         "mae": float(np.abs(error).mean()),
         "rmse": float(np.sqrt((error**2).mean(0)).mean()),
     }

@@ -85,22 +85,22 @@ def decide_rung(
                 ),
             )
             opts.say(f"PRUNE {name} at step {step}: {decision.reason}")
-    _write_summary(opts, step, lines)
+    _write_rung_decisions(opts, step, lines)
     return survivors, pruned
 
 
-def _write_summary(opts: SweepOptions, step: int, lines: list[dict[str, Any]]) -> None:
+def _write_rung_decisions(opts: SweepOptions, step: int, lines: list[dict[str, Any]]) -> None:
     path = opts.out / RUNG_DECISIONS
     with file_lock(lock_path(opts.storage_url)):
         try:
-            summary = jsonfile.read(path) if path.is_file() else {}
+            decisions = jsonfile.read(path) if path.is_file() else {}
         except (OSError, BudgetLoraError):
-            summary = {}  # a damaged copy is rewritten from the records
-        summary = summary if isinstance(summary, dict) else {}
-        earlier = summary.get(str(step)) if isinstance(summary.get(str(step)), list) else []
+            decisions = {}  # a damaged copy is rewritten from the records
+        decisions = decisions if isinstance(decisions, dict) else {}
+        earlier = decisions.get(str(step)) if isinstance(decisions.get(str(step)), list) else []
         fresh = {line["point"] for line in lines}  # a rerun decides only the points still alive: keep the rest
-        summary[str(step)] = [e for e in earlier if isinstance(e, dict) and e.get("point") not in fresh] + lines
-        atomic.write_json(path, summary)
+        decisions[str(step)] = [e for e in earlier if isinstance(e, dict) and e.get("point") not in fresh] + lines
+        atomic.write_json(path, decisions)
 
 
 def halve(spec: StudySpec, opts: SweepOptions, planned: list[Planned]) -> WorkerStats:
