@@ -324,6 +324,8 @@ def test_merged_and_onnx_exports_reproduce_the_runs_decisions_in_plain_processes
         again = budgetlora.load(export).predict(test_file)
         if which == "multi":
             assert (again.answers == ours.answers).all()
+            # the model's own probabilities, not the threshold-shifted ones of the folded layer
+            assert np.abs(again.probabilities - ours.probabilities).max() < 1e-3
         else:
             assert np.abs(again.answers - ours.answers).max() < 1e-3
 
@@ -352,3 +354,65 @@ def test_temperature_and_ranks_match_scipy_without_needing_it():
     ties = rng.integers(0, 5, (60, 3)).astype(float)
     assert np.array_equal(_ranks(ties), rankdata(ties, axis=0))
     assert np.array_equal(_ranks(ties[:, 0]), rankdata(ties[:, 0]))
+
+
+def test_a_regression_run_extends_from_its_checkpoint(regression_run, tmp_path):
+    """The checkpoint's data fingerprint is of the targets as read: the standardised copy the loss
+    sees must not make every resume look like changed data."""
+    import shutil
+
+    from budgetlora.resuming import resume_run
+
+    run = Path(shutil.copytree(regression_run.path, tmp_path / "reg"))
+    resume_run(run, extend=True, overrides=["train.max_steps=84"], verbose=False)
+    summary = budgetlora.load(run).summary
+    assert summary.steps == 84 and summary.test.scores["spearman"].value is not None
+
+
+def test_the_paired_bootstrap_calls_identical_answers_a_tie_and_a_clear_gap_a_difference():
+    from budgetlora.evaluate.task_metrics import paired_bootstrap_pvalue
+
+    rng = np.random.default_rng(5)
+    truth = rng.random((300, 4)) < 0.3
+    good = truth.copy()
+    good[:20] = ~good[:20]
+    assert paired_bootstrap_pvalue(truth, good, good.copy(), "multi_label", resamples=200) == 1.0
+    one_off = good.copy()
+    one_off[25, 0] = ~one_off[25, 0]  # one label of one row: no evidence either way
+    assert paired_bootstrap_pvalue(truth, good, one_off, "multi_label", resamples=200) > 0.5
+    poor = rng.random((300, 4)) < 0.3
+    assert paired_bootstrap_pvalue(truth, good, poor, "multi_label", resamples=200) < 0.05
+    target = rng.normal(size=300)
+    assert paired_bootstrap_pvalue(target, target + 0.1, target + 0.1, "regression", resamples=200) == 1.0
+
+
+@pytest.mark.slow
+def test_a_regression_sweep_over_seeds_chooses_and_reports_on_spearman(tiny_bert_dir, task_data, tmp_path):
+    """A sweep of another task goes through every step a single-label one does: trial records,
+    seed means, ties by a paired bootstrap over (seed, row) pairs, the verdict in its own words."""
+    import yaml
+
+    from budgetlora.progress import QUIET
+    from budgetlora.sweeps.run import SweepRequest, run_sweep
+
+    base = task_config(
+        tiny_bert_dir,
+        task_data["reg_train"],
+        task_data["reg_test"],
+        name="reg",
+        task="regression",
+        data={"label_column": "score", "val_size": 60},
+        train={"max_steps": 12, "eval_every": 12},
+    )
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"lora.r": [1, 2]}, "seeds": [1, 2]}))
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BUDGETLORA_CACHE", str(tmp_path / "cache"))
+        outcome = run_sweep(SweepRequest(study=study, out=out, heartbeat=None, console=QUIET))
+    assert (outcome.stats.trained, outcome.stats.failed) == (4, 0)
+    verdict = (out / "verdict.md").read_text()
+    assert "validation Spearman" in verdict and "test Spearman" in verdict and "paired bootstrap" in verdict
+    results = (out / "results.md").read_text()
+    assert "mean of" in results

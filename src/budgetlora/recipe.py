@@ -82,6 +82,7 @@ class Session:
     out_root: Path
     wall_start: float
     space: LabelSpace
+    data_fingerprint: str  # of the data as read (regression targets in their own units), for resume checks
 
     @property
     def names(self) -> list[str]:
@@ -104,7 +105,8 @@ def setup_session(
     segments = bool(cfg.data.text_pair_columns) and takes_segments(load_model_config(cfg.model, 2))
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg.data, cfg.train.seed, tokenizer, trust_pickle, console, cfg.task, segments)
-    if checkpoint is not None and checkpoint.data_fingerprint and prepared.fingerprint != checkpoint.data_fingerprint:
+    data_fingerprint = prepared.fingerprint
+    if checkpoint is not None and checkpoint.data_fingerprint and data_fingerprint != checkpoint.data_fingerprint:
         raise NotResumable(
             f"the training data ({cfg.data.train_file or cfg.data.dataset}) changed since "
             f"{checkpoint.path.name}; resuming would not continue the same run"
@@ -120,7 +122,7 @@ def setup_session(
     if checkpoint is not None:
         restore_model(model, checkpoint)
     model.to(rt.device)
-    return Session(cfg, rt, prepared, model, report, console, out_root, wall_start, space)
+    return Session(cfg, rt, prepared, model, report, console, out_root, wall_start, space, data_fingerprint)
 
 
 def train_run(
@@ -221,7 +223,7 @@ def train_session(
             run_dir,
             session.model,
             session.cfg.to_dict(),
-            session.prepared.fingerprint,
+            session.data_fingerprint,
             session.cfg.train.keep_checkpoints,
             saved_step=resumed.step if resumed else None,
         )

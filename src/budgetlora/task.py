@@ -190,7 +190,9 @@ class Decisions:
         if self.task == SINGLE:
             return softmax(outputs if self.baked else outputs / self.temperature)
         if self.task == MULTI:
-            return sigmoid(outputs)
+            # an export's outputs are logit - logit(threshold): the model's own probability is
+            # the run's, whatever threshold was folded in
+            return sigmoid(outputs + logit(self.label_thresholds) if self.baked else outputs)
         if self.baked or not self.scale:
             return outputs
         return outputs * np.asarray(self.scale) + np.asarray(self.shift)

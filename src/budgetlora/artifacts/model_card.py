@@ -199,6 +199,16 @@ tokenizer = AutoTokenizer.from_pretrained("{run}/tokenizer")
 ```"""
 
 
+_RAW_ADAPTER = {
+    "single_label": "The adapter is the raw model: divide its logits by `temperature` in `decisions.json` for "
+    "the calibrated probabilities (the class, the argmax, is the same).",
+    "multi_label": "The adapter is the raw model: a label is on when its sigmoid exceeds that label's threshold "
+    "in `decisions.json` (`thresholds`), not 0.5.",
+    "regression": "The adapter is the raw model: its outputs are standardised targets; multiply by `scale` and "
+    "add `shift` from `decisions.json` for values in the targets' units.",
+}
+
+
 def _run_loading(cfg: Config, names: list[str]) -> str:
     lines = [
         "With budgetlora:",
@@ -217,6 +227,8 @@ def _run_loading(cfg: Config, names: list[str]) -> str:
             "directory; the base model is fetched by its id):",
             "",
             _peft_snippet(cfg, names, "RUN"),
+            "",
+            _RAW_ADAPTER.get(cfg.task, ""),
             "",
             "`budgetlora export RUN --merged OUT` writes a model with the adapters folded in that "
             "`from_pretrained` and `pipeline` load directly.",
@@ -254,8 +266,8 @@ from transformers import AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("OUT")
 session = ort.InferenceSession("OUT/model.onnx", providers=["CPUExecutionProvider"])
-batch = tokenizer(["some text"], padding=True, truncation=True, return_tensors="np", return_token_type_ids=False)
-logits = session.run(["logits"], {k: v.astype(np.int64) for k, v in batch.items()})[0]
+batch = tokenizer(["some text"], padding=True, truncation=True, return_tensors="np")  # pairs: tokenizer(firsts, seconds, ...)
+logits = session.run(["logits"], {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()})[0]
 ```
 
 or `budgetlora predict OUT --data FILE --out predictions.csv` (the onnxruntime backend)."""

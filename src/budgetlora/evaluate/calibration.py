@@ -75,11 +75,12 @@ def _best_threshold(f1: np.ndarray) -> float:
 def tune_thresholds(probabilities: np.ndarray, truth: np.ndarray, names: Sequence[str]) -> tuple:
     """Per-label thresholds maximising each label's validation F1; (thresholds, tuned flags, notes)."""
     truth = np.asarray(truth, dtype=bool)
-    above = probabilities[:, :, None] > THRESHOLD_GRID[None, None, :]  # rows x labels x grid
-    positives = truth[:, :, None]
-    tp = (above & positives).sum(0).astype(float)
-    fp = (above & ~positives).sum(0).astype(float)
-    fn = (~above & positives).sum(0).astype(float)
+    width = truth.shape[1]
+    tp, fp, fn = (np.zeros((width, len(THRESHOLD_GRID))) for _ in range(3))
+    for i in range(width):  # one label at a time: rows x grid, never rows x labels x grid in memory
+        above = probabilities[:, i, None] > THRESHOLD_GRID[None, :]
+        positives = truth[:, i, None]
+        tp[i], fp[i], fn[i] = (above & positives).sum(0), (above & ~positives).sum(0), (~above & positives).sum(0)
     support = truth.sum(0)
     tunable = support >= MIN_POSITIVES
     thresholds = np.full(len(names), 0.5)

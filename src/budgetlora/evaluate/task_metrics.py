@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -29,13 +29,20 @@ def _interval(value: float, resampled: np.ndarray) -> dict[str, float]:
     return {"value": float(value), "low": float(min(low, value)), "high": float(max(high, value))}
 
 
-def resample_weights(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """resamples x n row counts of a bootstrap (each row drawn with replacement n times)."""
+BOOTSTRAP_CHUNK_CELLS = 1 << 23  # resamples x rows per chunk of weights: about 100 MB at a time
+
+
+def resample_weight_chunks(
+    n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> Iterator[np.ndarray]:
+    """The row counts of a bootstrap (each row drawn with replacement n times), a chunk of
+    resamples x n at a time, so memory stays bounded on large evaluation files."""
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
-    weights = np.zeros((resamples, n), dtype=np.float32)
-    np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
-    return weights
+    step = max(1, BOOTSTRAP_CHUNK_CELLS // max(n, 1))
+    for start in range(0, resamples, step):
+        k = min(step, resamples - start)
+        draws = rng.integers(0, n, size=(k, n)) + (np.arange(k) * n)[:, None]
+        yield np.bincount(draws.ravel(), minlength=k * n).reshape(k, n).astype(np.float32)
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
@@ -61,17 +68,21 @@ def multilabel_metrics(truth: np.ndarray, pred: np.ndarray, names: Sequence[str]
     """Metrics of a rows x labels boolean prediction against the truth (same shape)."""
     truth, pred = np.asarray(truth, dtype=bool), np.asarray(pred, dtype=bool)
     n = len(truth)
-    weights = resample_weights(n)
     tp, fp, fn = multilabel_counts(truth, pred)
-    btp, bfp, bfn = multilabel_counts(truth, pred, weights)
     per_label_f1 = _f1(tp, fp, fn)
     exact = (truth == pred).all(1)
     union = (truth | pred).sum(1)
     jaccard_rows = np.where(union > 0, (truth & pred).sum(1) / np.maximum(union, 1), 1.0)
+    macro, micro, jaccard = [], [], []
+    for weights in resample_weight_chunks(n):
+        btp, bfp, bfn = multilabel_counts(truth, pred, weights)
+        macro.append(_f1(btp, bfp, bfn).mean(1))
+        micro.append(_f1(btp.sum(1), bfp.sum(1), bfn.sum(1)))
+        jaccard.append(weights @ jaccard_rows.astype(np.float32) / n)
     scores = {
-        "macro_f1": _interval(per_label_f1.mean(), _f1(btp, bfp, bfn).mean(1)),
-        "micro_f1": _interval(float(_f1(tp.sum(), fp.sum(), fn.sum())), _f1(btp.sum(1), bfp.sum(1), bfn.sum(1))),
-        "jaccard": _interval(float(jaccard_rows.mean()), weights @ jaccard_rows.astype(np.float32) / n),
+        "macro_f1": _interval(per_label_f1.mean(), np.concatenate(macro)),
+        "micro_f1": _interval(float(_f1(tp.sum(), fp.sum(), fn.sum())), np.concatenate(micro)),
+        "jaccard": _interval(float(jaccard_rows.mean()), np.concatenate(jaccard)),
     }
     correct = int(exact.sum())
     low, high = wilson_interval(correct, n)
@@ -221,7 +232,7 @@ def paired_bootstrap_pvalue(
 ) -> float:
     """Two-sided paired bootstrap of a task's objective (multi-label macro-F1, regression
     Spearman) for two runs' answers on the same rows: twice the smaller share of row resamples in
-    which one run is ahead (with a +1 correction, so it is never exactly 0)."""
+    which one run is not behind the other (with a +1 correction, so it is never exactly 0)."""
 
     def score(rows: np.ndarray, pred: np.ndarray) -> float:
         if task == "multi_label":
@@ -240,5 +251,7 @@ def paired_bootstrap_pvalue(
     diffs = diffs[np.isfinite(diffs)]
     if not len(diffs):
         return 1.0
-    ahead, behind = np.count_nonzero(diffs > 0), np.count_nonzero(diffs < 0)
-    return float(min(1.0, 2 * (min(ahead, behind) + 1) / (len(diffs) + 1)))
+    # A resample where the two score the same supports neither being ahead: it counts on both sides
+    # (identical answers give p = 1, as McNemar does, not a tiny p from zero "wins").
+    not_behind, not_ahead = np.count_nonzero(diffs >= 0), np.count_nonzero(diffs <= 0)
+    return float(min(1.0, 2 * (min(not_behind, not_ahead) + 1) / (len(diffs) + 1)))

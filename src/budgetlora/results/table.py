@@ -242,7 +242,7 @@ def _group_row(members: list[RunRecord], varying: list[str]) -> dict[str, Any]:
     seeds = [_seed_of(r) for r in members]
     tests = [accuracy_of(r.test) for r in members]
     test_mean, test_std = _mean_or_nan(t.accuracy for t in tests if t is not None)
-    final_val_mean, final_val_std = _mean_or_nan(r.val.accuracy for r in members if r.val is not None)
+    final_val_mean, final_val_std = _mean_or_nan(v.accuracy for v in map(accuracy_of, (r.val for r in members)) if v)
     val_mean, val_std = _mean_or_nan(r.val_acc for r in members)
     row: dict[str, Any] = {"run": "mean of " + ", ".join(r.label for r in members), "kind": "mean"}
     row.update({key: "" if is_seed_key(key) else display_value(first.config.get(key)) for key in varying})

@@ -9,13 +9,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std
 from budgetlora.results.runs import RunRecord
-from budgetlora.results.table import ALPHA, accuracy_of, mark_ties
+from budgetlora.results.table import ALPHA, accuracy_of, mark_ties, parse_cells
+
+OBJECTIVE_WORDS = {"single_label": "accuracy", "multi_label": "macro-F1", "regression": "Spearman"}
+
+
+def _task_of(runs: Sequence[RunRecord]) -> str:
+    return next((r.summary.task for r in runs if r.summary is not None), "single_label")
+
+
+def _shown(value: float, task: str) -> str:
+    """Accuracy as a percentage; macro-F1 and Spearman as they are (0-1, -1-1)."""
+    return f"{100 * value:.2f}%" if task == "single_label" else f"{value:.4f}"
 
 
 @dataclass
@@ -30,9 +41,15 @@ class Candidate:
 
     @property
     def test_accuracy(self) -> float:
-        """Mean test accuracy of its runs (nan without a test split): reported, never compared."""
-        values = [r.test.accuracy for r in self.runs if r.test is not None]
+        """Mean test objective of its runs (accuracy, macro-F1 or Spearman; nan without a test
+        split): reported, never compared."""
+        scores = [accuracy_of(r.test) for r in self.runs]
+        values = [s.accuracy for s in scores if s is not None]
         return float(np.mean(values)) if values else math.nan
+
+    @property
+    def task(self) -> str:
+        return _task_of(self.runs)
 
     @property
     def trainable(self) -> float:
@@ -56,21 +73,25 @@ class Verdict:
         return min([self.winner] + self.tied, key=lambda c: (c.trainable, c.train_time))
 
     def markdown(self) -> str:
-        w, cheap = self.winner, self.cheapest
-        spread = f" ± {100 * w.std:.2f} (sd over {len(w.runs)} seeds)" if len(w.runs) > 1 else ""
+        w, cheap, task = self.winner, self.cheapest, self.winner.task
+        objective = OBJECTIVE_WORDS.get(task, "objective")
+        scale = 100 if task == "single_label" else 1
+        spread = f" ± {scale * w.std:.2f} (sd over {len(w.runs)} seeds)" if len(w.runs) > 1 else ""
         test = (
-            "" if math.isnan(w.test_accuracy) else f"; test accuracy {100 * w.test_accuracy:.2f}% (not used to choose)"
+            ""
+            if math.isnan(w.test_accuracy)
+            else f"; test {objective} {_shown(w.test_accuracy, task)} (not used to choose)"
         )
         lines = [
             "## Verdict",
             "",
-            f"- **winner: {w.label}**, validation accuracy {100 * w.accuracy:.2f}%{spread}{test}, "
+            f"- **winner: {w.label}**, validation {objective} {_shown(w.accuracy, task)}{spread}{test}, "
             f"{w.trainable:,.0f} trainable parameters",
         ]
         if self.tied:
             lines.append(
                 "- statistically tied with it (p >= 0.05): "
-                + ", ".join(f"{c.label} ({100 * c.accuracy:.2f}%, p={c.p_vs_winner:.3f})" for c in self.tied)
+                + ", ".join(f"{c.label} ({_shown(c.accuracy, task)}, p={c.p_vs_winner:.3f})" for c in self.tied)
             )
         else:
             lines.append("- no other configuration is statistically tied with it")
@@ -93,8 +114,41 @@ def _stacked_outcomes(runs: Sequence[RunRecord]) -> Optional[dict[tuple[int, str
     return out
 
 
+def _stacked_cells(runs: Sequence[RunRecord]) -> Any:
+    """The validation rows of a configuration's seed runs, stacked with a (seed position, ID) index."""
+    import pandas as pd
+
+    parts = []
+    for i, run in enumerate(sorted(runs, key=lambda r: str(r.config.get("train.seed")))):
+        cells = run.val_cells
+        if cells is None:
+            return None
+        parts.append(cells.set_axis([(i, str(k)) for k in cells.index], axis=0))
+    return pd.concat(parts) if parts else None
+
+
+def _grouped_bootstrap_p(a: Candidate, b: Candidate, task: str) -> float:
+    """Paired bootstrap of the objective over the (seed, row) pairs (multi-label, regression)."""
+    from budgetlora.evaluate.task_metrics import paired_bootstrap_pvalue
+
+    ca, cb = _stacked_cells(a.runs), _stacked_cells(b.runs)
+    if ca is None or cb is None or set(ca.index) != set(cb.index):
+        return math.nan
+    cb = cb.reindex(ca.index)
+    width = len(a.runs[0].label_names)
+    try:
+        truth = parse_cells(ca["label"], task, width)
+        pred_a, pred_b = parse_cells(ca["pred"], task, width), parse_cells(cb["pred"], task, width)
+    except ValueError:
+        return math.nan
+    return paired_bootstrap_pvalue(truth, pred_a, pred_b, task)
+
+
 def _grouped_p(a: Candidate, b: Candidate) -> float:
-    """Exact McNemar over the (seed, row) pairs of two configurations' confirmation runs."""
+    """Exact McNemar over the (seed, row) pairs of two configurations' confirmation runs (a paired
+    bootstrap of the objective for multi-label and regression, whose rows are not right or wrong)."""
+    if a.task != "single_label":
+        return _grouped_bootstrap_p(a, b, a.task)
     oa, ob = _stacked_outcomes(a.runs), _stacked_outcomes(b.runs)
     if oa is None or ob is None or set(oa) != set(ob):
         return math.nan
@@ -118,8 +172,9 @@ def single_run_verdict(runs: Sequence[RunRecord]) -> Optional[Verdict]:
         winner,
         sorted(tied, key=lambda c: -c.accuracy),
         "Chosen on the validation split (the final model of each run); ties: exact McNemar test on the "
-        "paired validation rows, at 5%. Its validation accuracy is optimistic (it chose); its test "
-        "accuracy, never used to choose, is the honest estimate.",
+        "paired validation rows (a paired bootstrap of the objective for multi-label and regression), at "
+        "5%. Its validation figure is optimistic (it chose); its test figure, never used to choose, is "
+        "the honest estimate.",
     )
 
 
@@ -145,6 +200,7 @@ def confirmed_verdict(groups: dict[str, list[RunRecord]]) -> Optional[Verdict]:
         winner,
         sorted(tied, key=lambda c: -c.accuracy),
         f"From the confirmation runs ({seeds} seeds per configuration, full length): chosen on the mean ± sd "
-        "of validation accuracy; ties by an exact McNemar test over the (seed, validation row) pairs, at 5%; "
-        "the test accuracy (mean over the seeds) is reported, never used to choose.",
+        "of the validation objective; ties by an exact McNemar test over the (seed, validation row) pairs "
+        "(a paired bootstrap of the objective for multi-label and regression), at 5%; the test figure "
+        "(mean over the seeds) is reported, never used to choose.",
     )

@@ -215,7 +215,7 @@ def run_trial(
         _fail_trial(study, trial, point, exc, opts, stats)
     else:
         finished = [o.summary for o in outcomes if o.summary is not None]
-        test = [s.test.accuracy for s in finished if s.test is not None]
+        test = [s.test.objective.value for s in finished if s.test is not None and s.test.n]  # the task's objective
         reused = all(o.reused for o in outcomes)
         attrs = {"reused": reused, "trainable_params": finished[0].trainable_params if finished else None}
         if test:
