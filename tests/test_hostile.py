@@ -1930,12 +1930,30 @@ def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_one_error(sandbox, c
     )
 
 
+def _calibration(count: list, confidence: list, accuracy: list) -> dict:
+    bins = {"count": count, "confidence": confidence, "accuracy": accuracy}
+    return {"temperature": 1.5, "ece_before": 0.1, "ece_after": 0.05, "bins_before": bins, "bins_after": bins}
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
         (lambda s: s.update(trainable_params=10**400), "not valid JSON (the integer"),
         (lambda s: s["test"].update(accuracy=0.99), "test.accuracy is not correct / n"),
+        (
+            lambda s: s["test"].update(calibration=_calibration([1, 2], [0.5], [0.5, 0.6])),
+            "test.calibration.bins_before.count is not one of three lists (count, confidence, accuracy)",
+        ),
+        (
+            lambda s: s["test"].update(calibration=_calibration([1, 2], [0.5, 0.9], [0.5, 1.5])),
+            "test.calibration.bins_before.accuracy[1] is not a number in its range",
+        ),
+        (
+            lambda s: s["test"].update(calibration=_calibration([1, -2], [0.5, 0.9], [0.5, 0.5])),
+            "test.calibration.bins_before.count[1] is not an integer in its range",
+        ),
     ],
+    ids=["huge-int", "accuracy", "bins-lengths", "bins-accuracy", "bins-count"],
 )
 def test_summaries_with_huge_or_inconsistent_numbers_are_one_error(sandbox, capsys, edit, message):
     import json

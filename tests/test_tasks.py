@@ -416,3 +416,22 @@ def test_a_regression_sweep_over_seeds_chooses_and_reports_on_spearman(tiny_bert
     assert "validation Spearman" in verdict and "test Spearman" in verdict and "paired bootstrap" in verdict
     results = (out / "results.md").read_text()
     assert "mean of" in results
+
+
+def test_reports_plot_what_fits_each_task(multi_run, regression_run, pair_run, tmp_path):
+    """Calibration before/after the temperature (single-label), per-label F1 (multi-label),
+    predicted vs true (regression); the summary keeps the reliability bins the plot reads."""
+    import shutil
+
+    from budgetlora.results.report import write_report
+
+    expected = {"multi": "per_label_f1.png", "reg": "predicted_vs_true.png", "pair": "reliability.png"}
+    for name, run in (("multi", multi_run), ("reg", regression_run), ("pair", pair_run)):
+        copy = Path(shutil.copytree(run.path, tmp_path / name))
+        write_report(copy)
+        assert (copy / expected[name]).stat().st_size > 1000, name
+        assert (copy / "confusion_matrix.png").is_file() == (name == "pair"), name
+    calibration = budgetlora.load(pair_run.path).summary.test.calibration
+    bins = calibration.bins_after
+    assert sum(bins.count) == budgetlora.load(pair_run.path).summary.test.n
+    assert len(bins.count) == len(bins.confidence) == len(bins.accuracy) == 15

@@ -14,7 +14,8 @@ without `task` and are read as well; schema 1 also lacks `compile` and `schema_v
     compile {widths, graphs, seconds, recompiles, failure} or null, val / test: {task, n,
     accuracy, correct, ci_low, ci_high, macro_f1, loss, per_class {class: {precision, recall, f1,
     support}}, confusion_matrix, scores {name: {value, low, high}}, calibration {temperature,
-    ece_before, ece_after}, per_target {target: {pearson, spearman, mae, rmse}}} or absent
+    ece_before, ece_after, bins_before / bins_after {count, confidence, accuracy} per confidence
+    bin}, per_target {target: {pearson, spearman, mae, rmse}}} or absent
 """
 
 from __future__ import annotations
@@ -24,64 +25,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from budgetlora.errors import BudgetLoraError
+from budgetlora.artifacts.json_checks import Checker
 
 SCHEMA_VERSION = 3
 ACCURACY_SLACK = 1e-9  # float round-off between stored figures that must agree
-
-
-class _Checker:
-    """Reads typed values out of a JSON mapping, naming the file and key of the first bad one."""
-
-    def __init__(self, data: Any, where: str, prefix: str = ""):
-        if not isinstance(data, dict):
-            raise BudgetLoraError(
-                f"{where}: {prefix.rstrip('.') or 'the file'} is not a JSON object; the file is damaged"
-            )
-        self.data, self.where, self.prefix = data, where, prefix
-
-    def fail(self, key: str, what: str) -> BudgetLoraError:
-        return BudgetLoraError(
-            f"{self.where}: {self.prefix}{key} is not {what}; the file is damaged (train the run "
-            "again, or restore the file)"
-        )
-
-    def number(
-        self, key: str, low: float = -math.inf, high: float = math.inf, optional: bool = True, integer: bool = False
-    ) -> Any:
-        value = self.data.get(key)
-        if value is None and optional:
-            return None
-        ok = (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and low <= value <= high
-            and (not integer or float(value).is_integer())
-        )
-        if not ok:
-            raise self.fail(key, f"{'an integer' if integer else 'a number'} in its range")
-        return int(value) if integer else float(value)
-
-    def text(self, key: str, optional: bool = True) -> Optional[str]:
-        value = self.data.get(key)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            raise self.fail(key, "a string")
-        return value
-
-    def flag(self, key: str) -> bool:
-        value = self.data.get(key, False)
-        if not isinstance(value, bool):
-            raise self.fail(key, "true or false")
-        return value
-
-    def mapping(self, key: str) -> dict[str, Any]:
-        value = self.data.get(key) or {}
-        if not isinstance(value, dict):
-            raise self.fail(key, "a mapping")
-        return value
 
 
 @dataclass(frozen=True)
@@ -102,7 +49,7 @@ class Interval:
 
     @classmethod
     def from_dict(cls, data: Any, where: str, prefix: str) -> "Interval":
-        c = _Checker(data, where, prefix)
+        c = Checker(data, where, prefix)
         value = c.number("value", optional=False)
         low, high = c.number("low", optional=False), c.number("high", optional=False)
         if not low - ACCURACY_SLACK <= value <= high + ACCURACY_SLACK:
@@ -110,14 +57,48 @@ class Interval:
         return cls(value, low, high)
 
 
+MAX_BINS = 100
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """A reliability diagram's points: per confidence bin, its rows, mean confidence, accuracy."""
+
+    count: tuple[int, ...]
+    confidence: tuple[float, ...]
+    accuracy: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, prefix: str) -> Optional["Reliability"]:
+        if data is None:
+            return None
+        c = Checker(data, where, prefix)
+        lists = {key: data.get(key) if isinstance(data, dict) else None for key in ("count", "confidence", "accuracy")}
+        sizes = {len(v) if isinstance(v, list) else -1 for v in lists.values()}
+        if len(sizes) != 1 or not 1 <= next(iter(sizes)) <= MAX_BINS:
+            raise c.fail("count", f"one of three lists (count, confidence, accuracy) of equal length 1-{MAX_BINS}")
+        for key, values in lists.items():
+            integer = key == "count"
+            for i, value in enumerate(values):
+                item = f"{key}[{i}]"
+                Checker({item: value}, where, prefix).number(item, 0, math.inf if integer else 1, False, integer)
+        return cls(
+            tuple(int(v) for v in lists["count"]),
+            tuple(float(v) for v in lists["confidence"]),
+            tuple(float(v) for v in lists["accuracy"]),
+        )
+
+
 @dataclass(frozen=True)
 class Calibration:
     """The softmax temperature fitted on validation and the expected calibration error (15 bins)
-    of this split's probabilities before and after it."""
+    of this split's probabilities before and after it, with the reliability diagrams' points."""
 
     temperature: float
     ece_before: float
     ece_after: float
+    bins_before: Optional[Reliability] = None
+    bins_after: Optional[Reliability] = None
 
 
 OBJECTIVE_OF = {"single_label": "accuracy", "multi_label": "macro_f1", "regression": "spearman"}
@@ -187,7 +168,7 @@ class SplitMetrics:
 
     @classmethod
     def from_dict(cls, data: Any, where: str, prefix: str = "") -> "SplitMetrics":
-        c = _Checker(data, where, prefix)
+        c = Checker(data, where, prefix)
         task = data.get("task", "single_label")
         if task not in OBJECTIVE_OF:
             raise c.fail("task", f"one of {', '.join(OBJECTIVE_OF)}")
@@ -196,7 +177,7 @@ class SplitMetrics:
         classification = task != "regression"
         per_class = {}
         for name, row in c.mapping("per_class").items():
-            r = _Checker(row, where, f"{prefix}per_class.{name}.")
+            r = Checker(row, where, f"{prefix}per_class.{name}.")
             per_class[str(name)] = ClassMetrics(
                 r.number("precision", 0, 1, optional=False),
                 r.number("recall", 0, 1, optional=False),
@@ -220,15 +201,17 @@ class SplitMetrics:
         raw_calibration = data.get("calibration")
         calibration = None
         if raw_calibration is not None:
-            k = _Checker(raw_calibration, where, f"{prefix}calibration.")
+            k = Checker(raw_calibration, where, f"{prefix}calibration.")
             calibration = Calibration(
                 k.number("temperature", 0, optional=False),
                 k.number("ece_before", 0, 1, optional=False),
                 k.number("ece_after", 0, 1, optional=False),
+                Reliability.from_dict(k.data.get("bins_before"), where, f"{prefix}calibration.bins_before."),
+                Reliability.from_dict(k.data.get("bins_after"), where, f"{prefix}calibration.bins_after."),
             )
         per_target = {}
         for name, row in c.mapping("per_target").items():
-            r = _Checker(row, where, f"{prefix}per_target.{name}.")
+            r = Checker(row, where, f"{prefix}per_target.{name}.")
             per_target[str(name)] = {key: r.number(key, optional=False) for key in SCORE_NAMES["regression"]}
         split = cls(
             n=n,
@@ -278,7 +261,7 @@ class CompileRecord:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "CompileRecord":
-        c = _Checker(data, where, "compile.")
+        c = Checker(data, where, "compile.")
         widths = data.get("widths")
         if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
             raise c.fail("widths", "a list of widths")
@@ -349,7 +332,7 @@ class RunSummary:
     @classmethod
     def from_json(cls, data: Any, where: str) -> "RunSummary":
         """Validate a summary read from disk (any schema up to SCHEMA_VERSION)."""
-        c = _Checker(data, where)
+        c = Checker(data, where)
         version = c.number("schema_version", 1, SCHEMA_VERSION, integer=True) or 1
         names = data.get("label_names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -413,7 +396,7 @@ class PrunedRecord:
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "PrunedRecord":
-        c = _Checker(data, where)
+        c = Checker(data, where)
         return cls(
             c.number("step", 0, optional=False, integer=True),
             c.text("reason") or "",

@@ -22,18 +22,28 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 LOG_TEMPERATURE_TOLERANCE = 1e-6
 
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their rows."""
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, list]:
+    """A reliability diagram's points: per equal-width confidence bin, its rows, their mean
+    confidence and their accuracy (both 0 in an empty bin)."""
     confidence = probabilities.max(1)
-    correct = probabilities.argmax(1) == labels
+    correct = (probabilities.argmax(1) == labels).astype(np.float64)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(total)
+    count = np.bincount(which, minlength=bins)
+    per_row = np.maximum(count, 1)
+    return {
+        "count": [int(c) for c in count],
+        "confidence": [float(v) for v in np.bincount(which, weights=confidence, minlength=bins) / per_row],
+        "accuracy": [float(v) for v in np.bincount(which, weights=correct, minlength=bins) / per_row],
+    }
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their rows."""
+    points = reliability_bins(probabilities, labels, bins)
+    count = np.asarray(points["count"], dtype=np.float64)
+    gap = np.abs(np.asarray(points["accuracy"]) - np.asarray(points["confidence"]))
+    return float((count * gap).sum() / max(count.sum(), 1))
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:

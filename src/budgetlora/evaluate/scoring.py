@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from budgetlora.evaluate.calibration import expected_calibration_error
+from budgetlora.evaluate.calibration import expected_calibration_error, reliability_bins
 from budgetlora.evaluate.metrics import classification_metrics
 from budgetlora.evaluate.task_metrics import _binary_cross_entropy, multilabel_metrics, regression_metrics
 from budgetlora.task import MULTI, POSITIVE, SINGLE, Decisions, LabelSpace, softmax
@@ -23,10 +23,13 @@ def score_split(
     if space.task == SINGLE:
         metrics = classification_metrics(labels, answers, list(space.names), outputs)
         if not decisions.baked and decisions.temperature != 1.0:
+            before, after = softmax(outputs), decisions.scores(outputs)
             metrics["calibration"] = {
                 "temperature": decisions.temperature,
-                "ece_before": expected_calibration_error(softmax(outputs), labels),
-                "ece_after": expected_calibration_error(decisions.scores(outputs), labels),
+                "ece_before": expected_calibration_error(before, labels),
+                "ece_after": expected_calibration_error(after, labels),
+                "bins_before": reliability_bins(before, labels),
+                "bins_after": reliability_bins(after, labels),
             }
         return metrics, answers
     if space.task == MULTI:

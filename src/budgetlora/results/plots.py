@@ -212,6 +212,71 @@ def confusion_heatmap(run: RunRecord, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def reliability_diagram(run: RunRecord, path: Path) -> Path | None:
+    """Accuracy against confidence per bin on the test split, before and after the temperature
+    tuned on validation: points on the diagonal are calibrated."""
+    calibration = run.test.calibration if run.test is not None else None
+    if calibration is None or calibration.bins_before is None or calibration.bins_after is None:
+        return None
+    fig = new_figure((4.6, 4.2))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    for name, bins, ece in (
+        ("before", calibration.bins_before, calibration.ece_before),
+        (f"after (T = {calibration.temperature:.2f})", calibration.bins_after, calibration.ece_after),
+    ):
+        used = np.asarray(bins.count) > 0
+        ax.plot(
+            np.asarray(bins.confidence)[used],
+            np.asarray(bins.accuracy)[used],
+            marker="o",
+            label=f"{name}: ECE {100 * ece:.2f}%",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (mean of the bin)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (test): {run.label}")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def per_label_f1(run: RunRecord, path: Path) -> Path | None:
+    """Each label's test F1 at the run's decisions (multi-label), most frequent label first."""
+    if run.summary is None or run.summary.task != "multi_label" or run.test is None or not run.test.per_class:
+        return None
+    ordered = sorted(run.test.per_class.items(), key=lambda item: -item[1].support)
+    return bar_chart(
+        [f"{name} ({m.support})" for name, m in ordered],
+        {"F1": [m.f1 for _, m in ordered]},
+        f"per-label F1 (test, support in brackets): {run.label}",
+        "F1",
+        path,
+    )
+
+
+def predicted_vs_true(run: RunRecord, path: Path) -> Path | None:
+    """Predicted against true values on the test split (regression; the first target)."""
+    cells = run.test_cells
+    if run.summary is None or run.summary.task != "regression" or cells is None or not len(cells):
+        return None
+    try:
+        truth = np.array([float(str(c).split()[0]) for c in cells["label"]])
+        pred = np.array([float(str(c).split()[0]) for c in cells["pred"]])
+    except (ValueError, IndexError):
+        return None
+    fig = new_figure((4.6, 4.2))
+    ax = fig.subplots()
+    ax.scatter(truth, pred, s=6, alpha=0.4)
+    low, high = float(min(truth.min(), pred.min())), float(max(truth.max(), pred.max()))
+    ax.plot([low, high], [low, high], color="grey", linestyle=":")
+    target = run.label_names[0] if run.label_names else "target"
+    ax.set_xlabel(f"true {target}")
+    ax.set_ylabel(f"predicted {target}")
+    ax.set_title(f"predicted vs true (test, n = {len(truth):,}): {run.label}")
+    return save_figure(fig, path)
+
+
 @dataclass
 class Grid:
     row_key: str

@@ -15,7 +15,15 @@ import pandas as pd
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
 from budgetlora.errors import BudgetLoraError
-from budgetlora.results.plots import curve_plot, accuracy_vs_params, confusion_heatmap, sweep_heatmap
+from budgetlora.results.plots import (
+    accuracy_vs_params,
+    confusion_heatmap,
+    curve_plot,
+    per_label_f1,
+    predicted_vs_true,
+    reliability_diagram,
+    sweep_heatmap,
+)
 from budgetlora.results.runs import RunRecord, collect_runs
 from budgetlora.results.table import (
     RESULTS_FILES,
@@ -143,14 +151,36 @@ def render_markdown(title: str, subtitle: str, table: pd.DataFrame, plots: Plots
     return "\n".join(lines)
 
 
+def _task_plots(run: RunRecord, out: Path, plots: Plots, of: str = "") -> None:
+    """What fits the run's task: calibration (single-label), per-label F1 (multi-label), predicted
+    vs true (regression); the others are skipped without a note."""
+    task = run.summary.task if run.summary is not None else "single_label"
+    if task == "single_label":
+        plots.add(
+            f"reliability{of}",
+            reliability_diagram(run, out / "reliability.png"),
+            "no reliability bins in summary.json (a run without a validation split, or from before they were saved)",
+        )
+    elif task == "multi_label":
+        plots.add(f"per-label F1{of}", per_label_f1(run, out / "per_label_f1.png"), "no test per-label metrics")
+    else:
+        plots.add(
+            f"predicted vs true{of}",
+            predicted_vs_true(run, out / "predicted_vs_true.png"),
+            "no test_predictions.csv with values",
+        )
+
+
 def _single_run_plots(run: RunRecord, out: Path) -> Plots:
     plots = Plots()
     _curves([run], out, plots)
-    plots.add(
-        "confusion matrix",
-        confusion_heatmap(run, out / "confusion_matrix.png"),
-        "no test confusion matrix in summary.json",
-    )
+    if run.summary is None or run.summary.task == "single_label":
+        plots.add(
+            "confusion matrix",
+            confusion_heatmap(run, out / "confusion_matrix.png"),
+            "no test confusion matrix in summary.json",
+        )
+    _task_plots(run, out, plots)
     return plots
 
 
@@ -170,6 +200,8 @@ def _folder_plots(runs: Sequence[RunRecord], out: Path) -> Plots:
         "no run has a test confusion matrix",
     )
     plots.add("sweep heatmap", sweep_heatmap(runs, out / "sweep_heatmap.png"), "no two varying config keys form a grid")
+    if best is not None:
+        _task_plots(best, out, plots, f" of the best run ({best.label})")
     return plots
 
 
@@ -182,6 +214,9 @@ REPORT_FILES = (
     "confusion_matrix.png",
     "accuracy_vs_params.png",
     "sweep_heatmap.png",
+    "reliability.png",
+    "per_label_f1.png",
+    "predicted_vs_true.png",
 )
 
 
