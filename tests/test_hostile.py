@@ -1133,12 +1133,12 @@ def test_outputs_never_write_into_an_export(sandbox, capsys):
 def test_rung_decisions_keep_the_points_an_earlier_pass_pruned(tmp_path):
     import json
 
-    from budgetlora.sweeps.halving import RUNG_DECISIONS, _write_summary
+    from budgetlora.sweeps.halving import RUNG_DECISIONS, _write_rung_decisions
     from budgetlora.sweeps.worker import SweepOptions
 
     opts = SweepOptions(out=tmp_path, storage_url=f"sqlite:///{tmp_path}/study.db")
-    _write_summary(opts, 30, [{"point": "a", "pruned": True}, {"point": "b", "pruned": False}])
-    _write_summary(opts, 30, [{"point": "b", "pruned": False, "again": True}])  # a rerun: only b is alive
+    _write_rung_decisions(opts, 30, [{"point": "a", "pruned": True}, {"point": "b", "pruned": False}])
+    _write_rung_decisions(opts, 30, [{"point": "b", "pruned": False, "again": True}])  # a rerun: only b is alive
     lines = json.loads((tmp_path / RUNG_DECISIONS).read_text())["30"]
     assert [(line["point"], line.get("again", False)) for line in lines] == [("a", False), ("b", True)]
 
