@@ -2239,3 +2239,38 @@ def test_an_export_whose_decisions_are_not_baked_is_refused(sandbox, capsys):
     expect_refusal(
         sandbox, capsys, ["classify", "{sb}/exp", "match goal"], "decisions not marked as baked", allowed=("exp",)
     )
+
+
+def test_a_storage_left_mid_transaction_by_a_killed_sweep_is_still_recognised(tmp_path):
+    """kill -9 during a write leaves a hot rollback journal beside study.db; a read-only probe
+    cannot read it, and the storage was once refused as 'not a SQLite database' on the rerun."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    from budgetlora.stores import OPTUNA_TABLES, check_sqlite_store, sqlite_tables
+
+    db = tmp_path / "study.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE studies (x)")
+        connection.execute("CREATE TABLE trials (x)")
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+            "c.execute('PRAGMA cache_size=1'); c.execute('BEGIN')\n"
+            "for i in range(50000): c.execute('INSERT INTO trials VALUES (?)', ('x' * 100,))\n"
+            "print('ready', flush=True); time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline().strip() == "ready"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert (tmp_path / "study.db-journal").is_file()
+    assert sqlite_tables(db) == {"studies", "trials"}
+    check_sqlite_store(db, "Optuna storage", OPTUNA_TABLES, "--storage")  # accepted, not refused

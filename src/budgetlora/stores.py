@@ -33,15 +33,19 @@ def sqlite_tables(path: Path) -> set[str] | None:
     with open(path, "rb") as handle:
         if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
             return None
-    try:
-        connection = sqlite3.connect(f"file:{Path(path).absolute()}?mode=ro", uri=True, timeout=5)
+    # Read-only first; a writer killed mid-transaction leaves a hot journal that only a writable
+    # connection may roll back (what any SQLite client does on its next open), so then read-write.
+    for mode in ("ro", "rw"):
         try:
-            rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-        finally:
-            connection.close()
-    except sqlite3.Error:
-        return None
-    return {str(name) for (name,) in rows}
+            connection = sqlite3.connect(f"file:{Path(path).absolute()}?mode={mode}", uri=True, timeout=5)
+            try:
+                rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error:
+            continue
+        return {str(name) for (name,) in rows}
+    return None
 
 
 def check_sqlite_store(path: Path, what: str, tables: frozenset[str], option: str) -> None:
