@@ -474,6 +474,6 @@ def test_the_winner_is_chosen_on_validation_and_the_test_choice_is_reported_besi
         verdict.markdown()
     )
     text = results_markdown(table, root)
-    assert "chosen on validation: **a**, validation 81.60%, test 90.00%" in text
+    assert "chosen on validation: **a**, validation accuracy 81.60%, test 90.00%" in text
     assert "would have picked b and reported 95.00%: 5.00 points more" in text
     assert "too small to separate the top 2 runs" in text

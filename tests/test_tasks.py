@@ -9,12 +9,15 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from budgetlora.results import collect_runs
 
 import budgetlora
 from budgetlora.errors import BudgetLoraError
@@ -416,6 +419,33 @@ def test_a_regression_sweep_over_seeds_chooses_and_reports_on_spearman(tiny_bert
     assert "validation Spearman" in verdict and "test Spearman" in verdict and "paired bootstrap" in verdict
     results = (out / "results.md").read_text()
     assert "mean of" in results
+    assert "test Spearman x100 (95% CI / ± sd)" in results and "McNemar" not in results
+    assert "highest validation Spearman" in results and "bootstrap interval" in results
+    assert "chosen on validation" in results and "validation Spearman " in results
+
+
+def test_results_and_comparisons_name_the_task_objective_and_its_own_interval(multi_run, regression_run, tmp_path):
+    """A multi-label or regression table says macro-F1 / Spearman, not accuracy, and no McNemar."""
+    from budgetlora.results import build_table, compare_runs
+    from budgetlora.results.table import results_markdown, selection_note
+
+    for run, word, heading in ((multi_run, "macro-F1", "macro-F1 %"), (regression_run, "Spearman", "Spearman x100")):
+        root = tmp_path / word
+        for name in ("a", "b"):
+            shutil.copytree(run.path, root / name)
+        table = build_table(collect_runs(root))
+        assert set(table["task"]) == {run.summary.task}
+        text = results_markdown(table, root)
+        assert f"test {heading} (95% CI / ± sd)" in text and f"highest validation {word}" in text
+        assert "McNemar" not in text and "Wilson" not in text and "acc %" not in text
+        note = selection_note(table)
+        assert f"validation {word} " in note
+        interval = run.summary.val.objective
+        # two copies of one run: no spread, so the warning quotes the objective's own interval
+        assert f"95% interval ±{100 * (interval.high - interval.low) / 2:.2f} points) is too small" in note
+        compared = compare_runs([root / "a", root / "b"], tmp_path / f"compare-{word}")
+        assert f"test {heading} (95% CI)" in (tmp_path / f"compare-{word}" / "compare.md").read_text()
+        assert list(compared["task"]) == [run.summary.task] * 2
 
 
 def test_reports_plot_what_fits_each_task(multi_run, regression_run, pair_run, tmp_path):

@@ -14,12 +14,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from budgetlora.artifacts.summary import OBJECTIVE_OF
 from budgetlora.config.schema import MAX_TARGETS, MIN_CLASSES, TASKS
 from budgetlora.errors import BudgetLoraError
 
 SINGLE, MULTI, REGRESSION = TASKS
-# the figure a task is judged by: what validation chooses on and results rank by
-OBJECTIVES = {SINGLE: "accuracy", MULTI: "macro_f1", REGRESSION: "spearman"}
 # Transformers' config.problem_type for each task (what its own heads and pipelines read)
 PROBLEM_TYPES = {SINGLE: "single_label_classification", MULTI: "multi_label_classification", REGRESSION: "regression"}
 POSITIVE = 0.5  # a multi-label target above this is a positive (targets are 0/1)
@@ -76,7 +75,7 @@ class LabelSpace:
 
     @property
     def objective(self) -> str:
-        return OBJECTIVES[self.task]
+        return OBJECTIVE_OF[self.task]
 
     @property
     def is_classification(self) -> bool:

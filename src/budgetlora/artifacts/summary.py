@@ -101,7 +101,9 @@ class Calibration:
     bins_after: Optional[Reliability] = None
 
 
+# the figure a task is judged by (what validation chooses on and results rank by), and its name in prose
 OBJECTIVE_OF = {"single_label": "accuracy", "multi_label": "macro_f1", "regression": "spearman"}
+OBJECTIVE_WORDS = {"single_label": "accuracy", "multi_label": "macro-F1", "regression": "Spearman"}
 SCORE_NAMES = {
     "single_label": (),
     "multi_label": ("macro_f1", "micro_f1", "subset_accuracy", "jaccard"),

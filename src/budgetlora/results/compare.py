@@ -14,11 +14,11 @@ import pandas as pd
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
+from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results.plots import bar_chart
 from budgetlora.results.runs import RunRecord, read_run
 from budgetlora.results.table import (
-    TIE_NOTE,
     csv_safe_frame,
     fmt_number,
     fmt_p,
@@ -27,6 +27,9 @@ from budgetlora.results.table import (
     format_acc_ci,
     mark_ties,
     markdown_table,
+    objective_heading,
+    table_task,
+    tie_note,
 )
 
 
@@ -54,6 +57,7 @@ def _compare_row(run: RunRecord, marks: dict[str, tuple[str, float, str]]) -> di
     s = run.summary
     return {
         "run": run.label,
+        "task": s.task if s else "",
         "path": str(run.path),
         "trainable_params": number_or_nan(run.trainable_params),
         "wall_time_s": number_or_nan(s.wall_time_s if s else None),
@@ -87,14 +91,16 @@ def _compare_charts(table: pd.DataFrame, out_dir: Path) -> list[Path]:
             out_dir / "compare_loss.png",
         )
     )
+    task = table_task(table)
+    word = OBJECTIVE_WORDS.get(task or "", "objective")
     acc = 100 * table["test_acc"].to_numpy(float)
     errors = [acc - 100 * table["test_ci_low"].to_numpy(float), 100 * table["test_ci_high"].to_numpy(float) - acc]
     written.append(
         bar_chart(
             labels,
             {"test": acc},
-            "test accuracy (95% CI)",
-            "accuracy %",
+            f"test {word} (95% CI)",
+            objective_heading(task),
             out_dir / "compare_test_acc.png",
             np.nan_to_num(errors),
         )
@@ -145,10 +151,10 @@ def compare_markdown(table: pd.DataFrame, charts: list[Path]) -> str:
             "peak memory MB": table["peak_memory_mb"].map(fmt_number),
             "final train loss": table["final_train_loss"].map(lambda v: fmt_number(v, 4)),
             "final eval loss": table["final_eval_loss"].map(lambda v: fmt_number(v, 4)),
-            "test acc % (95% CI)": table["test"],
+            f"test {objective_heading(table_task(table))} (95% CI)": table["test"],
             "mark": table["mark"],
             "p vs best": table["p_vs_best"].map(fmt_p),
         }
     )
     images = "".join(f"![{p.stem}]({p.name})\n\n" for p in charts)
-    return "# RunRecord comparison\n\n" + TIE_NOTE + "\n\n" + markdown_table(shown) + "\n" + images
+    return "# RunRecord comparison\n\n" + tie_note(table_task(table)) + "\n\n" + markdown_table(shown) + "\n" + images

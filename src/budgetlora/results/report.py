@@ -27,13 +27,14 @@ from budgetlora.results.plots import (
 from budgetlora.results.runs import RunRecord, collect_runs
 from budgetlora.results.table import (
     RESULTS_FILES,
-    TIE_NOTE,
     accuracy_of,
     build_table,
     csv_safe_frame,
     display_table,
     markdown_table,
     results_markdown,
+    table_task,
+    tie_note,
 )
 
 
@@ -114,7 +115,7 @@ def render_html(title: str, subtitle: str, table: pd.DataFrame, plots: Plots, ve
         f'<p class="note">{html.escape(subtitle)}</p>',
         "<h2>Results</h2>",
         shown.to_html(index=False, escape=True, border=0, na_rep=""),
-        f'<p class="note">{html.escape(TIE_NOTE)}</p>',
+        f'<p class="note">{html.escape(tie_note(table_task(table)))}</p>',
         *_verdict_html(verdict),
         "<h2>Plots</h2>",
     ]
@@ -138,7 +139,7 @@ def render_markdown(title: str, subtitle: str, table: pd.DataFrame, plots: Plots
         "## Results",
         "",
         markdown_table(display_table(table)),
-        TIE_NOTE,
+        tie_note(table_task(table)),
         "",
         verdict,
         "## Plots",

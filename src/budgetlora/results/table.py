@@ -16,7 +16,7 @@ import pandas as pd
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
-from budgetlora.artifacts.summary import SplitMetrics
+from budgetlora.artifacts.summary import OBJECTIVE_WORDS, SplitMetrics
 from budgetlora.errors import BudgetLoraError
 from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue, wilson_interval
 from budgetlora.results.runs import RunRecord, collect_runs
@@ -207,11 +207,14 @@ def _run_row(run: RunRecord, varying: list[str], marks: dict[str, tuple[str, flo
     row: dict[str, Any] = {"run": run.label, "kind": "pruned" if run.pruned is not None else "run"}
     row.update({key: display_value(run.config.get(key)) for key in varying})
     row.update(
+        task=run.summary.task if run.summary is not None else "",
         seeds="",
         trainable_params=number_or_nan(run.trainable_params),
         val=format_acc_ci(val),
         val_acc=val.accuracy if val else math.nan,
         val_n=val.n if val else math.nan,
+        val_ci_low=val.ci_low if val else math.nan,
+        val_ci_high=val.ci_high if val else math.nan,
         best_val_acc=number_or_nan(run.val_acc),
         best_val_acc_std=math.nan,
         best_step=number_or_nan(run.best_step),
@@ -247,11 +250,14 @@ def _group_row(members: list[RunRecord], varying: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": "mean of " + ", ".join(r.label for r in members), "kind": "mean"}
     row.update({key: "" if is_seed_key(key) else display_value(first.config.get(key)) for key in varying})
     row.update(
+        task=first.summary.task if first.summary is not None else "",
         seeds=",".join(str(s) for s in seeds),
         trainable_params=number_or_nan(first.trainable_params),
         val="" if math.isnan(final_val_mean) else f"{100 * final_val_mean:.2f} ± {100 * final_val_std:.2f}",
         val_acc=final_val_mean,
         val_n=math.nan,
+        val_ci_low=math.nan,
+        val_ci_high=math.nan,
         best_val_acc=val_mean,
         best_val_acc_std=val_std,
         best_step=math.nan,
@@ -335,21 +341,23 @@ def fmt_p(value: Any) -> str:
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Human-facing version of the results table (strings, percent, thousands separators)."""
+    """Human-facing version of the results table (strings, percent, thousands separators), its
+    headings naming the runs' objective."""
     varying = [c for c in table.attrs.get("varying", []) if c in table.columns]
+    unit = objective_heading(table_task(table))
     out = pd.DataFrame({"run": table["run"]})
     for key in varying:
         out[key] = table[key].astype(str)
     if (table["seeds"] != "").any():
         out["seeds"] = table["seeds"]
     out["trainable params"] = table["trainable_params"].map(lambda v: fmt_number(v, 0))
-    out["best val acc %"] = [
+    out[f"best val {unit}"] = [
         fmt_pct(acc) + (f" @ {int(step)}" if not math.isnan(step) else "")
         for acc, step in zip(table["best_val_acc"], table["best_step"], strict=True)
     ]
     if (table["val"] != "").any():
-        out["val acc % (95% CI / ± sd)"] = table["val"]
-    out["test acc % (95% CI / ± sd)"] = table["test"]
+        out[f"val {unit} (95% CI / ± sd)"] = table["val"]
+    out[f"test {unit} (95% CI / ± sd)"] = table["test"]
     out["mark"] = table["mark"]
     out["p vs best"] = table["p_vs_best"].map(fmt_p)
     out["train time s"] = table["train_time_s"].map(fmt_number)
@@ -371,14 +379,41 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-TIE_NOTE = (
-    "`best` = highest validation accuracy of the final model (the split that chooses; the test split "
-    "is shown beside it and never used to choose, so the best run's test figure is an honest "
-    "estimate); `tie` = not significantly different from `best` on the validation rows at 5% (exact "
-    "McNemar test on the paired rows of val_predictions.csv when both runs scored the same rows, else "
-    "a two-proportion z-test). Accuracies are shown ± the half-width of their 95% Wilson interval; "
-    "`mean of …` rows are seed repeats, shown as mean ± sample std."
-)
+def table_task(table: pd.DataFrame) -> str | None:
+    """The task of every run in the table, or None when it holds none or several."""
+    tasks = {t for t in table["task"] if t}
+    return tasks.pop() if len(tasks) == 1 else None
+
+
+def objective_heading(task: str | None) -> str:
+    """A column's unit: figures are shown x100 ("acc %", "macro-F1 %", "Spearman x100")."""
+    return {"single_label": "acc %", "multi_label": "macro-F1 %", "regression": "Spearman x100"}.get(
+        task or "", "objective x100"
+    )
+
+
+def tie_note(task: str | None) -> str:
+    """What `best`, `tie` and the figures of a results table mean, in the words of its runs' task."""
+    if task == "single_label":
+        objective, test, interval = (
+            "validation accuracy",
+            "exact McNemar test on the paired rows of val_predictions.csv when both runs scored the same rows, "
+            "else a two-proportion z-test",
+            "Accuracies are shown ± the half-width of their 95% Wilson interval",
+        )
+    else:
+        word = OBJECTIVE_WORDS.get(task or "", "objective (accuracy, macro-F1 or Spearman, by task)")
+        objective, test, interval = (
+            f"validation {word}",
+            f"two-sided paired bootstrap of the {word} on the rows of val_predictions.csv both runs scored",
+            f"The {word} is shown x100 ± the half-width of its 95% bootstrap interval",
+        )
+    return (
+        f"`best` = highest {objective} of the final model (the split that chooses; the test split is shown "
+        "beside it and never used to choose, so the best run's test figure is an honest estimate); `tie` = "
+        f"not significantly different from `best` on the validation rows at 5% ({test}). {interval}; "
+        "`mean of …` rows are seed repeats, shown as mean ± sample std."
+    )
 
 
 def selection_note(table: pd.DataFrame) -> str:
@@ -390,29 +425,37 @@ def selection_note(table: pd.DataFrame) -> str:
         return ""
     by_val = runs.sort_values("val_acc", ascending=False, kind="stable")
     chosen, test_best = by_val.iloc[0], runs.loc[runs["test_acc"].idxmax()]
+    task = table_task(runs)
+    word, unit = OBJECTIVE_WORDS.get(task or "", "objective"), "%" if task in ("single_label", "multi_label") else ""
+
+    def shown(value: float) -> str:
+        return f"{100 * value:.2f}{unit}"
+
     lines = ["## Selection", ""]
     lines.append(
-        f"- chosen on validation: **{chosen['run']}**, validation {100 * chosen['val_acc']:.2f}%, test "
-        f"{100 * chosen['test_acc']:.2f}% (the honest estimate of the choice)"
+        f"- chosen on validation: **{chosen['run']}**, validation {word} {shown(chosen['val_acc'])}, test "
+        f"{shown(chosen['test_acc'])} (the honest estimate of the choice)"
     )
     if test_best["run"] == chosen["run"]:
         lines.append("- choosing on the test split would have picked the same run")
     else:
         lines.append(
             f"- choosing on the test split would have picked {test_best['run']} and reported "
-            f"{100 * test_best['test_acc']:.2f}%: {100 * (test_best['test_acc'] - chosen['test_acc']):.2f} points more "
+            f"{shown(test_best['test_acc'])}: {100 * (test_best['test_acc'] - chosen['test_acc']):.2f} points more "
             f"than the validation-chosen winner scores on test (the winner's curse of choosing on test, over "
             f"{len(runs)} runs)"
         )
     top = by_val.head(TOP_RUNS)
     n = int(chosen["val_n"]) if not math.isnan(chosen["val_n"]) else 0
     if n and len(top) > 1:
-        low, high = wilson_interval(round(chosen["val_acc"] * n), n)
+        low, high = chosen["val_ci_low"], chosen["val_ci_high"]
+        if math.isnan(low) or math.isnan(high):  # a summary without the interval: accuracy's own
+            low, high = wilson_interval(round(chosen["val_acc"] * n), n)
         half, spread = (high - low) / 2, top["val_acc"].max() - top["val_acc"].min()
         if half > spread:
             lines.append(
                 f"- **warning**: the validation split (n = {n:,}, 95% interval ±{100 * half:.2f} points) is too "
-                f"small to separate the top {len(top)} runs (their validation accuracies span {100 * spread:.2f} "
+                f"small to separate the top {len(top)} runs (their validation {word} values span {100 * spread:.2f} "
                 "points); raise data.val_size, or confirm the top runs over seeds (--confirm-top)"
             )
     return "\n".join(lines) + "\n"
@@ -422,7 +465,7 @@ MIN_SELECTION_RUNS, TOP_RUNS = 2, 3
 
 
 def results_markdown(table: pd.DataFrame, root: Path, verdict: str = "") -> str:
-    text = f"# Results: {root}\n\n{TIE_NOTE}\n\n" + markdown_table(display_table(table))
+    text = f"# Results: {root}\n\n{tie_note(table_task(table))}\n\n" + markdown_table(display_table(table))
     note = selection_note(table)
     return text + (f"\n{note}" if note else "") + (f"\n{verdict}" if verdict else "")
 

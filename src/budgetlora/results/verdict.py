@@ -13,11 +13,10 @@ from typing import Any, Optional
 
 import numpy as np
 
+from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std
 from budgetlora.results.runs import RunRecord
 from budgetlora.results.table import ALPHA, accuracy_of, mark_ties, parse_cells
-
-OBJECTIVE_WORDS = {"single_label": "accuracy", "multi_label": "macro-F1", "regression": "Spearman"}
 
 
 def _task_of(runs: Sequence[RunRecord]) -> str:
