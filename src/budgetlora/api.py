@@ -177,19 +177,24 @@ class Run:
     ) -> Predictions:
         """Classes and probabilities for texts (a list of strings, or one string) or a data file
         (a Path, or a string naming an existing file)."""
+        return self._predict(_as_texts(data), False, trust_pickle, format, text_columns, quiet)[0]
+
+    def _predict(
+        self, data: Any, labeled: bool, trust_pickle: Any, format: Any, text_columns: Any, quiet: Any
+    ) -> tuple[Predictions, Any]:
+        """predict_data on this run with the API's options checked once (predict and evaluate)."""
         from budgetlora.inference import predict_data
 
-        data = _as_texts(data)
         format, text_columns = _read_options(format, text_columns)
         return predict_data(
             self.trained,
             data,
-            labeled=False,
+            labeled=labeled,
             trust_pickle=_flag(trust_pickle, "trust_pickle"),
             fmt=format,
             text_columns=text_columns,
             console=QUIET if _flag(quiet, "quiet") else Console(),
-        )[0]
+        )
 
     def evaluate(
         self,
@@ -206,19 +211,9 @@ class Run:
         matrix; multi-label micro/macro-F1, subset accuracy, Jaccard and per-label figures at the
         run's thresholds (or one global `threshold`); regression Pearson/Spearman/MAE/RMSE."""
         from budgetlora.evaluate.scoring import score_split
-        from budgetlora.inference import predict_data
 
         data = as_path(data, "evaluate()'s data (a labeled data file)")
-        format, text_columns = _read_options(format, text_columns)
-        predictions, labels = predict_data(
-            self.trained,
-            data,
-            labeled=True,
-            trust_pickle=_flag(trust_pickle, "trust_pickle"),
-            fmt=format,
-            text_columns=text_columns,
-            console=QUIET if _flag(quiet, "quiet") else Console(),
-        )
+        predictions, labels = self._predict(data, True, trust_pickle, format, text_columns, quiet)
         decisions = predictions.decisions
         if threshold is not None:
             decisions = global_threshold(decisions, threshold)

@@ -160,6 +160,16 @@ def check_keys(model: nn.Module, state: dict[str, torch.Tensor], expected: set[s
             )
 
 
+def _read_adapter_file(path: Path) -> Any:
+    """A JSON file of the run's adapter folder, or one clear error when it is missing or unreadable."""
+    try:
+        return jsonfile.read(path, max_bytes=2**20)
+    except FileNotFoundError:
+        raise BudgetLoraError(f"{path} is missing; the run's adapter is incomplete") from None
+    except OSError as exc:
+        raise BudgetLoraError(f"{path}: unreadable ({type(exc).__name__})") from None
+
+
 def _check_pooling(adapter_dir: Path, cfg: Config) -> None:
     """A pooled head's adapter records its pooling (config.json, for plain PEFT): config.yaml must
     say the same, or an edit would silently change every prediction (mean and CLS pooling have the
@@ -167,12 +177,7 @@ def _check_pooling(adapter_dir: Path, cfg: Config) -> None:
     if cfg.head.type != "linear":
         return
     path = adapter_dir / "config.json"
-    try:
-        recorded = jsonfile.read(path, max_bytes=2**20)
-    except FileNotFoundError:
-        raise BudgetLoraError(f"{path} is missing; the run's adapter is incomplete") from None
-    except OSError as exc:
-        raise BudgetLoraError(f"{path}: unreadable ({type(exc).__name__})") from None
+    recorded = _read_adapter_file(path)
     pooling = recorded.get("budgetlora_pooling") if isinstance(recorded, dict) else None
     if pooling != cfg.head.pooling:
         raise BudgetLoraError(
@@ -197,12 +202,7 @@ def _check_adapter_config(adapter_dir: Path, model: nn.Module, run: Path) -> Non
     """The adapter as config.yaml rebuilds it must be the one adapter_config.json describes: an
     edited alpha or rsLoRA scaling has the same tensors but other predictions."""
     path = adapter_dir / ADAPTER_CONFIG
-    try:
-        saved = jsonfile.read(path, max_bytes=2**20)
-    except FileNotFoundError:
-        raise BudgetLoraError(f"{path} is missing; the run's adapter is incomplete") from None
-    except OSError as exc:
-        raise BudgetLoraError(f"{path}: unreadable ({type(exc).__name__})") from None
+    saved = _read_adapter_file(path)
     if not isinstance(saved, dict):
         raise BudgetLoraError(f"{path}: not a JSON object; the adapter is damaged")
     built = next(iter(model.peft_config.values())).to_dict()
