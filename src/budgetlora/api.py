@@ -186,14 +186,15 @@ class Run:
         from budgetlora.inference import predict_data
 
         format, text_columns = _read_options(format, text_columns)
+        trusted, console = _flag(trust_pickle, "trust_pickle"), QUIET if _flag(quiet, "quiet") else Console()
         return predict_data(
             self.trained,
             data,
             labeled=labeled,
-            trust_pickle=_flag(trust_pickle, "trust_pickle"),
+            trust_pickle=trusted,
             fmt=format,
             text_columns=text_columns,
-            console=QUIET if _flag(quiet, "quiet") else Console(),
+            console=console,
         )
 
     def evaluate(

@@ -18,18 +18,17 @@ from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results.plots import bar_chart
 from budgetlora.results.runs import RunRecord, read_run
+from budgetlora.results.wording import objective_heading, table_task, tie_note
 from budgetlora.results.table import (
     csv_safe_frame,
     fmt_number,
     fmt_p,
     number_or_nan,
+    run_task,
     accuracy_of,
     format_acc_ci,
     mark_ties,
     markdown_table,
-    objective_heading,
-    table_task,
-    tie_note,
 )
 
 
@@ -57,7 +56,7 @@ def _compare_row(run: RunRecord, marks: dict[str, tuple[str, float, str]]) -> di
     s = run.summary
     return {
         "run": run.label,
-        "task": s.task if s else "",
+        "task": run_task(run),
         "path": str(run.path),
         "trainable_params": number_or_nan(run.trainable_params),
         "wall_time_s": number_or_nan(s.wall_time_s if s else None),
@@ -157,4 +156,4 @@ def compare_markdown(table: pd.DataFrame, charts: list[Path]) -> str:
         }
     )
     images = "".join(f"![{p.stem}]({p.name})\n\n" for p in charts)
-    return "# RunRecord comparison\n\n" + tie_note(table_task(table)) + "\n\n" + markdown_table(shown) + "\n" + images
+    return "# Run comparison\n\n" + tie_note(table_task(table)) + "\n\n" + markdown_table(shown) + "\n" + images

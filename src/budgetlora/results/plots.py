@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from budgetlora import atomic
+from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 from budgetlora.results.runs import RunRecord
 from budgetlora.results.table import accuracy_of, canonical, display_value, is_seed_key, varying_keys
 
@@ -124,6 +125,11 @@ def _plot_accuracy(run: RunRecord) -> tuple[str, Any] | None:
     return ("val", val) if val is not None else None
 
 
+def objective_word(tasks: set[str]) -> str:
+    """The runs' objective in words (accuracy, macro-F1, Spearman), "objective" for several tasks."""
+    return OBJECTIVE_WORDS.get(tasks.pop(), "objective") if len(tasks) == 1 else "objective"
+
+
 def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
     points = []
     for run in runs:
@@ -133,6 +139,7 @@ def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
             points.append((run.label, float(params), acc[0], acc[1]))
     if not points:
         return None
+    word = objective_word({p[3].task for p in points})
     fig = new_figure((7, 4.5))
     ax = fig.subplots()
     for split, marker in (("test", "o"), ("val", "s")):
@@ -147,7 +154,7 @@ def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
                 [100 * p[3].ci_high - y_ for y_, p in zip(y, chosen, strict=True)],
             ]
         )
-        ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=f"{split} accuracy (95% CI)")
+        ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=f"{split} {word} (95% CI)")
     if len(points) <= _MAX_POINT_LABELS:
         for label, x_, _, acc in points:
             ax.annotate(label, (x_, 100 * acc.accuracy), fontsize=7, xytext=(4, 4), textcoords="offset points")
@@ -156,8 +163,8 @@ def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
     if max(xs) / min(xs) > LOG_SCALE_RATIO:
         ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("accuracy %")
-    ax.set_title("accuracy vs trainable parameters")
+    ax.set_ylabel(f"{word} x100")
+    ax.set_title(f"{word} vs trainable parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
@@ -359,7 +366,8 @@ def sweep_heatmap(runs: Sequence[RunRecord], path: Path) -> Path | None:
     ax = fig.subplots()
     masked = np.ma.masked_invalid(100 * grid.values)
     image = ax.imshow(masked, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, label=f"mean {grid.metric} accuracy %")
+    word = objective_word({r.summary.task for r in runs if r.summary is not None})
+    fig.colorbar(image, ax=ax, label=f"mean {grid.metric} {word} x100")
     ax.set_xticks(np.arange(len(grid.cols)), [str(display_value(c)) for c in grid.cols], rotation=30, ha="right")
     ax.set_yticks(np.arange(len(grid.rows)), [str(display_value(r)) for r in grid.rows])
     ax.set_xlabel(grid.col_key)
@@ -370,7 +378,7 @@ def sweep_heatmap(runs: Sequence[RunRecord], path: Path) -> Path | None:
         v = grid.values[i, j]
         text, color = ("—", "black") if math.isnan(v) else (f"{100 * v:.2f}", "black" if v > middle else "white")
         ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-    title = f"mean {grid.metric} accuracy: {grid.row_key} × {grid.col_key}"
+    title = f"mean {grid.metric} {word}: {grid.row_key} × {grid.col_key}"
     if grid.averaged_over:
         title += f"\n(averaged over {', '.join(grid.averaged_over)})"
     ax.set_title(title, fontsize=10)

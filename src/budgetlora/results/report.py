@@ -25,6 +25,7 @@ from budgetlora.results.plots import (
     sweep_heatmap,
 )
 from budgetlora.results.runs import RunRecord, collect_runs
+from budgetlora.results.wording import table_task, tie_note
 from budgetlora.results.table import (
     RESULTS_FILES,
     accuracy_of,
@@ -33,8 +34,6 @@ from budgetlora.results.table import (
     display_table,
     markdown_table,
     results_markdown,
-    table_task,
-    tie_note,
 )
 
 

@@ -1,6 +1,7 @@
 """The results table: one row per run (plus a mean row per group of seed repeats), config columns
-for the keys that vary, test accuracy with its 95% interval, and ties with the best run marked by
-McNemar's test on the paired test rows, so runs are not ranked by noise."""
+for the keys that vary, the task's objective (accuracy, macro-F1 or Spearman) on validation and
+test with its 95% interval, and ties with the best run on validation marked by a paired test
+(McNemar for accuracy, a paired bootstrap otherwise), so runs are not ranked by noise."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import pandas as pd
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
-from budgetlora.artifacts.summary import OBJECTIVE_WORDS, SplitMetrics
+from budgetlora.artifacts.summary import SplitMetrics
 from budgetlora.errors import BudgetLoraError
-from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue, wilson_interval
+from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std, two_proportion_pvalue
 from budgetlora.results.runs import RunRecord, collect_runs
+from budgetlora.results.wording import objective_heading, selection_note, table_task, tie_note
 
 ALPHA = 0.05
 
@@ -199,6 +201,13 @@ def number_or_nan(value: Any) -> float:
     return float(value) if value is not None else math.nan
 
 
+def run_task(run: RunRecord) -> str:
+    """The run's task: its summary's, else (a pruned run has none) its config's."""
+    if run.summary is not None:
+        return run.summary.task
+    return str(run.config.get("task", "single_label")) if run.config else ""
+
+
 def _run_row(run: RunRecord, varying: list[str], marks: dict[str, tuple[str, float, str]]) -> dict[str, Any]:
     test, val = accuracy_of(run.test), accuracy_of(run.val)
     mark, p, method = marks.get(run.label, ("", math.nan, ""))
@@ -207,7 +216,7 @@ def _run_row(run: RunRecord, varying: list[str], marks: dict[str, tuple[str, flo
     row: dict[str, Any] = {"run": run.label, "kind": "pruned" if run.pruned is not None else "run"}
     row.update({key: display_value(run.config.get(key)) for key in varying})
     row.update(
-        task=run.summary.task if run.summary is not None else "",
+        task=run_task(run),
         seeds="",
         trainable_params=number_or_nan(run.trainable_params),
         val=format_acc_ci(val),
@@ -250,7 +259,7 @@ def _group_row(members: list[RunRecord], varying: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": "mean of " + ", ".join(r.label for r in members), "kind": "mean"}
     row.update({key: "" if is_seed_key(key) else display_value(first.config.get(key)) for key in varying})
     row.update(
-        task=first.summary.task if first.summary is not None else "",
+        task=run_task(first),
         seeds=",".join(str(s) for s in seeds),
         trainable_params=number_or_nan(first.trainable_params),
         val="" if math.isnan(final_val_mean) else f"{100 * final_val_mean:.2f} ± {100 * final_val_std:.2f}",
@@ -377,91 +386,6 @@ def markdown_table(frame: pd.DataFrame) -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body]) + "\n"
-
-
-def table_task(table: pd.DataFrame) -> str | None:
-    """The task of every run in the table, or None when it holds none or several."""
-    tasks = {t for t in table["task"] if t}
-    return tasks.pop() if len(tasks) == 1 else None
-
-
-def objective_heading(task: str | None) -> str:
-    """A column's unit: figures are shown x100 ("acc %", "macro-F1 %", "Spearman x100")."""
-    return {"single_label": "acc %", "multi_label": "macro-F1 %", "regression": "Spearman x100"}.get(
-        task or "", "objective x100"
-    )
-
-
-def tie_note(task: str | None) -> str:
-    """What `best`, `tie` and the figures of a results table mean, in the words of its runs' task."""
-    if task == "single_label":
-        objective, test, interval = (
-            "validation accuracy",
-            "exact McNemar test on the paired rows of val_predictions.csv when both runs scored the same rows, "
-            "else a two-proportion z-test",
-            "Accuracies are shown ± the half-width of their 95% Wilson interval",
-        )
-    else:
-        word = OBJECTIVE_WORDS.get(task or "", "objective (accuracy, macro-F1 or Spearman, by task)")
-        objective, test, interval = (
-            f"validation {word}",
-            f"two-sided paired bootstrap of the {word} on the rows of val_predictions.csv both runs scored",
-            f"The {word} is shown x100 ± the half-width of its 95% bootstrap interval",
-        )
-    return (
-        f"`best` = highest {objective} of the final model (the split that chooses; the test split is shown "
-        "beside it and never used to choose, so the best run's test figure is an honest estimate); `tie` = "
-        f"not significantly different from `best` on the validation rows at 5% ({test}). {interval}; "
-        "`mean of …` rows are seed repeats, shown as mean ± sample std."
-    )
-
-
-def selection_note(table: pd.DataFrame) -> str:
-    """How much choosing on the test split would have overstated the winner (its test figure
-    beside the validation-chosen winner's), and a warning when the validation split is too small
-    to separate the top runs (the half-width of its 95% interval against their spread)."""
-    runs = table[(table["kind"] == "run") & table["val_acc"].notna() & table["test_acc"].notna()]
-    if len(runs) < MIN_SELECTION_RUNS:
-        return ""
-    by_val = runs.sort_values("val_acc", ascending=False, kind="stable")
-    chosen, test_best = by_val.iloc[0], runs.loc[runs["test_acc"].idxmax()]
-    task = table_task(runs)
-    word, unit = OBJECTIVE_WORDS.get(task or "", "objective"), "%" if task in ("single_label", "multi_label") else ""
-
-    def shown(value: float) -> str:
-        return f"{100 * value:.2f}{unit}"
-
-    lines = ["## Selection", ""]
-    lines.append(
-        f"- chosen on validation: **{chosen['run']}**, validation {word} {shown(chosen['val_acc'])}, test "
-        f"{shown(chosen['test_acc'])} (the honest estimate of the choice)"
-    )
-    if test_best["run"] == chosen["run"]:
-        lines.append("- choosing on the test split would have picked the same run")
-    else:
-        lines.append(
-            f"- choosing on the test split would have picked {test_best['run']} and reported "
-            f"{shown(test_best['test_acc'])}: {100 * (test_best['test_acc'] - chosen['test_acc']):.2f} points more "
-            f"than the validation-chosen winner scores on test (the winner's curse of choosing on test, over "
-            f"{len(runs)} runs)"
-        )
-    top = by_val.head(TOP_RUNS)
-    n = int(chosen["val_n"]) if not math.isnan(chosen["val_n"]) else 0
-    if n and len(top) > 1:
-        low, high = chosen["val_ci_low"], chosen["val_ci_high"]
-        if math.isnan(low) or math.isnan(high):  # a summary without the interval: accuracy's own
-            low, high = wilson_interval(round(chosen["val_acc"] * n), n)
-        half, spread = (high - low) / 2, top["val_acc"].max() - top["val_acc"].min()
-        if half > spread:
-            lines.append(
-                f"- **warning**: the validation split (n = {n:,}, 95% interval ±{100 * half:.2f} points) is too "
-                f"small to separate the top {len(top)} runs (their validation {word} values span {100 * spread:.2f} "
-                "points); raise data.val_size, or confirm the top runs over seeds (--confirm-top)"
-            )
-    return "\n".join(lines) + "\n"
-
-
-MIN_SELECTION_RUNS, TOP_RUNS = 2, 3
 
 
 def results_markdown(table: pd.DataFrame, root: Path, verdict: str = "") -> str:

@@ -17,15 +17,15 @@ from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std
 from budgetlora.results.runs import RunRecord
 from budgetlora.results.table import ALPHA, accuracy_of, mark_ties, parse_cells
+from budgetlora.results.wording import shown
 
 
 def _task_of(runs: Sequence[RunRecord]) -> str:
     return next((r.summary.task for r in runs if r.summary is not None), "single_label")
 
 
-def _shown(value: float, task: str) -> str:
-    """Accuracy as a percentage; macro-F1 and Spearman as they are (0-1, -1-1)."""
-    return f"{100 * value:.2f}%" if task == "single_label" else f"{value:.4f}"
+def _tie_test(task: str) -> str:
+    return "an exact McNemar test" if task == "single_label" else f"a paired bootstrap of the {OBJECTIVE_WORDS[task]}"
 
 
 @dataclass
@@ -79,18 +79,18 @@ class Verdict:
         test = (
             ""
             if math.isnan(w.test_accuracy)
-            else f"; test {objective} {_shown(w.test_accuracy, task)} (not used to choose)"
+            else f"; test {objective} {shown(w.test_accuracy, task)} (not used to choose)"
         )
         lines = [
             "## Verdict",
             "",
-            f"- **winner: {w.label}**, validation {objective} {_shown(w.accuracy, task)}{spread}{test}, "
+            f"- **winner: {w.label}**, validation {objective} {shown(w.accuracy, task)}{spread}{test}, "
             f"{w.trainable:,.0f} trainable parameters",
         ]
         if self.tied:
             lines.append(
                 "- statistically tied with it (p >= 0.05): "
-                + ", ".join(f"{c.label} ({_shown(c.accuracy, task)}, p={c.p_vs_winner:.3f})" for c in self.tied)
+                + ", ".join(f"{c.label} ({shown(c.accuracy, task)}, p={c.p_vs_winner:.3f})" for c in self.tied)
             )
         else:
             lines.append("- no other configuration is statistically tied with it")
@@ -170,15 +170,15 @@ def single_run_verdict(runs: Sequence[RunRecord]) -> Optional[Verdict]:
     return Verdict(
         winner,
         sorted(tied, key=lambda c: -c.accuracy),
-        "Chosen on the validation split (the final model of each run); ties: exact McNemar test on the "
-        "paired validation rows (a paired bootstrap of the objective for multi-label and regression), at "
-        "5%. Its validation figure is optimistic (it chose); its test figure, never used to choose, is "
-        "the honest estimate.",
+        f"Chosen on the validation split (the final model of each run); ties: {_tie_test(winner.task)} on the "
+        "paired validation rows, at 5%. Its validation figure is optimistic (it chose); its test figure, never "
+        "used to choose, is the honest estimate.",
     )
 
 
-def confirmed_verdict(groups: dict[str, list[RunRecord]]) -> Optional[Verdict]:
-    """From confirmation runs: configuration label -> its seed runs."""
+def confirmed_verdict(groups: dict[str, list[RunRecord]], source: str = "the confirmation runs") -> Optional[Verdict]:
+    """From runs over seeds (confirmation runs, or a study's own seeds): configuration label -> its
+    seed runs; chosen on the mean validation objective."""
     candidates = []
     for label, runs in groups.items():
         accs = [accuracy_of(r.val).accuracy for r in runs if accuracy_of(r.val) is not None]  # type: ignore[union-attr]
@@ -198,8 +198,8 @@ def confirmed_verdict(groups: dict[str, list[RunRecord]]) -> Optional[Verdict]:
     return Verdict(
         winner,
         sorted(tied, key=lambda c: -c.accuracy),
-        f"From the confirmation runs ({seeds} seeds per configuration, full length): chosen on the mean ± sd "
-        "of the validation objective; ties by an exact McNemar test over the (seed, validation row) pairs "
-        "(a paired bootstrap of the objective for multi-label and regression), at 5%; the test figure "
-        "(mean over the seeds) is reported, never used to choose.",
+        f"From {source} ({seeds} seeds per configuration, full length): chosen on the mean ± sd "
+        f"of the validation {OBJECTIVE_WORDS.get(winner.task, 'objective')}; ties by {_tie_test(winner.task)} "
+        "over the (seed, validation row) pairs, at 5%; the test figure (mean over the seeds) is reported, never "
+        "used to choose.",
     )
