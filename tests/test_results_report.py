@@ -477,3 +477,22 @@ def test_the_winner_is_chosen_on_validation_and_the_test_choice_is_reported_besi
     assert "chosen on validation: **a**, validation accuracy 81.60%, test 90.00%" in text
     assert "would have picked b and reported 95.00%: 5.00 points more" in text
     assert "too small to separate the top 2 runs" in text
+
+
+def test_a_study_over_seeds_chooses_a_configuration_on_its_mean_validation(tmp_path: Path) -> None:
+    """Seed 1 of configuration a has the best single validation score, but b is better on the mean
+    over both seeds: the verdict and best.yaml name b, with its spread, not one lucky seed."""
+    from budgetlora.sweeps.outputs import _verdict
+
+    def outcomes(k: int) -> np.ndarray:
+        out = np.zeros(500, dtype=bool)
+        out[:k] = True
+        return out
+
+    for name, seed, k in (("a-seed1", 1, 470), ("a-seed2", 2, 400), ("b-seed1", 1, 450), ("b-seed2", 2, 445)):
+        write_fake_run(tmp_path / name, r=4, targets=QV, seed=seed, correct=nested(900), val_correct=outcomes(k))
+    verdict = _verdict(tmp_path, confirmed=False)
+    assert verdict.winner.label == "b" and [r.label for r in verdict.winner.runs] == ["b-seed1", "b-seed2"]
+    assert verdict.winner.accuracy == pytest.approx((450 + 445) / 1000)
+    text = verdict.markdown()
+    assert "**winner: b**" in text and "sd over 2 seeds" in text and "the study's seed runs" in text

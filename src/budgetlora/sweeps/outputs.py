@@ -80,20 +80,34 @@ def best_config(run: Path, name: str) -> str:
     )
 
 
+def _seed_groups(runs: list, prefix: str = "") -> dict[str, list]:
+    """Configuration label -> its finished seed runs (labels `<point>-seed<N>` under `prefix`)."""
+    groups: dict[str, list] = {}
+    for run in runs:
+        label = run.label[len(prefix) :] if run.label.startswith(prefix) else None
+        if label is not None and "-seed" in label and run.pruned is None and (prefix or "/" not in label):
+            groups.setdefault(label.rsplit("-seed", 1)[0], []).append(run)
+    return groups
+
+
 def _verdict(out: Path, confirmed: bool) -> Any:
+    """The confirmation runs choose when there are some; else a study run over seeds chooses a
+    configuration on its mean over them; else single runs."""
     from budgetlora.results.runs import collect_runs
     from budgetlora.results.verdict import confirmed_verdict, single_run_verdict
 
     runs = collect_runs(out)
     if confirmed:
-        groups: dict[str, list] = {}
-        for run in runs:
-            if run.label.startswith("confirm/") and run.pruned is None:
-                groups.setdefault(run.label[len("confirm/") :].rsplit("-seed", 1)[0], []).append(run)
-        verdict = confirmed_verdict(groups)
+        verdict = confirmed_verdict(_seed_groups(runs, "confirm/"))
         if verdict is not None:
             return verdict
-    return single_run_verdict([r for r in runs if not r.label.startswith("confirm/")])
+    study_runs = [r for r in runs if not r.label.startswith("confirm/")]
+    seeded = _seed_groups(study_runs)
+    if any(len(members) > 1 for members in seeded.values()):
+        verdict = confirmed_verdict(seeded, source="the study's seed runs")
+        if verdict is not None:
+            return verdict
+    return single_run_verdict(study_runs)
 
 
 def write_outputs(
