@@ -221,7 +221,9 @@ class TrainConfig:
         "after training, on the validation split: a temperature for single-label probabilities, per-label "
         "decision thresholds for multi-label (stored in the run and its exports)",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "bf16 on CUDA when supported, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "auto: bf16 on CUDA when supported and on CPUs where a measured bf16 matmul pays, else fp32"
+    )
     device: str = opt("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`, `mps`")
     seed: int = opt(42, "seed of initialisation, data order, dropout and splits", range=Range(0, 2**32 - 1))
     eval_every: Optional[int] = opt(200, "evaluate on the validation split every N steps (and at the end)", range=COUNT)
