@@ -17,15 +17,36 @@ import pandas as pd
 from budgetlora.evaluate.stats import mcnemar_pvalue, wilson_interval
 
 
-def main(root: Path, reference: str) -> None:
-    runs = {}
-    for folder in sorted(root.iterdir()):
-        if not (folder / "summary.json").is_file() or "-seed" not in folder.name:
-            continue
-        method, seed = folder.name.rsplit("-seed", 1)
-        rows = pd.read_csv(folder / "test_predictions.csv", dtype=str).set_index("ID").sort_index()
+def _read_run(folder: Path) -> tuple[pd.Series, dict]:
+    """The run's per-row right/wrong on the test split, indexed by row ID, and its summary."""
+    try:
         summary = json.loads((folder / "summary.json").read_text())
-        runs[(method, int(seed))] = (rows["label"].to_numpy() == rows["pred"].to_numpy(), summary)
+        rows = pd.read_csv(folder / "test_predictions.csv", dtype=str)
+        right = pd.Series((rows["label"] == rows["pred"]).to_numpy(), index=rows["ID"]).sort_index()
+        _ = summary["trainable_params"], summary["val"]["accuracy"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{folder}: not a finished single-label run with test predictions ({exc!r})") from None
+    if not right.index.is_unique or not len(right):
+        raise SystemExit(f"{folder / 'test_predictions.csv'}: no rows, or repeated row IDs")
+    return right, summary
+
+
+def main(root: Path, reference: str) -> None:
+    if not root.is_dir():
+        raise SystemExit(f"{root}: not a folder (give a sweep's --out folder)")
+    runs: dict = {}
+    for folder in sorted(root.iterdir()):
+        method, _, seed = folder.name.rpartition("-seed")
+        if not (folder / "summary.json").is_file() or not method or not seed.isdigit():
+            continue
+        runs[(method, int(seed))] = _read_run(folder)
+    if not runs:
+        raise SystemExit(f"{root}: no finished runs named <method>-seed<N>")
+    rows = next(iter(runs.values()))[0].index
+    other = next((k for k, (right, _) in runs.items() if not right.index.equals(rows)), None)
+    if other is not None:
+        raise SystemExit(f"{root}: {other[0]}-seed{other[1]} scored other test rows; paired tests need the same rows")
+    runs = {k: (right.to_numpy(bool), summary) for k, (right, summary) in runs.items()}
     methods = sorted({m for m, _ in runs}, key=lambda m: (m == reference, m))
     seeds = sorted({s for _, s in runs})
     print("| run | trainable | val acc % | test acc % (95% CI) | McNemar p vs the same seed's reference |")

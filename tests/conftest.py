@@ -12,6 +12,9 @@ import yaml
 from helpers import MAX_STEPS, build_tiny_encoder, build_tiny_model, synthetic_rows, tiny_config, write_csv
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's tolerances are fp32's: `precision: auto` would pick bf16 on CPUs with AMX or
+# AVX512-BF16 (and in every process a test starts); tests of bf16 name it.
+os.environ["BUDGETLORA_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -2274,3 +2274,96 @@ def test_a_storage_left_mid_transaction_by_a_killed_sweep_is_still_recognised(tm
     assert (tmp_path / "study.db-journal").is_file()
     assert sqlite_tables(db) == {"studies", "trials"}
     check_sqlite_store(db, "Optuna storage", OPTUNA_TABLES, "--storage")  # accepted, not refused
+
+
+# scripts/paired_vs_reference.py: the seed table of a study over seeds -------------------------
+
+
+def _seed_run(folder: Path, rows: list[tuple[str, int, int]], summary: object = None) -> None:
+    folder.mkdir(parents=True)
+    text = json.dumps(summary if summary is not None else {"trainable_params": 10, "val": {"accuracy": 0.5}})
+    (folder / "summary.json").write_text(text)
+    (folder / "test_predictions.csv").write_text("ID,label,pred\n" + "".join(f"{i},{a},{b}\n" for i, a, b in rows))
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("not a folder", "not a folder"),
+        ("no runs", "no finished runs"),
+        ("no label column", "not a finished single-label run"),
+        ("summary without val", "not a finished single-label run"),
+        ("repeated IDs", "repeated row IDs"),
+        ("other rows", "scored other test rows"),
+    ],
+)
+def test_the_seed_table_script_refuses_what_it_cannot_pair_in_one_line(
+    tmp_path: Path, case: str, expected: str
+) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "sweep"
+    good = [("0", 1, 1), ("1", 2, 0)]
+    if case != "not a folder":
+        root.mkdir()
+        _seed_run(root / "full-seed1", good)
+    if case == "no runs":
+        shutil.rmtree(root / "full-seed1")
+        (root / "notes-seedling").mkdir()
+    elif case == "no label column":
+        _seed_run(root / "lora-seed1", [])
+        (root / "lora-seed1" / "test_predictions.csv").write_text("ID,pred\n0,1\n")
+    elif case == "summary without val":
+        _seed_run(root / "lora-seed1", good, summary={"trainable_params": 10})
+    elif case == "repeated IDs":
+        _seed_run(root / "lora-seed1", [("0", 1, 1), ("0", 2, 2)])
+    elif case == "other rows":
+        _seed_run(root / "lora-seed1", [("0", 1, 1), ("7", 2, 2)])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "paired_vs_reference.py"
+    done = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_seed_table_script_pairs_each_seed_with_its_reference(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "sweep"
+    rows = [(str(i), i % 4, i % 4) for i in range(40)]
+    _seed_run(root / "full-seed1", rows)
+    _seed_run(root / "lora-seed1", [(i, a, (b + 1) % 4 if int(i) < 20 else b) for i, a, b in rows])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "paired_vs_reference.py"
+    done = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| lora-seed1 | 10 | 50.00 | 50.00 (" in done.stdout  # 20 of 40 rows right
+    assert "| lora | 1 | 50.00 ± - | -50.00 | 0.000 |" in done.stdout  # 20 discordant pairs, all one way
+
+
+@pytest.mark.parametrize("value", ["yes", "bf16", "2", ""])
+def test_an_unknown_cpu_bf16_setting_is_one_clear_error(monkeypatch, value: str) -> None:
+    from budgetlora.errors import BudgetLoraError
+    from budgetlora.runtime import cpu_bf16_pays
+
+    monkeypatch.setenv("BUDGETLORA_CPU_BF16", value)
+    cpu_bf16_pays.cache_clear()
+    try:
+        with pytest.raises(BudgetLoraError, match="BUDGETLORA_CPU_BF16=.*use 0"):
+            cpu_bf16_pays()
+    finally:
+        cpu_bf16_pays.cache_clear()
+
+
+def test_cpu_bf16_off_keeps_auto_at_fp32(monkeypatch) -> None:
+    import torch
+
+    from budgetlora.runtime import cpu_bf16_pays, resolve_precision
+
+    monkeypatch.setenv("BUDGETLORA_CPU_BF16", "0")
+    cpu_bf16_pays.cache_clear()
+    try:
+        assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+        assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # an explicit choice stands
+    finally:
+        cpu_bf16_pays.cache_clear()

@@ -91,12 +91,22 @@ def _linear_seconds(dtype: Optional[torch.dtype], repeats: int = 5) -> float:
     return best
 
 
+CPU_BF16_ENV = "BUDGETLORA_CPU_BF16"  # "0": `precision: auto` stays fp32 on CPUs (reproducible across machines)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_pays() -> bool:
     """Whether bf16 autocast pays on this CPU: it has native bf16 matmul instructions (AMX or
     AVX512-BF16) and a bf16 linear layer, as autocast runs it, is measured at least 1.5x faster
-    than fp32 here (a bf16 path that does not reach those kernels is several times slower)."""
-    if not cpu_flags() & set(NATIVE_BF16_FLAGS):
+    than fp32 here (a bf16 path that does not reach those kernels is several times slower).
+    BUDGETLORA_CPU_BF16=0 says no without measuring (fp32 answers on every CPU)."""
+    choice = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
+    if choice not in ("auto", "0"):
+        raise BudgetLoraError(
+            f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]!r}: use 0 (precision auto stays fp32 on CPUs) or auto "
+            "(bf16 where a measured bf16 matmul pays), or unset it"
+        )
+    if choice == "0" or not cpu_flags() & set(NATIVE_BF16_FLAGS):
         return False
     return _linear_seconds(None) >= BF16_MIN_GAIN * _linear_seconds(torch.bfloat16)
 
