@@ -14,11 +14,10 @@ import pandas as pd
 
 from budgetlora import atomic
 from budgetlora.artifacts import run_dir as rd
-from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 from budgetlora.errors import BudgetLoraError
 from budgetlora.results.plots import bar_chart
 from budgetlora.results.runs import RunRecord, read_run
-from budgetlora.results.wording import objective_heading, table_task, tie_note
+from budgetlora.results.wording import objective_heading, objective_word, table_task, tie_note
 from budgetlora.results.table import (
     csv_safe_frame,
     fmt_number,
@@ -91,7 +90,7 @@ def _compare_charts(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         )
     )
     task = table_task(table)
-    word = OBJECTIVE_WORDS.get(task or "", "objective")
+    word = objective_word(task)
     acc = 100 * table["test_acc"].to_numpy(float)
     errors = [acc - 100 * table["test_ci_low"].to_numpy(float), 100 * table["test_ci_high"].to_numpy(float) - acc]
     written.append(

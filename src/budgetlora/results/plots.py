@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from budgetlora import atomic
-from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 from budgetlora.results.runs import RunRecord
+from budgetlora.results.wording import common_task, objective_word
 from budgetlora.results.table import accuracy_of, canonical, display_value, is_seed_key, varying_keys
 
 if TYPE_CHECKING:
@@ -125,11 +125,6 @@ def _plot_accuracy(run: RunRecord) -> tuple[str, Any] | None:
     return ("val", val) if val is not None else None
 
 
-def objective_word(tasks: set[str]) -> str:
-    """The runs' objective in words (accuracy, macro-F1, Spearman), "objective" for several tasks."""
-    return OBJECTIVE_WORDS.get(tasks.pop(), "objective") if len(tasks) == 1 else "objective"
-
-
 def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
     points = []
     for run in runs:
@@ -139,7 +134,7 @@ def accuracy_vs_params(runs: Sequence[RunRecord], path: Path) -> Path | None:
             points.append((run.label, float(params), acc[0], acc[1]))
     if not points:
         return None
-    word = objective_word({p[3].task for p in points})
+    word = objective_word(common_task(p[3].task for p in points))
     fig = new_figure((7, 4.5))
     ax = fig.subplots()
     for split, marker in (("test", "o"), ("val", "s")):
@@ -366,7 +361,7 @@ def sweep_heatmap(runs: Sequence[RunRecord], path: Path) -> Path | None:
     ax = fig.subplots()
     masked = np.ma.masked_invalid(100 * grid.values)
     image = ax.imshow(masked, cmap="viridis", aspect="auto")
-    word = objective_word({r.summary.task for r in runs if r.summary is not None})
+    word = objective_word(common_task(r.summary.task for r in runs if r.summary is not None))
     fig.colorbar(image, ax=ax, label=f"mean {grid.metric} {word} x100")
     ax.set_xticks(np.arange(len(grid.cols)), [str(display_value(c)) for c in grid.cols], rotation=30, ha="right")
     ax.set_yticks(np.arange(len(grid.rows)), [str(display_value(r)) for r in grid.rows])

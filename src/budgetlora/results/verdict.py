@@ -13,11 +13,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 from budgetlora.evaluate.stats import mcnemar_pvalue, mean_std
 from budgetlora.results.runs import RunRecord
 from budgetlora.results.table import ALPHA, accuracy_of, mark_ties, parse_cells
-from budgetlora.results.wording import shown
+from budgetlora.results.wording import objective_word, shown
 
 
 def _task_of(runs: Sequence[RunRecord]) -> str:
@@ -25,7 +24,7 @@ def _task_of(runs: Sequence[RunRecord]) -> str:
 
 
 def _tie_test(task: str) -> str:
-    return "an exact McNemar test" if task == "single_label" else f"a paired bootstrap of the {OBJECTIVE_WORDS[task]}"
+    return "an exact McNemar test" if task == "single_label" else f"a paired bootstrap of the {objective_word(task)}"
 
 
 @dataclass
@@ -73,7 +72,7 @@ class Verdict:
 
     def markdown(self) -> str:
         w, cheap, task = self.winner, self.cheapest, self.winner.task
-        objective = OBJECTIVE_WORDS.get(task, "objective")
+        objective = objective_word(task)
         scale = 100 if task == "single_label" else 1
         spread = f" ± {scale * w.std:.2f} (sd over {len(w.runs)} seeds)" if len(w.runs) > 1 else ""
         test = (
@@ -199,7 +198,7 @@ def confirmed_verdict(groups: dict[str, list[RunRecord]], source: str = "the con
         winner,
         sorted(tied, key=lambda c: -c.accuracy),
         f"From {source} ({seeds} seeds per configuration, full length): chosen on the mean ± sd "
-        f"of the validation {OBJECTIVE_WORDS.get(winner.task, 'objective')}; ties by {_tie_test(winner.task)} "
+        f"of the validation {objective_word(winner.task)}; ties by {_tie_test(winner.task)} "
         "over the (seed, validation row) pairs, at 5%; the test figure (mean over the seeds) is reported, never "
         "used to choose.",
     )

@@ -6,6 +6,7 @@ have named."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -14,10 +15,20 @@ from budgetlora.artifacts.summary import OBJECTIVE_WORDS
 MIN_SELECTION_RUNS, TOP_RUNS = 2, 3
 
 
+def common_task(tasks: Iterable[str]) -> str | None:
+    """The one task of these runs, or None when they have none or several."""
+    found = {t for t in tasks if t}
+    return found.pop() if len(found) == 1 else None
+
+
 def table_task(table: pd.DataFrame) -> str | None:
     """The task of every run in the table, or None when it holds none or several."""
-    tasks = {t for t in table["task"] if t}
-    return tasks.pop() if len(tasks) == 1 else None
+    return common_task(table["task"])
+
+
+def objective_word(task: str | None) -> str:
+    """The task's objective in prose (accuracy, macro-F1, Spearman); "objective" for several tasks."""
+    return OBJECTIVE_WORDS.get(task or "", "objective")
 
 
 def objective_heading(task: str | None) -> str:
@@ -78,7 +89,7 @@ def selection_note(table: pd.DataFrame) -> str:
     task = table_task(runs) if len(runs) else None
     if len(runs) < MIN_SELECTION_RUNS or task is None:
         return ""
-    word = OBJECTIVE_WORDS.get(task, "objective")
+    word = objective_word(task)
     by_val = runs.sort_values("val_acc", ascending=False, kind="stable")
     chosen, test_best = by_val.iloc[0], runs.loc[runs["test_acc"].idxmax()]
     lines = ["## Selection", ""]
